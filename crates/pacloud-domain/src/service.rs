@@ -1,0 +1,293 @@
+//! Request handling, written once against the ports: look a key up, create
+//! the record and enqueue one job on a miss, re-enqueue a record whose
+//! message was lost, retry failures whose cache time ran out, and sign
+//! download URLs on a hit. The HTTP API (local server and Lambda alike)
+//! calls only this.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::key::BuildKey;
+use crate::ports::{
+    ArtifactError, ArtifactPath, ArtifactStore, Created, Job, JobQueue, MetadataStore, QueueError, SignedUrl, StoreError,
+};
+use crate::record::{BuildRecord, Status, TransitionError};
+use crate::request::{BuildRequest, SpecError};
+use crate::target::TargetSet;
+use crate::time::Clock;
+
+/// Tunables of request handling.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Lifetime of a download URL.
+    pub url_ttl: Duration,
+    /// A `queued` record not re-sent for this long is presumed to have lost
+    /// its message and is enqueued again.
+    pub requeue_after: Duration,
+    /// What a pending response advises clients to wait before polling.
+    pub poll_after: Duration,
+    /// How many ready records to keep in memory (0 turns the cache off).
+    /// Ready records never change, so caching them is always safe.
+    pub ready_cache_entries: usize,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            url_ttl: Duration::from_secs(15 * 60),
+            requeue_after: Duration::from_secs(15 * 60),
+            poll_after: Duration::from_secs(5),
+            ready_cache_entries: 100_000,
+        }
+    }
+}
+
+/// What a request resolves to.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Ready { record: Arc<BuildRecord>, url: SignedUrl },
+    Pending { record: BuildRecord },
+    Failed { record: BuildRecord, log_url: Option<SignedUrl> },
+}
+
+impl Outcome {
+    pub fn record(&self) -> &BuildRecord {
+        match self {
+            Outcome::Ready { record, .. } => record,
+            Outcome::Pending { record } | Outcome::Failed { record, .. } => record,
+        }
+    }
+}
+
+/// Why a request could not be answered. The variants decide the response:
+/// client mistakes, missing credentials, or a backend that may recover.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("building needs credentials")]
+    AuthRequired,
+    #[error("no build with key {0}")]
+    UnknownKey(String),
+    #[error("build {0} is not failed; only failed builds can be retried")]
+    NotRetryable(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    #[error("stored record for {key} is inconsistent")]
+    Inconsistent { key: String, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+}
+
+/// The request-handling use cases over the three ports.
+pub struct BuildService {
+    store: Arc<dyn MetadataStore>,
+    queue: Arc<dyn JobQueue>,
+    artifacts: Arc<dyn ArtifactStore>,
+    targets: Arc<TargetSet>,
+    clock: Arc<dyn Clock>,
+    config: ServiceConfig,
+    ready: RwLock<HashMap<BuildKey, Arc<BuildRecord>>>,
+}
+
+/// How many times a request re-reads after losing a conditional write.
+const MAX_CAS_ROUNDS: usize = 8;
+
+impl BuildService {
+    pub fn new(
+        store: Arc<dyn MetadataStore>,
+        queue: Arc<dyn JobQueue>,
+        artifacts: Arc<dyn ArtifactStore>,
+        targets: Arc<TargetSet>,
+        clock: Arc<dyn Clock>,
+        config: ServiceConfig,
+    ) -> Self {
+        BuildService { store, queue, artifacts, targets, clock, config, ready: RwLock::new(HashMap::new()) }
+    }
+
+    pub fn targets(&self) -> &TargetSet {
+        &self.targets
+    }
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+    pub fn store(&self) -> &Arc<dyn MetadataStore> {
+        &self.store
+    }
+    pub fn queue(&self) -> &Arc<dyn JobQueue> {
+        &self.queue
+    }
+    pub fn artifacts(&self) -> &Arc<dyn ArtifactStore> {
+        &self.artifacts
+    }
+
+    /// Answers a build request. `may_build` says whether the caller may
+    /// cause a build (it holds credentials, or none are configured); a cache
+    /// hit or a build already under way needs none.
+    pub async fn request(&self, req: &BuildRequest, may_build: bool) -> Result<Outcome, ServiceError> {
+        let spec = req.validate(&self.targets)?;
+        let key = spec.key();
+        if let Some(hit) = self.cached_ready(&key)? {
+            return Ok(hit);
+        }
+        for _ in 0..MAX_CAS_ROUNDS {
+            let now = self.clock.now();
+            match self.store.get(&key).await? {
+                None => {
+                    if !may_build {
+                        return Err(ServiceError::AuthRequired);
+                    }
+                    let record = BuildRecord::new_queued(spec.clone(), now);
+                    match self.store.create(&record).await? {
+                        Created::New => {
+                            self.send(&record).await?;
+                            return Ok(Outcome::Pending { record });
+                        }
+                        Created::Existing(existing) => return self.resolve(existing, may_build).await,
+                    }
+                }
+                Some(existing) => match self.resolve(existing, may_build).await {
+                    Err(ServiceError::Store(StoreError::Conflict)) => continue,
+                    other => return other,
+                },
+            }
+        }
+        Err(ServiceError::Store(StoreError::Conflict))
+    }
+
+    /// Answers a poll by key. Never causes a new build, but re-sends the
+    /// message of a stale `queued` record (that build was already asked for).
+    pub async fn status(&self, key: &BuildKey) -> Result<Outcome, ServiceError> {
+        if let Some(hit) = self.cached_ready(key)? {
+            return Ok(hit);
+        }
+        let record = self.store.get(key).await?.ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
+        match self.resolve(record, false).await {
+            Err(ServiceError::Store(StoreError::Conflict)) => {
+                let record = self.store.get(key).await?.ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
+                self.outcome(record)
+            }
+            other => other,
+        }
+    }
+
+    /// Queues a new attempt at a failed build.
+    pub async fn retry(&self, key: &BuildKey) -> Result<Outcome, ServiceError> {
+        for _ in 0..MAX_CAS_ROUNDS {
+            let record = self.store.get(key).await?.ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
+            match record.status {
+                Status::Failed => {}
+                Status::Queued | Status::Building => return self.outcome(record),
+                Status::Ready => return Err(ServiceError::NotRetryable(key.to_string())),
+            }
+            match self.requeue(&record, |r, now| r.retry(now)).await {
+                Err(ServiceError::Store(StoreError::Conflict)) => continue,
+                other => return other,
+            }
+        }
+        Err(ServiceError::Store(StoreError::Conflict))
+    }
+
+    /// Decides what an existing record means for this request.
+    async fn resolve(&self, record: BuildRecord, may_build: bool) -> Result<Outcome, ServiceError> {
+        let now = self.clock.now();
+        match record.status {
+            Status::Queued if record.is_stale(now, self.config.requeue_after) => {
+                let stale = self.config.requeue_after;
+                self.requeue(&record, |r, now| r.reenqueue(now, stale)).await
+            }
+            Status::Failed
+                if may_build && record.failure.as_ref().is_some_and(|f| f.cached_until <= now) =>
+            {
+                self.requeue(&record, |r, now| r.retry(now)).await
+            }
+            _ => self.outcome(record),
+        }
+    }
+
+    /// Applies a transition that (re)queues the record, and sends its
+    /// message only if this caller's conditional write won.
+    async fn requeue(
+        &self,
+        record: &BuildRecord,
+        f: impl FnOnce(&BuildRecord, crate::Millis) -> Result<BuildRecord, TransitionError>,
+    ) -> Result<Outcome, ServiceError> {
+        let next = match f(record, self.clock.now()) {
+            Ok(next) => next,
+            Err(_) => return self.outcome(record.clone()),
+        };
+        self.store.replace(&next, record.revision).await?;
+        self.send(&next).await?;
+        Ok(Outcome::Pending { record: next })
+    }
+
+    /// Sends the job message for a freshly (re)queued record. If sending
+    /// fails, the record is marked unsent so the next request re-sends.
+    async fn send(&self, record: &BuildRecord) -> Result<(), ServiceError> {
+        let job = Job::new(record.spec.clone());
+        if let Err(e) = self.queue.send(&job.encode(), Duration::ZERO).await {
+            if let Ok(unsent) = record.mark_unsent(self.clock.now()) {
+                // Best effort: if this write fails too, the staleness bound
+                // still re-sends the message later.
+                let _ = self.store.replace(&unsent, record.revision).await;
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    fn cached_ready(&self, key: &BuildKey) -> Result<Option<Outcome>, ServiceError> {
+        if self.config.ready_cache_entries == 0 {
+            return Ok(None);
+        }
+        let hit = self.ready.read().ok().and_then(|m| m.get(key).cloned());
+        match hit {
+            Some(record) => Ok(Some(self.ready_outcome(record)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn ready_outcome(&self, record: Arc<BuildRecord>) -> Result<Outcome, ServiceError> {
+        let artifact = record.artifact.as_ref().ok_or_else(|| ServiceError::Inconsistent {
+            key: record.key.to_string(),
+            source: "ready record without artifact".into(),
+        })?;
+        let path = ArtifactPath::parse(&artifact.path)
+            .map_err(|e| ServiceError::Inconsistent { key: record.key.to_string(), source: Box::new(e) })?;
+        let url = self.artifacts.signed_url(&path, self.clock.now(), self.config.url_ttl)?;
+        Ok(Outcome::Ready { record, url })
+    }
+
+    /// Turns a record into the answer for a client.
+    fn outcome(&self, record: BuildRecord) -> Result<Outcome, ServiceError> {
+        match record.status {
+            Status::Ready => {
+                let record = Arc::new(record);
+                let outcome = self.ready_outcome(record.clone())?;
+                if self.config.ready_cache_entries > 0
+                    && let Ok(mut m) = self.ready.write()
+                {
+                    if m.len() >= self.config.ready_cache_entries {
+                        m.clear();
+                    }
+                    m.insert(record.key.clone(), record);
+                }
+                Ok(outcome)
+            }
+            Status::Queued | Status::Building => Ok(Outcome::Pending { record }),
+            Status::Failed => {
+                let log_url = match record.failure.as_ref().and_then(|f| f.log_path.as_deref()) {
+                    Some(p) => match ArtifactPath::parse(p) {
+                        Ok(path) => Some(self.artifacts.signed_url(&path, self.clock.now(), self.config.url_ttl)?),
+                        Err(_) => None,
+                    },
+                    None => None,
+                };
+                Ok(Outcome::Failed { record, log_url })
+            }
+        }
+    }
+}
