@@ -1,0 +1,296 @@
+//! Artifacts in a directory laid out like a portage PKGDIR, and the signed
+//! URLs that let a client download them from the local server.
+//!
+//! A URL is `<base>/v1/artifacts/<path>?expires=<unix seconds>&sig=<hex>`,
+//! where `sig` is HMAC-SHA256 over `GET\n<path>\n<expires>` with the
+//! server's signing key. [`artifact_router`] serves a file only when the
+//! signature verifies (in constant time) and the expiry has not passed.
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hmac::{Hmac, Mac};
+use pacloud_domain::ports::{ArtifactError, ArtifactPath, ArtifactStore, SignedUrl, StoredObject};
+use pacloud_domain::{Clock, Millis};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The secret that signs download URLs.
+#[derive(Clone)]
+pub struct SigningKey(Arc<[u8]>);
+
+impl SigningKey {
+    pub fn new(bytes: &[u8]) -> Self {
+        SigningKey(Arc::from(bytes))
+    }
+
+    /// Reads the key at `path`, creating a random one (mode 0600) if absent.
+    pub fn load_or_create(path: &Path) -> std::io::Result<SigningKey> {
+        match std::fs::read(path) {
+            Ok(bytes) if bytes.len() >= 32 => return Ok(SigningKey::new(&bytes)),
+            Ok(_) => return Err(std::io::Error::other(format!("signing key {} is shorter than 32 bytes", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut bytes = [0u8; 32];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+        let tmp = path.with_extension("tmp");
+        {
+            use std::io::Write;
+            #[cfg(unix)]
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        Ok(SigningKey::new(&bytes))
+    }
+
+    fn mac(&self, path: &str, expires: i64) -> HmacSha256 {
+        // HMAC takes keys of any length.
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
+        mac.update(b"GET\n");
+        mac.update(path.as_bytes());
+        mac.update(b"\n");
+        mac.update(expires.to_string().as_bytes());
+        mac
+    }
+
+    pub fn sign(&self, path: &str, expires: i64) -> String {
+        hex::encode(self.mac(path, expires).finalize().into_bytes())
+    }
+
+    /// Checks a signature in constant time.
+    pub fn verify(&self, path: &str, expires: i64, sig_hex: &str) -> bool {
+        match hex::decode(sig_hex) {
+            Ok(sig) => self.mac(path, expires).verify_slice(&sig).is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+/// The outcome of checking a signed URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UrlCheck {
+    Valid,
+    Expired,
+    BadSignature,
+}
+
+/// The artifact store port on a local directory.
+#[derive(Clone)]
+pub struct DirArtifactStore {
+    root: PathBuf,
+    base_url: String,
+    key: SigningKey,
+    clock: Arc<dyn Clock>,
+}
+
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn unavailable(e: std::io::Error) -> ArtifactError {
+    ArtifactError::Unavailable(Box::new(e))
+}
+
+impl DirArtifactStore {
+    /// `base_url` is where the server answers, e.g. `http://127.0.0.1:8080`.
+    pub fn new(root: PathBuf, base_url: &str, key: SigningKey, clock: Arc<dyn Clock>) -> std::io::Result<Self> {
+        std::fs::create_dir_all(root.join(".tmp"))?;
+        Ok(DirArtifactStore { root, base_url: base_url.trim_end_matches('/').to_owned(), key, clock })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where an artifact lives on disk.
+    pub fn file_path(&self, path: &ArtifactPath) -> PathBuf {
+        self.root.join(path.as_str())
+    }
+
+    /// Checks a URL's expiry and signature.
+    pub fn check(&self, path: &str, expires: i64, sig: &str) -> UrlCheck {
+        if !self.key.verify(path, expires, sig) {
+            UrlCheck::BadSignature
+        } else if expires <= self.clock.now().as_secs() {
+            UrlCheck::Expired
+        } else {
+            UrlCheck::Valid
+        }
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        let n = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        self.root.join(".tmp").join(format!("{}-{n}", std::process::id()))
+    }
+
+    /// Moves a finished temporary file into place atomically.
+    async fn commit(&self, tmp: &Path, path: &ArtifactPath) -> Result<(), ArtifactError> {
+        let dest = self.file_path(path);
+        if let Some(parent) = dest.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(unavailable)?;
+        }
+        tokio::fs::rename(tmp, &dest).await.map_err(unavailable)
+    }
+}
+
+#[async_trait]
+impl ArtifactStore for DirArtifactStore {
+    async fn put_file(&self, path: &ArtifactPath, file: &Path, sha256: &str) -> Result<StoredObject, ArtifactError> {
+        let tmp = self.tmp_path();
+        let result = async {
+            let mut src = tokio::fs::File::open(file).await.map_err(unavailable)?;
+            let mut dst = tokio::fs::File::create(&tmp).await.map_err(unavailable)?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut size = 0u64;
+            loop {
+                let n = src.read(&mut buf).await.map_err(unavailable)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                dst.write_all(&buf[..n]).await.map_err(unavailable)?;
+                size += n as u64;
+            }
+            let actual = hex::encode(hasher.finalize());
+            if actual != sha256 {
+                return Err(ArtifactError::ChecksumMismatch { path: path.to_string(), expected: sha256.to_owned() });
+            }
+            dst.sync_all().await.map_err(unavailable)?;
+            self.commit(&tmp, path).await?;
+            Ok(StoredObject { size, sha256: Some(actual) })
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+
+    async fn put_bytes(&self, path: &ArtifactPath, bytes: Vec<u8>, _content_type: &str) -> Result<StoredObject, ArtifactError> {
+        let tmp = self.tmp_path();
+        let sha = hex::encode(Sha256::digest(&bytes));
+        let size = bytes.len() as u64;
+        let result = async {
+            let mut f = tokio::fs::File::create(&tmp).await.map_err(unavailable)?;
+            f.write_all(&bytes).await.map_err(unavailable)?;
+            f.sync_all().await.map_err(unavailable)?;
+            self.commit(&tmp, path).await
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result.map(|_| StoredObject { size, sha256: Some(sha) })
+    }
+
+    async fn head(&self, path: &ArtifactPath) -> Result<Option<StoredObject>, ArtifactError> {
+        match tokio::fs::metadata(self.file_path(path)).await {
+            Ok(m) if m.is_file() => Ok(Some(StoredObject { size: m.len(), sha256: None })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn get(&self, path: &ArtifactPath) -> Result<Vec<u8>, ArtifactError> {
+        match tokio::fs::read(self.file_path(path)).await {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ArtifactError::NotFound(path.to_string())),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    fn signed_url(&self, path: &ArtifactPath, now: Millis, ttl: Duration) -> Result<SignedUrl, ArtifactError> {
+        // Round the expiry up to whole seconds so the URL is never shorter-lived than asked.
+        let expires = now.plus(ttl).0.div_euclid(1000) + 1;
+        let sig = self.key.sign(path.as_str(), expires);
+        Ok(SignedUrl {
+            url: format!("{}/v1/artifacts/{}?expires={expires}&sig={sig}", self.base_url, path),
+            expires_at: Millis(expires * 1000),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct SignedQuery {
+    expires: Option<String>,
+    sig: Option<String>,
+}
+
+fn refuse(status: StatusCode, error: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "error": error, "message": message });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn serve_artifact(
+    State(store): State<Arc<DirArtifactStore>>,
+    UrlPath(path): UrlPath<String>,
+    query: Result<Query<SignedQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = query else {
+        return refuse(StatusCode::FORBIDDEN, "forbidden", "malformed signature parameters");
+    };
+    let (Some(expires), Some(sig)) = (q.expires, q.sig) else {
+        return refuse(StatusCode::FORBIDDEN, "forbidden", "the URL carries no signature (expires and sig are required)");
+    };
+    let Ok(expires) = expires.parse::<i64>() else {
+        return refuse(StatusCode::FORBIDDEN, "forbidden", "expires must be a Unix time in seconds");
+    };
+    match store.check(&path, expires, &sig) {
+        UrlCheck::BadSignature => return refuse(StatusCode::FORBIDDEN, "forbidden", "the URL's signature does not match"),
+        UrlCheck::Expired => return refuse(StatusCode::FORBIDDEN, "expired", "the URL has expired; ask for the build again"),
+        UrlCheck::Valid => {}
+    }
+    // A valid signature was made by us for a path we validated; parse anyway.
+    let Ok(apath) = ArtifactPath::parse(&path) else {
+        return refuse(StatusCode::NOT_FOUND, "not_found", "no such artifact");
+    };
+    let file = match tokio::fs::File::open(store.file_path(&apath)).await {
+        Ok(f) => f,
+        Err(_) => return refuse(StatusCode::NOT_FOUND, "not_found", "no such artifact"),
+    };
+    let len = file.metadata().await.map(|m| m.len()).ok();
+    let mut resp = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=60"));
+    if let Some(len) = len {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    resp
+}
+
+/// `GET /v1/artifacts/{*path}`: serves files of `store` behind signed URLs.
+pub fn artifact_router(store: Arc<DirArtifactStore>) -> Router {
+    Router::new().route("/v1/artifacts/{*path}", get(serve_artifact)).with_state(store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_and_verify() {
+        let k = SigningKey::new(b"0123456789abcdef0123456789abcdef");
+        let sig = k.sign("a/b", 100);
+        assert!(k.verify("a/b", 100, &sig));
+        assert!(!k.verify("a/c", 100, &sig));
+        assert!(!k.verify("a/b", 101, &sig));
+        assert!(!k.verify("a/b", 100, "zz"));
+        assert!(!SigningKey::new(b"another key entirely, 32 bytes!!").verify("a/b", 100, &sig));
+    }
+}
