@@ -191,6 +191,20 @@ impl BuildService {
         Err(ServiceError::Store(StoreError::Conflict))
     }
 
+    /// A signed URL of the build log of `key`, if it has one.
+    pub async fn log_url(&self, key: &BuildKey) -> Result<Option<SignedUrl>, ServiceError> {
+        let record = self.store.get(key).await?.ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
+        let path = record
+            .failure
+            .as_ref()
+            .and_then(|f| f.log_path.as_deref())
+            .or_else(|| record.artifact.as_ref().and_then(|a| a.log_path.as_deref()));
+        match path.map(ArtifactPath::parse) {
+            Some(Ok(p)) => Ok(Some(self.artifacts.signed_url(&p, self.clock.now(), self.config.url_ttl)?)),
+            _ => Ok(None),
+        }
+    }
+
     /// Decides what an existing record means for this request.
     async fn resolve(&self, record: BuildRecord, may_build: bool) -> Result<Outcome, ServiceError> {
         let now = self.clock.now();

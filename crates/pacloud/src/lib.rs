@@ -1,1 +1,7 @@
-//! stub
+//! The `pacloud` command's library: layered settings, the local server
+//! (`serve`: API + embedded store, queue and artifacts), and the client
+//! (`get`, `status`, `key`). `main.rs` only parses arguments and calls in.
+
+pub mod client;
+pub mod serve;
+pub mod settings;

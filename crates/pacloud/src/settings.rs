@@ -1,0 +1,224 @@
+//! Layered, typed settings for `pacloud serve`: built-in defaults, then a
+//! TOML file, then `PACLOUD_*` environment variables, then command-line
+//! flags. With nothing given it starts on 127.0.0.1:8080 with its data in
+//! the user's data directory.
+
+use pacloud_domain::target::{TargetError, TargetSpec};
+use pacloud_domain::{Target, TargetName, TargetSet};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read config file {path}")]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    #[error("config file {path} is not valid")]
+    Parse { path: PathBuf, #[source] source: Box<toml::de::Error> },
+    #[error("environment variable {name}={value:?} is not valid: {expected}")]
+    Env { name: String, value: String, expected: &'static str },
+    #[error("target {name:?} in the config: bad name")]
+    TargetName { name: String, #[source] source: pacloud_domain::grammar::GrammarError },
+    #[error(transparent)]
+    Target(#[from] TargetError),
+}
+
+/// The config file's shape; every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSettings {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub public_url: Option<String>,
+    pub tokens: Option<Vec<String>>,
+    pub url_ttl_secs: Option<u64>,
+    pub requeue_after_secs: Option<u64>,
+    pub poll_after_secs: Option<u64>,
+    pub max_receives: Option<u32>,
+    pub default_target: Option<String>,
+    #[serde(default)]
+    pub targets: BTreeMap<String, TargetSpec>,
+}
+
+/// Settings of the local server, fully resolved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Base of the URLs handed to clients; defaults to `http://<listen>`.
+    pub public_url: Option<String>,
+    pub tokens: Vec<String>,
+    pub url_ttl: Duration,
+    pub requeue_after: Duration,
+    pub poll_after: Duration,
+    pub max_receives: u32,
+    pub targets: TargetSet,
+}
+
+/// Where data lives when nothing says otherwise.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("pacloud");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(h).join(".local/share/pacloud");
+    }
+    PathBuf::from("pacloud-data")
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: default_data_dir(),
+            public_url: None,
+            tokens: Vec::new(),
+            url_ttl: Duration::from_secs(15 * 60),
+            requeue_after: Duration::from_secs(15 * 60),
+            poll_after: Duration::from_secs(5),
+            max_receives: 5,
+            targets: TargetSet::builtin(),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, overlaid by `file` (if given) and then by `env`
+    /// (a lookup such as `|k| std::env::var(k).ok()`).
+    pub fn load(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Settings, SettingsError> {
+        let mut s = Settings::default();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read { path: path.into(), source })?;
+            let f: FileSettings =
+                toml::from_str(&text).map_err(|e| SettingsError::Parse { path: path.into(), source: Box::new(e) })?;
+            s.apply_file(f)?;
+        }
+        s.apply_env(env)?;
+        Ok(s)
+    }
+
+    fn apply_file(&mut self, f: FileSettings) -> Result<(), SettingsError> {
+        if let Some(v) = f.listen {
+            self.listen = v;
+        }
+        if let Some(v) = f.data_dir {
+            self.data_dir = v;
+        }
+        if f.public_url.is_some() {
+            self.public_url = f.public_url;
+        }
+        if let Some(v) = f.tokens {
+            self.tokens = v;
+        }
+        if let Some(v) = f.url_ttl_secs {
+            self.url_ttl = Duration::from_secs(v);
+        }
+        if let Some(v) = f.requeue_after_secs {
+            self.requeue_after = Duration::from_secs(v);
+        }
+        if let Some(v) = f.poll_after_secs {
+            self.poll_after = Duration::from_secs(v);
+        }
+        if let Some(v) = f.max_receives {
+            self.max_receives = v;
+        }
+        if !f.targets.is_empty() || f.default_target.is_some() {
+            let mut targets: Vec<Target> = TargetSet::builtin().iter().cloned().collect();
+            for (name, spec) in f.targets {
+                let tn: TargetName =
+                    name.parse().map_err(|source| SettingsError::TargetName { name: name.clone(), source })?;
+                targets.retain(|t| t.name != tn);
+                targets.push(Target::new(tn, spec)?);
+            }
+            let default = f.default_target.unwrap_or_else(|| "default".into());
+            let dn: TargetName =
+                default.parse().map_err(|source| SettingsError::TargetName { name: default.clone(), source })?;
+            self.targets = TargetSet::new(dn, targets)?;
+        }
+        Ok(())
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), SettingsError> {
+        let bad = |name: &str, value: &str, expected| SettingsError::Env { name: name.into(), value: value.into(), expected };
+        let secs = |name: &str| -> Result<Option<Duration>, SettingsError> {
+            env(name)
+                .map(|v| v.parse::<u64>().map(Duration::from_secs).map_err(|_| bad(name, &v, "a whole number of seconds")))
+                .transpose()
+        };
+        if let Some(v) = env("PACLOUD_LISTEN") {
+            self.listen = v.parse().map_err(|_| bad("PACLOUD_LISTEN", &v, "an address such as 127.0.0.1:8080"))?;
+        }
+        if let Some(v) = env("PACLOUD_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = env("PACLOUD_PUBLIC_URL") {
+            self.public_url = Some(v);
+        }
+        if let Some(v) = env("PACLOUD_TOKENS") {
+            self.tokens = v.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect();
+        }
+        if let Some(d) = secs("PACLOUD_URL_TTL_SECS")? {
+            self.url_ttl = d;
+        }
+        if let Some(d) = secs("PACLOUD_REQUEUE_AFTER_SECS")? {
+            self.requeue_after = d;
+        }
+        if let Some(d) = secs("PACLOUD_POLL_AFTER_SECS")? {
+            self.poll_after = d;
+        }
+        if let Some(v) = env("PACLOUD_MAX_RECEIVES") {
+            self.max_receives = v.parse().map_err(|_| bad("PACLOUD_MAX_RECEIVES", &v, "a whole number"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn layers_defaults_file_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pacloud.toml");
+        std::fs::write(
+            &file,
+            r#"
+listen = "127.0.0.1:9000"
+tokens = ["a"]
+url_ttl_secs = 60
+default_target = "fixtures"
+[targets.fixtures]
+profile = "default"
+chost = "x86_64-pc-linux-gnu"
+cflags = "-O2"
+repository = "pacloud-fixtures"
+snapshot = "1"
+builder = "host"
+"#,
+        )
+        .unwrap();
+        let env: HashMap<&str, &str> = HashMap::from([("PACLOUD_LISTEN", "127.0.0.1:9001"), ("PACLOUD_TOKENS", "x, y")]);
+        let s = Settings::load(Some(&file), |k| env.get(k).map(|v| v.to_string())).unwrap();
+        assert_eq!(s.listen.port(), 9001, "env beats file");
+        assert_eq!(s.tokens, vec!["x", "y"]);
+        assert_eq!(s.url_ttl, Duration::from_secs(60), "file beats default");
+        assert_eq!(s.targets.default_name().as_str(), "fixtures");
+        assert!(s.targets.get(&"default".parse().unwrap()).is_some(), "built-in target kept");
+    }
+
+    #[test]
+    fn errors_name_the_culprit() {
+        let e = Settings::load(None, |k| (k == "PACLOUD_URL_TTL_SECS").then(|| "soon".to_string())).unwrap_err();
+        assert!(e.to_string().contains("PACLOUD_URL_TTL_SECS"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "lisen = 1\n").unwrap();
+        assert!(matches!(Settings::load(Some(&file), |_| None), Err(SettingsError::Parse { .. })));
+        std::fs::write(&file, "default_target = \"nope\"\n").unwrap();
+        assert!(matches!(Settings::load(Some(&file), |_| None), Err(SettingsError::Target(_))));
+    }
+}
