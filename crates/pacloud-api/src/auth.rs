@@ -36,7 +36,12 @@ impl Tokens {
         if self.0.is_empty() {
             return Credentials::MayBuild;
         }
-        let Some(token) = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) else {
+        // The scheme name is case-insensitive (RFC 9110 section 11.1).
+        let token = value.to_str().ok().and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        });
+        let Some(token) = token else {
             return Credentials::Invalid;
         };
         let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();

@@ -88,7 +88,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::Spec(SpecError::UnknownTarget(t)) => ApiError::UnknownTarget(t),
             ServiceError::AuthRequired => ApiError::Unauthorized,
             ServiceError::UnknownKey(k) => ApiError::NotFound(format!("no build with key {k}")),
-            ServiceError::NotRetryable(k) => ApiError::Conflict(format!("build {k} is ready; there is nothing to retry")),
+            e @ ServiceError::NotRetryable(_) => ApiError::Conflict(e.to_string()),
             ServiceError::Store(_) | ServiceError::Queue(_) | ServiceError::Artifact(_) => ApiError::Unavailable(e),
             ServiceError::Inconsistent { .. } => ApiError::Internal(e),
         }

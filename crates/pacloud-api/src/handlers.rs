@@ -171,10 +171,10 @@ pub async fn retry_build(
     headers: HeaderMap,
     Path(key): Path<String>,
 ) -> Result<Response, ApiError> {
+    let key = parse_key(&key)?;
     if !may_build(&state, &headers)? {
         return Err(ApiError::Unauthorized);
     }
-    let key = parse_key(&key)?;
     Ok(render(&state, state.service.retry(&key).await?))
 }
 

@@ -70,7 +70,7 @@ pub enum ServiceError {
     AuthRequired,
     #[error("no build with key {0}")]
     UnknownKey(String),
-    #[error("build {0} is not failed; only failed builds can be retried")]
+    #[error("build {0} is ready; there is nothing to retry")]
     NotRetryable(String),
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -266,7 +266,12 @@ async fn serve_artifact(
     let len = file.metadata().await.map(|m| m.len()).ok();
     let mut resp = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    let content_type = if path.ends_with(".log") || path.ends_with("/Packages") || path == "Packages" {
+        "text/plain; charset=utf-8"
+    } else {
+        "application/octet-stream"
+    };
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=60"));
     if let Some(len) = len {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));

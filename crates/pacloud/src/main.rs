@@ -123,6 +123,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .init();
             let mut settings = Settings::load(config.as_deref(), |k| std::env::var(k).ok()).map_err(|e| Usage(format!("{e:#}")))?;
             if let Some(l) = listen {

@@ -1,0 +1,161 @@
+//! The `pacloud` binary itself: `key` offline, `get` against a live server
+//! (download and sha256 check), `status`, exit codes, and `serve` surviving
+//! a SIGKILL with nothing lost.
+
+use crate::helpers::*;
+use pacloud_domain::ports::{JobQueue, MetadataStore};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+fn pacloud() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pacloud"));
+    c.env_remove("PACLOUD_CONFIG").env_remove("PACLOUD_SERVER").env_remove("PACLOUD_TOKEN").kill_on_drop(true);
+    c
+}
+
+async fn run(args: &[&str]) -> (i32, String, String) {
+    let out = pacloud().args(args).output().await.expect("run pacloud");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn key_is_computed_offline_and_matches_the_server() {
+    let app = spawn_app().await;
+    let (_, body) = app.post_build(&hello(&["foo", "-bar"])).await;
+    let (code, out, err) = run(&["key", "app-misc/hello-2.12-r1", "--use", "-bar foo +foo"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), body["key"].as_str().unwrap());
+}
+
+#[tokio::test]
+async fn bad_arguments_exit_2_with_one_line() {
+    for args in [
+        vec!["key", "app-misc/hello"],
+        vec!["key", "app-misc/hello-1.0", "--use", "a;b"],
+        vec!["key", "app-misc/hello-1.0", "--target", "nope"],
+        vec!["key", "../etc/passwd-1"],
+        vec!["get", "hello-1.0"],
+        vec!["get", "app-misc/hello-1.0", "--use", "$(reboot)"],
+        vec!["status", "not-a-key"],
+        vec!["frobnicate"],
+    ] {
+        let (code, _, err) = run(&args).await;
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(!err.trim().is_empty(), "{args:?}: says why");
+        if args[0] != "frobnicate" {
+            assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_waits_downloads_and_verifies() {
+    let app = std::sync::Arc::new(spawn_app().await);
+    let worker_app = app.clone();
+    let worker = tokio::spawn(async move {
+        // Plays the worker: takes the job from the real queue, completes it.
+        let d = loop {
+            let got = worker_app.app.queue.receive(1, Duration::from_secs(60), Duration::from_secs(5)).await.unwrap();
+            if let Some(d) = got.into_iter().next() {
+                break d;
+            }
+        };
+        let job = pacloud_domain::ports::Job::decode(&d.body).unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let bytes = worker_app.complete_as_worker(job.key.as_str()).await;
+        worker_app.app.queue.ack(&d.receipt).await.unwrap();
+        bytes
+    });
+    let out_dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(&[
+        "get",
+        "app-misc/hello-2.12-r1",
+        "--use",
+        "foo",
+        "--server",
+        &app.base,
+        "-o",
+        out_dir.path().to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let bytes = worker.await.unwrap();
+    let path = std::path::PathBuf::from(out.trim());
+    assert_eq!(path.file_name().unwrap(), "hello-2.12-r1-1.gpkg.tar");
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "downloaded file is the artifact");
+    assert!(err.contains("pacloud: queued"), "plain progress lines when not a terminal: {err}");
+    // status by key
+    let (_, body) = app.post_build(&hello(&["foo"])).await;
+    let (code, out, _) = run(&["status", body["key"].as_str().unwrap(), "--server", &app.base]).await;
+    assert_eq!(code, 0);
+    assert!(out.starts_with("ready\nsha256 "), "{out}");
+    let (code, _, err) = run(&["status", &"0".repeat(64), "--server", &app.base]).await;
+    assert_eq!(code, 2, "unknown key: {err}");
+}
+
+#[tokio::test]
+async fn get_reports_a_failed_build_and_exits_1() {
+    let app = spawn_app().await;
+    let (_, body) = app.post_build(&hello(&["broken"])).await;
+    app.fail_as_worker(body["key"].as_str().unwrap(), Duration::from_secs(600)).await;
+    let out_dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(&["get", "app-misc/hello-2.12-r1", "--use", "broken", "--server", &app.base, "-o", out_dir.path().to_str().unwrap()]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("emerge exited with status 1") && err.contains("build log: http"), "{err}");
+    let (code, _, err) = run(&["get", "app-misc/hello-2.12-r1", "--server", "http://127.0.0.1:9", "-o", out_dir.path().to_str().unwrap()]).await;
+    assert_eq!(code, 1, "unreachable server is a failure, not a usage error: {err}");
+}
+
+/// `pacloud serve` as a process: POST, SIGKILL, then the SQLite file still
+/// holds the record and its queue message, and a restarted server serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_survives_sigkill_with_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let start = || async {
+        let mut child = pacloud()
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()])
+            .env("HOME", dir.path())
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut saw_warning = false;
+        let addr = loop {
+            let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await.unwrap().unwrap().expect("serve log");
+            saw_warning |= line.contains("no tokens configured");
+            if let Some(rest) = line.split("listen=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        assert!(saw_warning, "says at startup that no tokens are configured");
+        (child, format!("http://{addr}"))
+    };
+    let (mut child, base) = start().await;
+    let http = reqwest::Client::new();
+    let (status, body) = decode(http.post(format!("{base}/v1/builds")).json(&hello(&["kill"])).send().await.unwrap()).await;
+    assert_eq!(status, 202);
+    let key: pacloud_domain::BuildKey = body["key"].as_str().unwrap().parse().unwrap();
+    let pid = child.id().unwrap();
+    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    child.wait().await.unwrap();
+
+    let db = pacloud_local::Db::open(&data.join("pacloud.db")).unwrap();
+    let store = pacloud_local::SqliteStore::new(db.clone());
+    let rec = store.get(&key).await.unwrap().expect("record survived SIGKILL");
+    assert_eq!(rec.status, pacloud_domain::Status::Queued);
+    let queue = pacloud_local::SqliteQueue::new(db, std::sync::Arc::new(pacloud_domain::SystemClock), 5);
+    assert_eq!(queue.depth().await.unwrap().visible, 1, "its message survived too");
+
+    let (mut child, base) = start().await;
+    let (status, again) = decode(http.get(format!("{base}/v1/builds/{key}")).send().await.unwrap()).await;
+    assert_eq!((status, again["status"].as_str()), (202, Some("queued")));
+    child.kill().await.unwrap();
+}

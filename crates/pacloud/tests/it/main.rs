@@ -1,0 +1,7 @@
+//! One integration-test binary for the `pacloud` command and its local
+//! server: the API over a real socket (server on port 0), the embedded
+//! SQLite store and queue, signed artifact URLs, and the CLI binary.
+
+mod api;
+mod cli;
+mod helpers;
