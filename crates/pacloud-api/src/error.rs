@@ -42,12 +42,17 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError::Invalid { field: field.into(), message: message.into() }
+        ApiError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Invalid { .. } | ApiError::MalformedJson(_) | ApiError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            ApiError::Invalid { .. } | ApiError::MalformedJson(_) | ApiError::BodyRead(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized | ApiError::BadToken => StatusCode::UNAUTHORIZED,
@@ -63,19 +68,35 @@ impl ApiError {
     /// message for people.
     pub fn body(&self) -> serde_json::Value {
         match self {
-            ApiError::Invalid { field, message } => json!({"error": "invalid_request", "field": field, "message": message}),
+            ApiError::Invalid { field, message } => {
+                json!({"error": "invalid_request", "field": field, "message": message})
+            }
             ApiError::MalformedJson(e) => {
                 json!({"error": "invalid_request", "field": "body", "message": format!("body is not valid JSON: {e}")})
             }
-            ApiError::BodyRead(_) => json!({"error": "invalid_request", "field": "body", "message": self.to_string()}),
-            ApiError::UnsupportedMediaType => json!({"error": "unsupported_media_type", "message": self.to_string()}),
-            ApiError::PayloadTooLarge { .. } => json!({"error": "payload_too_large", "message": self.to_string()}),
-            ApiError::Unauthorized | ApiError::BadToken => json!({"error": "unauthorized", "message": self.to_string()}),
-            ApiError::UnknownTarget(_) => json!({"error": "unknown_target", "field": "target", "message": self.to_string()}),
+            ApiError::BodyRead(_) => {
+                json!({"error": "invalid_request", "field": "body", "message": self.to_string()})
+            }
+            ApiError::UnsupportedMediaType => {
+                json!({"error": "unsupported_media_type", "message": self.to_string()})
+            }
+            ApiError::PayloadTooLarge { .. } => {
+                json!({"error": "payload_too_large", "message": self.to_string()})
+            }
+            ApiError::Unauthorized | ApiError::BadToken => {
+                json!({"error": "unauthorized", "message": self.to_string()})
+            }
+            ApiError::UnknownTarget(_) => {
+                json!({"error": "unknown_target", "field": "target", "message": self.to_string()})
+            }
             ApiError::NotFound(_) => json!({"error": "not_found", "message": self.to_string()}),
             ApiError::Conflict(_) => json!({"error": "conflict", "message": self.to_string()}),
-            ApiError::MethodNotAllowed => json!({"error": "method_not_allowed", "message": self.to_string()}),
-            ApiError::Unavailable(_) => json!({"error": "unavailable", "message": self.to_string()}),
+            ApiError::MethodNotAllowed => {
+                json!({"error": "method_not_allowed", "message": self.to_string()})
+            }
+            ApiError::Unavailable(_) => {
+                json!({"error": "unavailable", "message": self.to_string()})
+            }
             ApiError::Internal(_) => json!({"error": "internal", "message": self.to_string()}),
         }
     }
@@ -84,12 +105,17 @@ impl ApiError {
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         match e {
-            ServiceError::Spec(SpecError::Invalid(v)) => ApiError::Invalid { field: v.field, message: v.message },
+            ServiceError::Spec(SpecError::Invalid(v)) => ApiError::Invalid {
+                field: v.field,
+                message: v.message,
+            },
             ServiceError::Spec(SpecError::UnknownTarget(t)) => ApiError::UnknownTarget(t),
             ServiceError::AuthRequired => ApiError::Unauthorized,
             ServiceError::UnknownKey(k) => ApiError::NotFound(format!("no build with key {k}")),
             e @ ServiceError::NotRetryable(_) => ApiError::Conflict(e.to_string()),
-            ServiceError::Store(_) | ServiceError::Queue(_) | ServiceError::Artifact(_) => ApiError::Unavailable(e),
+            ServiceError::Store(_) | ServiceError::Queue(_) | ServiceError::Artifact(_) => {
+                ApiError::Unavailable(e)
+            }
             ServiceError::Inconsistent { .. } => ApiError::Internal(e),
         }
     }
@@ -104,10 +130,12 @@ impl IntoResponse for ApiError {
         let mut resp = (status, Json(self.body())).into_response();
         match self {
             ApiError::Unauthorized | ApiError::BadToken => {
-                resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             ApiError::Unavailable(_) => {
-                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             _ => {}
         }

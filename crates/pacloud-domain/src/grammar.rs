@@ -31,12 +31,21 @@ pub enum GrammarError {
     #[error("is {len} characters long; at most {max} are allowed")]
     TooLong { len: usize, max: usize },
     #[error("contains '{found}' at position {pos}; allowed: {allowed}")]
-    BadChar { found: String, pos: usize, allowed: &'static str },
+    BadChar {
+        found: String,
+        pos: usize,
+        allowed: &'static str,
+    },
     #[error("starts with '{found}'; it must start with {allowed}")]
-    BadStart { found: String, allowed: &'static str },
+    BadStart {
+        found: String,
+        allowed: &'static str,
+    },
     #[error("must have the form category/package with exactly one '/'")]
     AtomForm,
-    #[error("must not end in '-' followed by a version (ends in '-{suffix}'); give the version separately")]
+    #[error(
+        "must not end in '-' followed by a version (ends in '-{suffix}'); give the version separately"
+    )]
     EndsInVersion { suffix: String },
     #[error("is not a PMS version ({why}); expected e.g. 1.2.3, 2.12-r1, 1.0_rc2, 3.1a_p20240101")]
     Version { why: &'static str },
@@ -67,12 +76,24 @@ fn check_chars(
         return Err(GrammarError::TooLong { len, max });
     }
     for (pos, c) in s.chars().enumerate() {
-        let ok = c.is_ascii() && if pos == 0 { first(c as u8) } else { rest(c as u8) };
+        let ok = c.is_ascii()
+            && if pos == 0 {
+                first(c as u8)
+            } else {
+                rest(c as u8)
+            };
         if !ok {
             if pos == 0 && c.is_ascii() && rest(c as u8) {
-                return Err(GrammarError::BadStart { found: escape(c), allowed: first_desc });
+                return Err(GrammarError::BadStart {
+                    found: escape(c),
+                    allowed: first_desc,
+                });
             }
-            return Err(GrammarError::BadChar { found: escape(c), pos, allowed: if pos == 0 { first_desc } else { rest_desc } });
+            return Err(GrammarError::BadChar {
+                found: escape(c),
+                pos,
+                allowed: if pos == 0 { first_desc } else { rest_desc },
+            });
         }
     }
     Ok(())
@@ -153,7 +174,9 @@ impl FromStr for PackageName {
         for (i, _) in s.match_indices('-') {
             let suffix = &s[i + 1..];
             if check_version(suffix).is_ok() {
-                return Err(GrammarError::EndsInVersion { suffix: suffix.to_owned() });
+                return Err(GrammarError::EndsInVersion {
+                    suffix: suffix.to_owned(),
+                });
             }
         }
         Ok(PackageName(s.to_owned()))
@@ -201,7 +224,9 @@ impl FromStr for Atom {
         if len > max {
             return Err(AtomError::Form(GrammarError::TooLong { len, max }));
         }
-        let (cat, pkg) = s.split_once('/').ok_or(AtomError::Form(GrammarError::AtomForm))?;
+        let (cat, pkg) = s
+            .split_once('/')
+            .ok_or(AtomError::Form(GrammarError::AtomForm))?;
         if pkg.contains('/') {
             return Err(AtomError::Form(GrammarError::AtomForm));
         }
@@ -244,10 +269,17 @@ fn check_version(s: &str) -> Result<(), GrammarError> {
     }
     let len = s.chars().count();
     if len > MAX_VERSION_LEN {
-        return Err(GrammarError::TooLong { len, max: MAX_VERSION_LEN });
+        return Err(GrammarError::TooLong {
+            len,
+            max: MAX_VERSION_LEN,
+        });
     }
     if let Some((pos, c)) = s.char_indices().find(|(_, c)| !c.is_ascii()) {
-        return Err(GrammarError::BadChar { found: escape(c), pos, allowed: "0-9 a-z . _ -" });
+        return Err(GrammarError::BadChar {
+            found: escape(c),
+            pos,
+            allowed: "0-9 a-z . _ -",
+        });
     }
     let b = s.as_bytes();
     let mut i = 0;
@@ -273,7 +305,10 @@ fn check_version(s: &str) -> Result<(), GrammarError> {
     while i < b.len() && b[i] == b'_' {
         i += 1;
         let rest = &s[i..];
-        let Some(word) = ["alpha", "beta", "pre", "rc", "p"].into_iter().find(|w| rest.starts_with(w)) else {
+        let Some(word) = ["alpha", "beta", "pre", "rc", "p"]
+            .into_iter()
+            .find(|w| rest.starts_with(w))
+        else {
             return v("a '_' must be followed by alpha, beta, pre, rc or p");
         };
         i += word.len();
@@ -336,13 +371,20 @@ impl FromStr for UseFlag {
             |b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'_' | b'@' | b'-'),
             "A-Z a-z 0-9 + _ @ -",
         )?;
-        Ok(UseFlag { name: name.to_owned(), enabled })
+        Ok(UseFlag {
+            name: name.to_owned(),
+            enabled,
+        })
     }
 }
 
 impl fmt::Display for UseFlag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.enabled { write!(f, "{}", self.name) } else { write!(f, "-{}", self.name) }
+        if self.enabled {
+            write!(f, "{}", self.name)
+        } else {
+            write!(f, "-{}", self.name)
+        }
     }
 }
 
@@ -368,10 +410,20 @@ impl UseSet {
     pub fn parse_list<S: AsRef<str>>(items: &[S]) -> Result<Self, (usize, GrammarError)> {
         let mut flags = Vec::new();
         for (i, item) in items.iter().enumerate() {
-            for word in item.as_ref().split(|c: char| c.is_ascii_whitespace()).filter(|w| !w.is_empty()) {
+            for word in item
+                .as_ref()
+                .split(|c: char| c.is_ascii_whitespace())
+                .filter(|w| !w.is_empty())
+            {
                 flags.push(word.parse::<UseFlag>().map_err(|e| (i, e))?);
                 if flags.len() > MAX_USE_FLAGS {
-                    return Err((i, GrammarError::TooManyFlags { count: flags.len(), max: MAX_USE_FLAGS }));
+                    return Err((
+                        i,
+                        GrammarError::TooManyFlags {
+                            count: flags.len(),
+                            max: MAX_USE_FLAGS,
+                        },
+                    ));
                 }
             }
         }
@@ -410,7 +462,10 @@ impl UseSet {
     }
     /// Portage form for `package.use`: `foo -bar`.
     pub fn portage(&self) -> String {
-        self.iter().map(|(n, on)| if on { n.to_owned() } else { format!("-{n}") }).collect::<Vec<_>>().join(" ")
+        self.iter()
+            .map(|(n, on)| if on { n.to_owned() } else { format!("-{n}") })
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 
@@ -419,7 +474,11 @@ impl Serialize for UseSet {
         use serde::ser::SerializeSeq;
         let mut seq = s.serialize_seq(Some(self.0.len()))?;
         for (n, on) in self.iter() {
-            if on { seq.serialize_element(n)? } else { seq.serialize_element(&format!("-{n}"))? }
+            if on {
+                seq.serialize_element(n)?
+            } else {
+                seq.serialize_element(&format!("-{n}"))?
+            }
         }
         seq.end()
     }
@@ -440,9 +499,11 @@ pub fn parse_versioned_atom(s: &str) -> Result<(Atom, Version), GrammarError> {
     let (cat, rest) = s.split_once('/').ok_or(GrammarError::VersionedAtomForm)?;
     for (i, _) in rest.match_indices('-') {
         if let Ok(version) = rest[i + 1..].parse::<Version>() {
-            let atom: Atom = format!("{cat}/{}", &rest[..i]).parse().map_err(|e| match e {
-                AtomError::Form(g) | AtomError::Category(g) | AtomError::Package(g) => g,
-            })?;
+            let atom: Atom = format!("{cat}/{}", &rest[..i])
+                .parse()
+                .map_err(|e| match e {
+                    AtomError::Form(g) | AtomError::Category(g) | AtomError::Package(g) => g,
+                })?;
             return Ok((atom, version));
         }
     }
@@ -455,44 +516,140 @@ mod tests {
 
     #[test]
     fn categories() {
-        for ok in ["app-misc", "dev-libs", "x11-libs", "_x", "a+b.c-d", "A", "0"] {
+        for ok in [
+            "app-misc", "dev-libs", "x11-libs", "_x", "a+b.c-d", "A", "0",
+        ] {
             assert!(ok.parse::<Category>().is_ok(), "{ok}");
         }
-        for bad in ["", "-app", ".app", "+app", "app misc", "app/misc", "..", "a;b", "a$b", "é", "a\0b", &"a".repeat(65)] {
+        for bad in [
+            "",
+            "-app",
+            ".app",
+            "+app",
+            "app misc",
+            "app/misc",
+            "..",
+            "a;b",
+            "a$b",
+            "é",
+            "a\0b",
+            &"a".repeat(65),
+        ] {
             assert!(bad.parse::<Category>().is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn packages() {
-        for ok in ["hello", "gtk+", "foo-bar", "foo-x1", "foo-bar2", "_x", "libfoo-2-x", "foo-1a-b"] {
+        for ok in [
+            "hello",
+            "gtk+",
+            "foo-bar",
+            "foo-x1",
+            "foo-bar2",
+            "_x",
+            "libfoo-2-x",
+            "foo-1a-b",
+        ] {
             assert!(ok.parse::<PackageName>().is_ok(), "{ok}");
         }
-        for bad in ["", "-foo", "+foo", "foo.bar", "foo-1", "foo-1.0", "foo-1.0-r1", "foo-1a", "foo-1x", "foo-2_p3", "a b", "a/b", "..", "a`b`", "ü"] {
+        for bad in [
+            "",
+            "-foo",
+            "+foo",
+            "foo.bar",
+            "foo-1",
+            "foo-1.0",
+            "foo-1.0-r1",
+            "foo-1a",
+            "foo-1x",
+            "foo-2_p3",
+            "a b",
+            "a/b",
+            "..",
+            "a`b`",
+            "ü",
+        ] {
             assert!(bad.parse::<PackageName>().is_err(), "{bad:?}");
         }
         assert_eq!(
             "foo-1a".parse::<PackageName>(),
-            Err(GrammarError::EndsInVersion { suffix: "1a".into() })
+            Err(GrammarError::EndsInVersion {
+                suffix: "1a".into()
+            })
         );
     }
 
     #[test]
     fn versions() {
-        for ok in ["1", "1.0", "2.12-r1", "1.0a", "1.0_alpha", "1.0_alpha1_beta2_pre_rc3_p4-r5", "0.0.0.1", "20240101", "1.0-r0", "1.0-r01", "1_p", "01.002"] {
+        for ok in [
+            "1",
+            "1.0",
+            "2.12-r1",
+            "1.0a",
+            "1.0_alpha",
+            "1.0_alpha1_beta2_pre_rc3_p4-r5",
+            "0.0.0.1",
+            "20240101",
+            "1.0-r0",
+            "1.0-r01",
+            "1_p",
+            "01.002",
+        ] {
             assert!(ok.parse::<Version>().is_ok(), "{ok}");
         }
-        for bad in ["", "a", "1.", ".1", "1..2", "1.0A", "1.0ab", "1.0_gamma", "1.0-r", "1.0-rc1", "1.0-", "1.0_", "v1", "1.0 ", "1,0", "1.0-r1-r2", "１", "1.0\n"] {
+        for bad in [
+            "",
+            "a",
+            "1.",
+            ".1",
+            "1..2",
+            "1.0A",
+            "1.0ab",
+            "1.0_gamma",
+            "1.0-r",
+            "1.0-rc1",
+            "1.0-",
+            "1.0_",
+            "v1",
+            "1.0 ",
+            "1,0",
+            "1.0-r1-r2",
+            "１",
+            "1.0\n",
+        ] {
             assert!(bad.parse::<Version>().is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn use_flags() {
-        for ok in ["foo", "-foo", "+foo", "python_targets_python3_12", "l10n_en-GB", "a@b", "c++", "0"] {
+        for ok in [
+            "foo",
+            "-foo",
+            "+foo",
+            "python_targets_python3_12",
+            "l10n_en-GB",
+            "a@b",
+            "c++",
+            "0",
+        ] {
             assert!(ok.parse::<UseFlag>().is_ok(), "{ok}");
         }
-        for bad in ["", "-", "+", "--foo", "-+foo", "_foo", "@foo", "foo bar", "foo;bar", "foo/bar", "föö", &"f".repeat(65)] {
+        for bad in [
+            "",
+            "-",
+            "+",
+            "--foo",
+            "-+foo",
+            "_foo",
+            "@foo",
+            "foo bar",
+            "foo;bar",
+            "foo/bar",
+            "föö",
+            &"f".repeat(65),
+        ] {
             assert!(bad.parse::<UseFlag>().is_err(), "{bad:?}");
         }
     }
@@ -508,7 +665,10 @@ mod tests {
         assert_eq!(UseSet::parse_str("").unwrap().canonical(), "");
         assert_eq!(UseSet::parse_str("-b a").unwrap().portage(), "a -b");
         let many: Vec<String> = (0..=MAX_USE_FLAGS).map(|i| format!("f{i}")).collect();
-        assert!(matches!(UseSet::parse_list(&many), Err((256, GrammarError::TooManyFlags { .. }))));
+        assert!(matches!(
+            UseSet::parse_list(&many),
+            Err((256, GrammarError::TooManyFlags { .. }))
+        ));
     }
 
     #[test]
@@ -516,7 +676,16 @@ mod tests {
         let a: Atom = "app-misc/hello".parse().unwrap();
         assert_eq!(a.category().as_str(), "app-misc");
         assert_eq!(a.package().as_str(), "hello");
-        for bad in ["hello", "app-misc/", "/hello", "a/b/c", "app-misc/hello-1.0", "../etc/passwd", "app-misc/..", "app-misc/$(id)"] {
+        for bad in [
+            "hello",
+            "app-misc/",
+            "/hello",
+            "a/b/c",
+            "app-misc/hello-1.0",
+            "../etc/passwd",
+            "app-misc/..",
+            "app-misc/$(id)",
+        ] {
             assert!(bad.parse::<Atom>().is_err(), "{bad}");
         }
     }
@@ -524,9 +693,15 @@ mod tests {
     #[test]
     fn versioned_atoms() {
         let (a, v) = parse_versioned_atom("app-misc/hello-2.12-r1").unwrap();
-        assert_eq!((a.to_string().as_str(), v.as_str()), ("app-misc/hello", "2.12-r1"));
+        assert_eq!(
+            (a.to_string().as_str(), v.as_str()),
+            ("app-misc/hello", "2.12-r1")
+        );
         let (a, v) = parse_versioned_atom("=dev-libs/foo-bar-1.0_rc1").unwrap();
-        assert_eq!((a.to_string().as_str(), v.as_str()), ("dev-libs/foo-bar", "1.0_rc1"));
+        assert_eq!(
+            (a.to_string().as_str(), v.as_str()),
+            ("dev-libs/foo-bar", "1.0_rc1")
+        );
         let (a, v) = parse_versioned_atom("x/libfoo-2-x-3").unwrap();
         assert_eq!((a.to_string().as_str(), v.as_str()), ("x/libfoo-2-x", "3"));
         assert!(parse_versioned_atom("app-misc/hello").is_err());

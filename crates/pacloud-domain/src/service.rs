@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use crate::key::BuildKey;
 use crate::ports::{
-    ArtifactError, ArtifactPath, ArtifactStore, Created, Job, JobQueue, MetadataStore, QueueError, SignedUrl, StoreError,
+    ArtifactError, ArtifactPath, ArtifactStore, Created, Job, JobQueue, MetadataStore, QueueError,
+    SignedUrl, StoreError,
 };
 use crate::record::{BuildRecord, Status, TransitionError};
 use crate::request::{BuildRequest, SpecError};
@@ -46,9 +47,17 @@ impl Default for ServiceConfig {
 /// What a request resolves to.
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    Ready { record: Arc<BuildRecord>, url: SignedUrl },
-    Pending { record: BuildRecord },
-    Failed { record: BuildRecord, log_url: Option<SignedUrl> },
+    Ready {
+        record: Arc<BuildRecord>,
+        url: SignedUrl,
+    },
+    Pending {
+        record: BuildRecord,
+    },
+    Failed {
+        record: BuildRecord,
+        log_url: Option<SignedUrl>,
+    },
 }
 
 impl Outcome {
@@ -79,7 +88,11 @@ pub enum ServiceError {
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
     #[error("stored record for {key} is inconsistent")]
-    Inconsistent { key: String, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+    Inconsistent {
+        key: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// The request-handling use cases over the three ports.
@@ -105,7 +118,15 @@ impl BuildService {
         clock: Arc<dyn Clock>,
         config: ServiceConfig,
     ) -> Self {
-        BuildService { store, queue, artifacts, targets, clock, config, ready: RwLock::new(HashMap::new()) }
+        BuildService {
+            store,
+            queue,
+            artifacts,
+            targets,
+            clock,
+            config,
+            ready: RwLock::new(HashMap::new()),
+        }
     }
 
     pub fn targets(&self) -> &TargetSet {
@@ -127,7 +148,11 @@ impl BuildService {
     /// Answers a build request. `may_build` says whether the caller may
     /// cause a build (it holds credentials, or none are configured); a cache
     /// hit or a build already under way needs none.
-    pub async fn request(&self, req: &BuildRequest, may_build: bool) -> Result<Outcome, ServiceError> {
+    pub async fn request(
+        &self,
+        req: &BuildRequest,
+        may_build: bool,
+    ) -> Result<Outcome, ServiceError> {
         let spec = req.validate(&self.targets)?;
         let key = spec.key();
         if let Some(hit) = self.cached_ready(&key)? {
@@ -146,7 +171,9 @@ impl BuildService {
                             self.send(&record).await?;
                             return Ok(Outcome::Pending { record });
                         }
-                        Created::Existing(existing) => return self.resolve(existing, may_build).await,
+                        Created::Existing(existing) => {
+                            return self.resolve(*existing, may_build).await;
+                        }
                     }
                 }
                 Some(existing) => match self.resolve(existing, may_build).await {
@@ -164,10 +191,18 @@ impl BuildService {
         if let Some(hit) = self.cached_ready(key)? {
             return Ok(hit);
         }
-        let record = self.store.get(key).await?.ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
+        let record = self
+            .store
+            .get(key)
+            .await?
+            .ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
         match self.resolve(record, false).await {
             Err(ServiceError::Store(StoreError::Conflict)) => {
-                let record = self.store.get(key).await?.ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
+                let record = self
+                    .store
+                    .get(key)
+                    .await?
+                    .ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
                 self.outcome(record)
             }
             other => other,
@@ -177,7 +212,11 @@ impl BuildService {
     /// Queues a new attempt at a failed build.
     pub async fn retry(&self, key: &BuildKey) -> Result<Outcome, ServiceError> {
         for _ in 0..MAX_CAS_ROUNDS {
-            let record = self.store.get(key).await?.ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
+            let record = self
+                .store
+                .get(key)
+                .await?
+                .ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
             match record.status {
                 Status::Failed => {}
                 Status::Queued | Status::Building => return self.outcome(record),
@@ -193,14 +232,22 @@ impl BuildService {
 
     /// A signed URL of the build log of `key`, if it has one.
     pub async fn log_url(&self, key: &BuildKey) -> Result<Option<SignedUrl>, ServiceError> {
-        let record = self.store.get(key).await?.ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
+        let record = self
+            .store
+            .get(key)
+            .await?
+            .ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
         let path = record
             .failure
             .as_ref()
             .and_then(|f| f.log_path.as_deref())
             .or_else(|| record.artifact.as_ref().and_then(|a| a.log_path.as_deref()));
         match path.map(ArtifactPath::parse) {
-            Some(Ok(p)) => Ok(Some(self.artifacts.signed_url(&p, self.clock.now(), self.config.url_ttl)?)),
+            Some(Ok(p)) => Ok(Some(self.artifacts.signed_url(
+                &p,
+                self.clock.now(),
+                self.config.url_ttl,
+            )?)),
             _ => Ok(None),
         }
     }
@@ -211,10 +258,15 @@ impl BuildService {
         match record.status {
             Status::Queued if record.is_stale(now, self.config.requeue_after) => {
                 let stale = self.config.requeue_after;
-                self.requeue(&record, |r, now| r.reenqueue(now, stale)).await
+                self.requeue(&record, |r, now| r.reenqueue(now, stale))
+                    .await
             }
             Status::Failed
-                if may_build && record.failure.as_ref().is_some_and(|f| f.cached_until <= now) =>
+                if may_build
+                    && record
+                        .failure
+                        .as_ref()
+                        .is_some_and(|f| f.cached_until <= now) =>
             {
                 self.requeue(&record, |r, now| r.retry(now)).await
             }
@@ -265,13 +317,20 @@ impl BuildService {
     }
 
     fn ready_outcome(&self, record: Arc<BuildRecord>) -> Result<Outcome, ServiceError> {
-        let artifact = record.artifact.as_ref().ok_or_else(|| ServiceError::Inconsistent {
+        let artifact = record
+            .artifact
+            .as_ref()
+            .ok_or_else(|| ServiceError::Inconsistent {
+                key: record.key.to_string(),
+                source: "ready record without artifact".into(),
+            })?;
+        let path = ArtifactPath::parse(&artifact.path).map_err(|e| ServiceError::Inconsistent {
             key: record.key.to_string(),
-            source: "ready record without artifact".into(),
+            source: Box::new(e),
         })?;
-        let path = ArtifactPath::parse(&artifact.path)
-            .map_err(|e| ServiceError::Inconsistent { key: record.key.to_string(), source: Box::new(e) })?;
-        let url = self.artifacts.signed_url(&path, self.clock.now(), self.config.url_ttl)?;
+        let url = self
+            .artifacts
+            .signed_url(&path, self.clock.now(), self.config.url_ttl)?;
         Ok(Outcome::Ready { record, url })
     }
 
@@ -295,7 +354,11 @@ impl BuildService {
             Status::Failed => {
                 let log_url = match record.failure.as_ref().and_then(|f| f.log_path.as_deref()) {
                     Some(p) => match ArtifactPath::parse(p) {
-                        Ok(path) => Some(self.artifacts.signed_url(&path, self.clock.now(), self.config.url_ttl)?),
+                        Ok(path) => Some(self.artifacts.signed_url(
+                            &path,
+                            self.clock.now(),
+                            self.config.url_ttl,
+                        )?),
                         Err(_) => None,
                     },
                     None => None,

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs what the tests need
+# (Debian packages, a Python venv with pinned portage and validators), then
+# checks formatting and lints and runs every test. CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '== %s\n' "$*" >&2; }
+
+# Debian packages the tests use: bubblewrap (build sandbox), zstd and tar
+# (GPKG packages), python3-venv (the test venv).
+need=()
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
+command -v zstd >/dev/null 2>&1 || need+=(zstd)
+if ((${#need[@]})); then
+  log "installing ${need[*]}"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# The test venv: pinned versions from tests/requirements.txt.
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  python3 -m venv .venv
+fi
+log "installing tests/requirements.txt into .venv"
+.venv/bin/python -m pip install --disable-pip-version-check -q -r tests/requirements.txt
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+log "cargo test"
+cargo test --workspace --locked
