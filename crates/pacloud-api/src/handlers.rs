@@ -36,26 +36,49 @@ fn may_build(state: &ApiState, headers: &HeaderMap) -> Result<bool, ApiError> {
     }
 }
 
+/// The 200 body for a ready build (serialised directly: the hot path).
+#[derive(serde::Serialize)]
+struct ReadyBody<'a> {
+    key: &'a str,
+    status: &'static str,
+    url: &'a str,
+    sha256: &'a str,
+    size: u64,
+    expires_at: String,
+    build_id: u64,
+    #[serde(rename = "use")]
+    use_recorded: &'a [String],
+    atom: &'a pacloud_domain::Atom,
+    version: &'a pacloud_domain::Version,
+    target: &'a pacloud_domain::TargetName,
+}
+
 /// Renders an outcome as the v1 API's response.
 fn render(state: &ApiState, outcome: Outcome) -> Response {
     let record = outcome.record();
     let key = record.key.as_str();
     match &outcome {
         Outcome::Ready { record, url } => {
-            let a = record.artifact.as_ref();
-            let body = json!({
-                "key": key,
-                "status": "ready",
-                "url": url.url,
-                "sha256": a.map(|a| a.sha256.as_str()),
-                "size": a.map(|a| a.size),
-                "expires_at": rfc3339(url.expires_at),
-                "build_id": a.map(|a| a.build_id),
-                "use": a.map(|a| &a.use_recorded),
-                "atom": record.spec.atom,
-                "version": record.spec.version,
-                "target": record.spec.target,
-            });
+            let Some(a) = record.artifact.as_ref() else {
+                return ApiError::Internal(pacloud_domain::service::ServiceError::Inconsistent {
+                    key: key.to_owned(),
+                    source: "ready record without artifact".into(),
+                })
+                .into_response();
+            };
+            let body = ReadyBody {
+                key,
+                status: "ready",
+                url: &url.url,
+                sha256: &a.sha256,
+                size: a.size,
+                expires_at: rfc3339(url.expires_at),
+                build_id: a.build_id,
+                use_recorded: &a.use_recorded,
+                atom: &record.spec.atom,
+                version: &record.spec.version,
+                target: &record.spec.target,
+            };
             (StatusCode::OK, Json(body)).into_response()
         }
         Outcome::Pending { record } => {

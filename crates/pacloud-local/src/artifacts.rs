@@ -28,11 +28,12 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// The secret that signs download URLs.
 #[derive(Clone)]
-pub struct SigningKey(Arc<[u8]>);
+pub struct SigningKey(Arc<HmacSha256>);
 
 impl SigningKey {
     pub fn new(bytes: &[u8]) -> Self {
-        SigningKey(Arc::from(bytes))
+        // HMAC takes keys of any length; the keyed state is computed once.
+        SigningKey(Arc::new(<HmacSha256 as Mac>::new_from_slice(bytes).unwrap_or_else(|_| unreachable!())))
     }
 
     /// Reads the key at `path`, creating a random one (mode 0600) if absent.
@@ -69,9 +70,7 @@ impl SigningKey {
     }
 
     fn mac(&self, path: &str, expires: i64) -> HmacSha256 {
-        // HMAC takes keys of any length.
-        let mut mac =
-            <HmacSha256 as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
+        let mut mac = (*self.0).clone();
         mac.update(b"GET\n");
         mac.update(path.as_bytes());
         mac.update(b"\n");

@@ -120,8 +120,16 @@ fn hyper_post(addr: &str, body: &'static str) -> http::Request<Full<Bytes>> {
         .unwrap_or_default()
 }
 
-async fn start_server(bin: &Path, data: &Path) -> anyhow::Result<(tokio::process::Child, String)> {
-    let mut child = tokio::process::Command::new(bin)
+/// Starts `pacloud serve`; with `pin`, on CPU 0 with one runtime thread.
+async fn start_server(bin: &Path, data: &Path, pin: bool) -> anyhow::Result<(tokio::process::Child, String)> {
+    let mut cmd = if pin {
+        let mut c = tokio::process::Command::new("taskset");
+        c.args(["-c", "0"]).arg(bin).env("TOKIO_WORKER_THREADS", "1");
+        c
+    } else {
+        tokio::process::Command::new(bin)
+    };
+    let mut child = cmd
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
         .env("RUST_LOG", "info")
@@ -140,8 +148,59 @@ async fn start_server(bin: &Path, data: &Path) -> anyhow::Result<(tokio::process
     Ok((child, addr))
 }
 
+fn have(tool: &str) -> bool {
+    std::process::Command::new(tool)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// wrk (one thread, 64 connections, on CPU 1) against a server on CPU 0.
+async fn bench_server_wrk(bin: &Path, data: &Path, seconds: u64) -> anyhow::Result<()> {
+    let (_child, addr) = start_server(bin, data, true).await?;
+    let script = data.join("post.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = '{HIT_BODY}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"
+        ),
+    )?;
+    let run = |secs: u64| {
+        let (script, addr) = (script.clone(), addr.clone());
+        async move {
+            let out = tokio::process::Command::new("taskset")
+                .args(["-c", "1", "wrk", "-t1", "-c64", &format!("-d{secs}s"), "--latency", "-s"])
+                .arg(&script)
+                .arg(format!("http://{addr}/v1/builds"))
+                .output()
+                .await
+                .context("running wrk")?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if !out.status.success() || text.contains("Non-2xx") {
+                bail!("wrk failed or saw errors:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+            }
+            let field = |prefix: &str| {
+                text.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_owned())).unwrap_or_default()
+            };
+            Ok::<_, anyhow::Error>((field("Requests/sec:"), field("50%"), field("99%")))
+        }
+    };
+    run(1).await?; // warm-up: connections, the ready cache, page cache
+    println!(
+        "local server cache hits (pacloud serve pinned to CPU 0 with 1 runtime thread; wrk -t1 -c64 on CPU 1; 3 runs of {seconds} s):"
+    );
+    for i in 1..=3 {
+        let (rps, p50, p99) = run(seconds).await?;
+        println!("  run {i}: {rps} req/s, p50 {p50}, p99 {p99}");
+    }
+    Ok(())
+}
+
+/// The in-binary client: 64 keep-alive connections, same cores as the server.
 async fn bench_server(bin: &Path, data: &Path, seconds: u64) -> anyhow::Result<()> {
-    let (_child, addr) = start_server(bin, data).await?;
+    let (_child, addr) = start_server(bin, data, false).await?;
     let conc = 64;
     let warmup = Duration::from_secs(1);
     let run = Duration::from_secs(seconds);
@@ -176,7 +235,7 @@ async fn bench_server(bin: &Path, data: &Path, seconds: u64) -> anyhow::Result<(
     }
     all.sort_unstable();
     println!(
-        "local server cache hits (pacloud serve, concurrency {conc}, {seconds} s): {:.0} req/s, p50 {} us, p99 {} us ({} requests)",
+        "local server cache hits (unpinned: server and this client share both CPUs; concurrency {conc}, {seconds} s): {:.0} req/s, p50 {} us, p99 {} us ({} requests)",
         all.len() as f64 / run.as_secs_f64(),
         pct(&all, 0.50),
         pct(&all, 0.99),
@@ -186,7 +245,7 @@ async fn bench_server(bin: &Path, data: &Path, seconds: u64) -> anyhow::Result<(
 }
 
 async fn bench_storm(bin: &Path, data: &Path) -> anyhow::Result<()> {
-    let (_child, addr) = start_server(bin, data).await?;
+    let (_child, addr) = start_server(bin, data, false).await?;
     let n = 1000;
     let barrier = Arc::new(tokio::sync::Barrier::new(n));
     let mut tasks = Vec::new();
@@ -225,7 +284,7 @@ async fn bench_storm(bin: &Path, data: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mut bin = PathBuf::from("target/release/pacloud");
@@ -237,10 +296,19 @@ async fn main() -> anyhow::Result<()> {
             other => bail!("unknown argument {other:?}; usage: bench-api [--pacloud PATH] [--seconds N]"),
         }
     }
+    if let Ok(d) = std::env::var("BENCH_SEED_ONLY") {
+        let settings = Settings { data_dir: PathBuf::from(d), ..Settings::default() };
+        return seed_ready(&settings).await;
+    }
     let dir = tempfile::tempdir()?;
     let settings = Settings { data_dir: dir.path().join("data"), ..Settings::default() };
     seed_ready(&settings).await?;
     bench_handler(&settings).await?;
+    if have("wrk") && have("taskset") {
+        bench_server_wrk(&bin, &settings.data_dir, seconds).await?;
+    } else {
+        println!("local server cache hits, pinned: not measured (install wrk and util-linux's taskset)");
+    }
     bench_server(&bin, &settings.data_dir, seconds).await?;
     let storm_dir = dir.path().join("storm");
     bench_storm(&bin, &storm_dir).await?;
