@@ -33,7 +33,9 @@ pub struct SigningKey(Arc<HmacSha256>);
 impl SigningKey {
     pub fn new(bytes: &[u8]) -> Self {
         // HMAC takes keys of any length; the keyed state is computed once.
-        SigningKey(Arc::new(<HmacSha256 as Mac>::new_from_slice(bytes).unwrap_or_else(|_| unreachable!())))
+        SigningKey(Arc::new(
+            <HmacSha256 as Mac>::new_from_slice(bytes).unwrap_or_else(|_| unreachable!()),
+        ))
     }
 
     /// Reads the key at `path`, creating a random one (mode 0600) if absent.
