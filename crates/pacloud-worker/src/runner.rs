@@ -1,0 +1,65 @@
+//! The one checked runner for external commands: argv only (no shell), and
+//! an error that carries the program, its exit status and its stderr tail.
+
+use std::process::Stdio;
+use tokio::process::Command;
+
+/// An external command that could not run or did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("cannot start {program}")]
+    Spawn { program: String, #[source] source: std::io::Error },
+    #[error("{program} exited with {status}: {stderr_tail}")]
+    Failed { program: String, status: std::process::ExitStatus, stderr_tail: String },
+}
+
+/// What a successful command printed.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// The last `n` lines of `s`.
+pub fn tail_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Runs `argv` to completion; fails unless it exits 0.
+pub async fn run_checked(argv: &[String]) -> Result<Output, CommandError> {
+    let program = argv.first().cloned().unwrap_or_default();
+    let out = Command::new(&program)
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|source| CommandError::Spawn { program: program.clone(), source })?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        return Err(CommandError::Failed { program, status: out.status, stderr_tail: tail_lines(&stderr, 20) });
+    }
+    Ok(Output { stdout, stderr })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reports_status_and_stderr() {
+        let ok = run_checked(&["sh".into(), "-c".into(), "echo hi".into()]).await.unwrap();
+        assert_eq!(ok.stdout, "hi\n");
+        let err = run_checked(&["sh".into(), "-c".into(), "echo boom >&2; exit 3".into()]).await.unwrap_err();
+        match err {
+            CommandError::Failed { status, stderr_tail, .. } => {
+                assert_eq!(status.code(), Some(3));
+                assert_eq!(stderr_tail, "boom");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(run_checked(&["/nonexistent/prog".into()]).await, Err(CommandError::Spawn { .. })));
+    }
+}
