@@ -23,12 +23,7 @@ pub enum Credentials {
 
 impl Tokens {
     pub fn new<S: AsRef<str>>(tokens: &[S]) -> Self {
-        Tokens(
-            tokens
-                .iter()
-                .map(|t| Sha256::digest(t.as_ref().as_bytes()).into())
-                .collect(),
-        )
+        Tokens(tokens.iter().map(|t| Sha256::digest(t.as_ref().as_bytes()).into()).collect())
     }
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
@@ -36,11 +31,7 @@ impl Tokens {
 
     pub fn check(&self, headers: &HeaderMap) -> Credentials {
         let Some(value) = headers.get(AUTHORIZATION) else {
-            return if self.0.is_empty() {
-                Credentials::MayBuild
-            } else {
-                Credentials::Anonymous
-            };
+            return if self.0.is_empty() { Credentials::MayBuild } else { Credentials::Anonymous };
         };
         if self.0.is_empty() {
             return Credentials::MayBuild;
@@ -58,10 +49,6 @@ impl Tokens {
         for t in &self.0 {
             found |= t.ct_eq(&digest);
         }
-        if bool::from(found) {
-            Credentials::MayBuild
-        } else {
-            Credentials::Invalid
-        }
+        if bool::from(found) { Credentials::MayBuild } else { Credentials::Invalid }
     }
 }

@@ -42,17 +42,12 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError::Invalid {
-            field: field.into(),
-            message: message.into(),
-        }
+        ApiError::Invalid { field: field.into(), message: message.into() }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Invalid { .. } | ApiError::MalformedJson(_) | ApiError::BodyRead(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::Invalid { .. } | ApiError::MalformedJson(_) | ApiError::BodyRead(_) => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized | ApiError::BadToken => StatusCode::UNAUTHORIZED,
@@ -105,17 +100,12 @@ impl ApiError {
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         match e {
-            ServiceError::Spec(SpecError::Invalid(v)) => ApiError::Invalid {
-                field: v.field,
-                message: v.message,
-            },
+            ServiceError::Spec(SpecError::Invalid(v)) => ApiError::Invalid { field: v.field, message: v.message },
             ServiceError::Spec(SpecError::UnknownTarget(t)) => ApiError::UnknownTarget(t),
             ServiceError::AuthRequired => ApiError::Unauthorized,
             ServiceError::UnknownKey(k) => ApiError::NotFound(format!("no build with key {k}")),
             e @ ServiceError::NotRetryable(_) => ApiError::Conflict(e.to_string()),
-            ServiceError::Store(_) | ServiceError::Queue(_) | ServiceError::Artifact(_) => {
-                ApiError::Unavailable(e)
-            }
+            ServiceError::Store(_) | ServiceError::Queue(_) | ServiceError::Artifact(_) => ApiError::Unavailable(e),
             ServiceError::Inconsistent { .. } => ApiError::Internal(e),
         }
     }
@@ -130,12 +120,10 @@ impl IntoResponse for ApiError {
         let mut resp = (status, Json(self.body())).into_response();
         match self {
             ApiError::Unauthorized | ApiError::BadToken => {
-                resp.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             ApiError::Unavailable(_) => {
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             _ => {}
         }

@@ -23,8 +23,7 @@ fn rfc3339(ms: pacloud_domain::Millis) -> String {
 }
 
 fn parse_key(raw: &str) -> Result<BuildKey, ApiError> {
-    raw.parse()
-        .map_err(|e: pacloud_domain::key::BadKey| ApiError::invalid("key", e.to_string()))
+    raw.parse().map_err(|e: pacloud_domain::key::BadKey| ApiError::invalid("key", e.to_string()))
 }
 
 /// The may-build decision for a request; a wrong token is refused outright.
@@ -91,8 +90,7 @@ fn render(state: &ApiState, outcome: Outcome) -> Response {
                 "retry_after": secs,
             });
             let mut resp = (StatusCode::ACCEPTED, Json(body)).into_response();
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
             if let Ok(v) = HeaderValue::from_str(&poll) {
                 resp.headers_mut().insert(header::LOCATION, v);
             }
@@ -128,28 +126,15 @@ async fn json_object(headers: &HeaderMap, body: Body) -> Result<Map<String, Valu
     if !is_json(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
-        return Err(ApiError::PayloadTooLarge {
-            limit: MAX_BODY_BYTES,
-        });
+        return Err(ApiError::PayloadTooLarge { limit: MAX_BODY_BYTES });
     }
-    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|e| {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                ApiError::PayloadTooLarge {
-                    limit: MAX_BODY_BYTES,
-                }
-            } else {
-                ApiError::BodyRead(e)
-            }
-        })?;
+    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large { ApiError::PayloadTooLarge { limit: MAX_BODY_BYTES } } else { ApiError::BodyRead(e) }
+    })?;
     match serde_json::from_slice::<Value>(&bytes).map_err(ApiError::MalformedJson)? {
         Value::Object(m) => Ok(m),
         _ => Err(ApiError::invalid("body", "the body must be a JSON object")),
@@ -159,20 +144,12 @@ async fn json_object(headers: &HeaderMap, body: Body) -> Result<Map<String, Valu
 /// Turns the POST body's fields into a raw request, naming any field that
 /// is missing, of the wrong type, or unknown.
 fn build_request(mut m: Map<String, Value>) -> Result<BuildRequest, ApiError> {
-    let string = |m: &mut Map<String, Value>,
-                  field: &str,
-                  required: bool|
-     -> Result<Option<String>, ApiError> {
+    let string = |m: &mut Map<String, Value>, field: &str, required: bool| -> Result<Option<String>, ApiError> {
         match m.remove(field) {
             Some(Value::String(s)) => Ok(Some(s)),
             None | Some(Value::Null) if !required => Ok(None),
-            None | Some(Value::Null) => {
-                Err(ApiError::invalid(field, format!("{field} is required")))
-            }
-            Some(_) => Err(ApiError::invalid(
-                field,
-                format!("{field} must be a string"),
-            )),
+            None | Some(Value::Null) => Err(ApiError::invalid(field, format!("{field} is required"))),
+            Some(_) => Err(ApiError::invalid(field, format!("{field} must be a string"))),
         }
     };
     let atom = string(&mut m, "atom", true)?.unwrap_or_default();
@@ -186,36 +163,21 @@ fn build_request(mut m: Map<String, Value>) -> Result<BuildRequest, ApiError> {
             .enumerate()
             .map(|(i, v)| match v {
                 Value::String(s) => Ok(s),
-                _ => Err(ApiError::invalid(
-                    "use",
-                    format!("use[{i}] must be a string"),
-                )),
+                _ => Err(ApiError::invalid("use", format!("use[{i}] must be a string"))),
             })
             .collect::<Result<_, _>>()?,
         Some(_) => {
-            return Err(ApiError::invalid(
-                "use",
-                "use must be an array of strings or one space-separated string",
-            ));
+            return Err(ApiError::invalid("use", "use must be an array of strings or one space-separated string"));
         }
     };
     if let Some(unknown) = m.keys().next() {
-        let shown: String = unknown
-            .chars()
-            .take(64)
-            .flat_map(char::escape_default)
-            .collect();
+        let shown: String = unknown.chars().take(64).flat_map(char::escape_default).collect();
         return Err(ApiError::invalid(
             shown.clone(),
             format!("unknown field \"{shown}\"; allowed: atom, version, use, target"),
         ));
     }
-    Ok(BuildRequest {
-        atom,
-        version,
-        use_flags,
-        target,
-    })
+    Ok(BuildRequest { atom, version, use_flags, target })
 }
 
 /// `POST /v1/builds`
@@ -231,10 +193,7 @@ pub async fn create_build(
 }
 
 /// `GET /v1/builds/{key}`
-pub async fn get_build(
-    State(state): State<Arc<ApiState>>,
-    Path(key): Path<String>,
-) -> Result<Response, ApiError> {
+pub async fn get_build(State(state): State<Arc<ApiState>>, Path(key): Path<String>) -> Result<Response, ApiError> {
     let key = parse_key(&key)?;
     Ok(render(&state, state.service.status(&key).await?))
 }
@@ -253,10 +212,7 @@ pub async fn retry_build(
 }
 
 /// `GET /v1/builds/{key}/log`: redirects to a signed URL of the build log.
-pub async fn build_log(
-    State(state): State<Arc<ApiState>>,
-    Path(key): Path<String>,
-) -> Result<Response, ApiError> {
+pub async fn build_log(State(state): State<Arc<ApiState>>, Path(key): Path<String>) -> Result<Response, ApiError> {
     let key = parse_key(&key)?;
     match state.service.log_url(&key).await? {
         Some(u) => Ok(Redirect::temporary(&u.url).into_response()),
@@ -331,10 +287,7 @@ pub async fn compat_package(
             let mut body = e.body();
             if let Value::Object(m) = &mut body {
                 m.insert("status".into(), json!("FAILED"));
-                m.insert(
-                    "errorMessage".into(),
-                    m.get("message").cloned().unwrap_or(Value::Null),
-                );
+                m.insert("errorMessage".into(), m.get("message").cloned().unwrap_or(Value::Null));
             }
             let mut resp = e.into_response();
             *resp.body_mut() = Body::from(body.to_string());
@@ -344,11 +297,7 @@ pub async fn compat_package(
     }
 }
 
-async fn compat_inner(
-    state: &ApiState,
-    headers: &HeaderMap,
-    query: &str,
-) -> Result<Outcome, ApiError> {
+async fn compat_inner(state: &ApiState, headers: &HeaderMap, query: &str) -> Result<Outcome, ApiError> {
     let may = may_build(state, headers)?;
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
         .map_err(|_| ApiError::invalid("query", "the query string is not valid URL encoding"))?;
@@ -363,33 +312,24 @@ async fn compat_inner(
             _ => continue,
         };
         if slot.replace(v).is_some() {
-            return Err(ApiError::invalid(
-                k.clone(),
-                format!("{k} is given more than once"),
-            ));
+            return Err(ApiError::invalid(k.clone(), format!("{k} is given more than once")));
         }
     }
     let req = BuildRequest {
-        atom: package.ok_or_else(|| {
-            ApiError::invalid("package", "package is required (category/package)")
-        })?,
+        atom: package.ok_or_else(|| ApiError::invalid("package", "package is required (category/package)"))?,
         version: version.ok_or_else(|| ApiError::invalid("version", "version is required"))?,
         use_flags: useflag.into_iter().collect(),
         target: None,
     };
-    state
-        .service
-        .request(&req, may)
-        .await
-        .map_err(|e| match ApiError::from(e) {
-            ApiError::Invalid { field, message } => {
-                let field = match field.as_str() {
-                    "atom" => "package".to_owned(),
-                    "use" => "useflag".to_owned(),
-                    _ => field,
-                };
-                ApiError::Invalid { field, message }
-            }
-            other => other,
-        })
+    state.service.request(&req, may).await.map_err(|e| match ApiError::from(e) {
+        ApiError::Invalid { field, message } => {
+            let field = match field.as_str() {
+                "atom" => "package".to_owned(),
+                "use" => "useflag".to_owned(),
+                _ => field,
+            };
+            ApiError::Invalid { field, message }
+        }
+        other => other,
+    })
 }

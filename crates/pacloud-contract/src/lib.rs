@@ -11,9 +11,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use pacloud_domain::Clock;
-use pacloud_domain::ports::{
-    ArtifactError, ArtifactPath, ArtifactStore, Created, JobQueue, MetadataStore, StoreError,
-};
+use pacloud_domain::ports::{ArtifactError, ArtifactPath, ArtifactStore, Created, JobQueue, MetadataStore, StoreError};
 use pacloud_domain::{BuildRecord, BuildRequest, Millis, SystemClock, TargetSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,13 +20,9 @@ const SEC: Duration = Duration::from_secs(1);
 
 /// A queued record for a unique package name.
 pub fn record(name: &str) -> BuildRecord {
-    let spec = BuildRequest {
-        atom: format!("app-misc/{name}"),
-        version: "1.0".into(),
-        ..Default::default()
-    }
-    .validate(&TargetSet::builtin())
-    .expect("valid request");
+    let spec = BuildRequest { atom: format!("app-misc/{name}"), version: "1.0".into(), ..Default::default() }
+        .validate(&TargetSet::builtin())
+        .expect("valid request");
     BuildRecord::new_queued(spec, SystemClock.now())
 }
 
@@ -40,65 +34,33 @@ pub async fn apply(
 ) -> Result<BuildRecord, String> {
     let cur = store.get(key).await.expect("get").expect("record exists");
     let next = f(&cur).map_err(|e| e.to_string())?;
-    store
-        .replace(&next, cur.revision)
-        .await
-        .map_err(|e| e.to_string())?;
+    store.replace(&next, cur.revision).await.map_err(|e| e.to_string())?;
     Ok(next)
 }
 
 /// Metadata store: create-if-absent, conditional replace, races, leases.
 pub async fn metadata_store(store: Arc<dyn MetadataStore>) {
     let r = record("contract-store");
-    assert!(
-        store.get(&r.key).await.unwrap().is_none(),
-        "absent key reads as None"
-    );
-    assert_eq!(
-        store.create(&r).await.unwrap(),
-        Created::New,
-        "first create wins"
-    );
+    assert!(store.get(&r.key).await.unwrap().is_none(), "absent key reads as None");
+    assert_eq!(store.create(&r).await.unwrap(), Created::New, "first create wins");
     match store.create(&record("contract-store")).await.unwrap() {
-        Created::Existing(existing) => assert_eq!(
-            *existing, r,
-            "second create returns the stored record unchanged"
-        ),
+        Created::Existing(existing) => assert_eq!(*existing, r, "second create returns the stored record unchanged"),
         Created::New => panic!("create-if-absent created twice"),
     }
-    assert_eq!(
-        store.get(&r.key).await.unwrap().as_ref(),
-        Some(&r),
-        "get returns what was created"
-    );
+    assert_eq!(store.get(&r.key).await.unwrap().as_ref(), Some(&r), "get returns what was created");
 
     // Conditional replace.
     let claimed = r.claim("w1", SystemClock.now(), 60 * SEC).unwrap();
     assert!(
-        matches!(
-            store.replace(&claimed, r.revision + 5).await,
-            Err(StoreError::Conflict)
-        ),
+        matches!(store.replace(&claimed, r.revision + 5).await, Err(StoreError::Conflict)),
         "wrong revision conflicts"
     );
-    store
-        .replace(&claimed, r.revision)
-        .await
-        .expect("right revision replaces");
-    assert!(
-        matches!(
-            store.replace(&claimed, r.revision).await,
-            Err(StoreError::Conflict)
-        ),
-        "stale revision conflicts"
-    );
+    store.replace(&claimed, r.revision).await.expect("right revision replaces");
+    assert!(matches!(store.replace(&claimed, r.revision).await, Err(StoreError::Conflict)), "stale revision conflicts");
     assert_eq!(store.get(&r.key).await.unwrap().unwrap(), claimed);
     let ghost = record("contract-ghost");
     assert!(
-        matches!(
-            store.replace(&ghost, ghost.revision).await,
-            Err(StoreError::Conflict)
-        ),
+        matches!(store.replace(&ghost, ghost.revision).await, Err(StoreError::Conflict)),
         "replace of absent key conflicts"
     );
 
@@ -110,47 +72,28 @@ pub async fn metadata_store(store: Arc<dyn MetadataStore>) {
         async move { matches!(store.create(&racer).await.unwrap(), Created::New) }
     }))
     .await;
-    assert_eq!(
-        wins.iter().filter(|w| **w).count(),
-        1,
-        "exactly one of 32 racing creates wins"
-    );
+    assert_eq!(wins.iter().filter(|w| **w).count(), 1, "exactly one of 32 racing creates wins");
 
     // Racing claims of one revision: exactly one lease.
     let wins = futures::future::join_all((0..16).map(|i| {
         let store = store.clone();
         let racer = racer.clone();
         async move {
-            let next = racer
-                .claim(&format!("w{i}"), SystemClock.now(), 60 * SEC)
-                .unwrap();
+            let next = racer.claim(&format!("w{i}"), SystemClock.now(), 60 * SEC).unwrap();
             store.replace(&next, racer.revision).await.is_ok()
         }
     }))
     .await;
-    assert_eq!(
-        wins.iter().filter(|w| **w).count(),
-        1,
-        "exactly one of 16 racing claims wins"
-    );
+    assert_eq!(wins.iter().filter(|w| **w).count(), 1, "exactly one of 16 racing claims wins");
 
     // Lease expiry and takeover through the store.
     let l = record("contract-lease");
     store.create(&l).await.unwrap();
-    apply(&*store, &l.key, |c| c.claim("w1", SystemClock.now(), SEC))
-        .await
-        .expect("w1 claims");
-    let refused = apply(&*store, &l.key, |c| {
-        c.claim("w2", SystemClock.now(), 60 * SEC)
-    })
-    .await;
+    apply(&*store, &l.key, |c| c.claim("w1", SystemClock.now(), SEC)).await.expect("w1 claims");
+    let refused = apply(&*store, &l.key, |c| c.claim("w2", SystemClock.now(), 60 * SEC)).await;
     assert!(refused.is_err(), "a live lease is not taken over");
     tokio::time::sleep(SEC + Duration::from_millis(100)).await;
-    apply(&*store, &l.key, |c| {
-        c.claim("w2", SystemClock.now(), 60 * SEC)
-    })
-    .await
-    .expect("expired lease is taken over");
+    apply(&*store, &l.key, |c| c.claim("w2", SystemClock.now(), 60 * SEC)).await.expect("expired lease is taken over");
     let artifact = pacloud_domain::ArtifactInfo {
         path: "default/app-misc/x/x-1.0-1.gpkg.tar".into(),
         sha256: "0".repeat(64),
@@ -160,24 +103,10 @@ pub async fn metadata_store(store: Arc<dyn MetadataStore>) {
         build_seconds: 0.1,
         log_path: None,
     };
-    let late = apply(&*store, &l.key, |c| {
-        c.complete("w1", artifact.clone(), SystemClock.now())
-    })
-    .await;
-    assert!(
-        late.is_err(),
-        "the old holder cannot publish after losing its lease"
-    );
-    let done = apply(&*store, &l.key, |c| {
-        c.complete("w2", artifact.clone(), SystemClock.now())
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        store.get(&l.key).await.unwrap().unwrap(),
-        done,
-        "the new holder publishes"
-    );
+    let late = apply(&*store, &l.key, |c| c.complete("w1", artifact.clone(), SystemClock.now())).await;
+    assert!(late.is_err(), "the old holder cannot publish after losing its lease");
+    let done = apply(&*store, &l.key, |c| c.complete("w2", artifact.clone(), SystemClock.now())).await.unwrap();
+    assert_eq!(store.get(&l.key).await.unwrap().unwrap(), done, "the new holder publishes");
 }
 
 /// Job queue. `queue` must have been made with `max_receives == 2`.
@@ -188,24 +117,13 @@ pub async fn job_queue(queue: Arc<dyn JobQueue>) {
     let got = queue.receive(10, 30 * SEC, none).await.unwrap();
     assert_eq!(got.len(), 1, "a sent message is received");
     assert_eq!((got[0].body.as_str(), got[0].receive_count), ("m1", 1));
-    assert!(
-        queue.receive(10, 30 * SEC, none).await.unwrap().is_empty(),
-        "a received message is invisible"
-    );
+    assert!(queue.receive(10, 30 * SEC, none).await.unwrap().is_empty(), "a received message is invisible");
     queue.ack(&got[0].receipt).await.unwrap();
-    queue
-        .ack(&got[0].receipt)
-        .await
-        .expect("acking a deleted message is not an error");
+    queue.ack(&got[0].receipt).await.expect("acking a deleted message is not an error");
 
     // Visibility timeout, then redelivery with a new receipt.
     queue.send("m2", none).await.unwrap();
-    let first = queue
-        .receive(1, SEC, none)
-        .await
-        .unwrap()
-        .pop()
-        .expect("m2");
+    let first = queue.receive(1, SEC, none).await.unwrap().pop().expect("m2");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let again = queue
         .receive(1, 30 * SEC, none)
@@ -214,98 +132,49 @@ pub async fn job_queue(queue: Arc<dyn JobQueue>) {
         .pop()
         .expect("m2 is delivered again after its visibility timeout");
     assert_eq!((again.body.as_str(), again.receive_count), ("m2", 2));
-    assert_ne!(
-        again.receipt, first.receipt,
-        "each delivery has its own receipt"
-    );
+    assert_ne!(again.receipt, first.receipt, "each delivery has its own receipt");
     queue.ack(&again.receipt).await.unwrap();
 
     // Extend keeps it invisible past the first deadline.
     queue.send("m3", none).await.unwrap();
-    let d = queue
-        .receive(1, SEC, none)
-        .await
-        .unwrap()
-        .pop()
-        .expect("m3");
+    let d = queue.receive(1, SEC, none).await.unwrap().pop().expect("m3");
     queue.extend(&d.receipt, 4 * SEC).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(
-        queue.receive(1, 30 * SEC, none).await.unwrap().is_empty(),
-        "an extended message stays invisible"
-    );
+    assert!(queue.receive(1, 30 * SEC, none).await.unwrap().is_empty(), "an extended message stays invisible");
 
     // Release with delay 0 makes it visible at once.
     queue.release(&d.receipt, none).await.unwrap();
-    let d = queue
-        .receive(1, 30 * SEC, none)
-        .await
-        .unwrap()
-        .pop()
-        .expect("a released message is visible at once");
+    let d = queue.receive(1, 30 * SEC, none).await.unwrap().pop().expect("a released message is visible at once");
     assert_eq!((d.body.as_str(), d.receive_count), ("m3", 2));
     queue.ack(&d.receipt).await.unwrap();
 
     // Release with a delay hides it for that long.
     queue.send("m5", none).await.unwrap();
-    let d = queue
-        .receive(1, 30 * SEC, none)
-        .await
-        .unwrap()
-        .pop()
-        .expect("m5");
+    let d = queue.receive(1, 30 * SEC, none).await.unwrap().pop().expect("m5");
     queue.release(&d.receipt, 2 * SEC).await.unwrap();
-    assert!(
-        queue.receive(1, 30 * SEC, none).await.unwrap().is_empty(),
-        "released with delay: not yet visible"
-    );
+    assert!(queue.receive(1, 30 * SEC, none).await.unwrap().is_empty(), "released with delay: not yet visible");
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let d = queue
-        .receive(1, 30 * SEC, none)
-        .await
-        .unwrap()
-        .pop()
-        .expect("visible after the delay");
+    let d = queue.receive(1, 30 * SEC, none).await.unwrap().pop().expect("visible after the delay");
     assert_eq!(d.body, "m5");
     queue.ack(&d.receipt).await.unwrap();
 
     // Delay on send.
     queue.send("m4", SEC).await.unwrap();
-    assert!(
-        queue.receive(1, 30 * SEC, none).await.unwrap().is_empty(),
-        "a delayed message is not visible at once"
-    );
+    assert!(queue.receive(1, 30 * SEC, none).await.unwrap().is_empty(), "a delayed message is not visible at once");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let d = queue
-        .receive(1, 30 * SEC, none)
-        .await
-        .unwrap()
-        .pop()
-        .expect("visible after its delay");
+    let d = queue.receive(1, 30 * SEC, none).await.unwrap().pop().expect("visible after its delay");
     queue.ack(&d.receipt).await.unwrap();
 
     // Redrive: received max_receives (2) times, the next receive moves it.
     let before = queue.depth().await.unwrap().dead;
     queue.send("poison", none).await.unwrap();
     for n in 1..=2 {
-        let d = queue
-            .receive(1, 30 * SEC, none)
-            .await
-            .unwrap()
-            .pop()
-            .expect("poison delivered");
+        let d = queue.receive(1, 30 * SEC, none).await.unwrap().pop().expect("poison delivered");
         assert_eq!(d.receive_count, n);
         queue.release(&d.receipt, none).await.unwrap();
     }
-    assert!(
-        queue.receive(1, 30 * SEC, SEC).await.unwrap().is_empty(),
-        "past max_receives it is not delivered"
-    );
-    assert_eq!(
-        queue.depth().await.unwrap().dead,
-        before + 1,
-        "it is in the dead-letter queue"
-    );
+    assert!(queue.receive(1, 30 * SEC, SEC).await.unwrap().is_empty(), "past max_receives it is not delivered");
+    assert_eq!(queue.depth().await.unwrap().dead, before + 1, "it is in the dead-letter queue");
 
     // Long poll returns as soon as a message arrives.
     let q2 = queue.clone();
@@ -316,35 +185,21 @@ pub async fn job_queue(queue: Arc<dyn JobQueue>) {
     let t = Instant::now();
     let got = queue.receive(1, 30 * SEC, 5 * SEC).await.unwrap();
     sender.await.unwrap();
-    assert_eq!(
-        got.len(),
-        1,
-        "a long poll receives a message sent while it waits"
-    );
+    assert_eq!(got.len(), 1, "a long poll receives a message sent while it waits");
     assert!(
         t.elapsed() < Duration::from_millis(4500),
         "a long poll returns when the message arrives, not at its deadline"
     );
     queue.ack(&got[0].receipt).await.unwrap();
     let depth = queue.depth().await.unwrap();
-    assert_eq!(
-        (depth.visible, depth.in_flight),
-        (0, 0),
-        "everything acknowledged: {depth:?}"
-    );
+    assert_eq!((depth.visible, depth.in_flight), (0, 0), "everything acknowledged: {depth:?}");
 }
 
 /// Artifact store: whole-object writes, checksums, absence, signed URLs.
 pub async fn artifact_store(store: Arc<dyn ArtifactStore>) {
     let p = ArtifactPath::parse("contract/app-misc/x/x-1.0-1.gpkg.tar").unwrap();
-    assert!(
-        store.head(&p).await.unwrap().is_none(),
-        "absent object heads as None"
-    );
-    assert!(
-        matches!(store.get(&p).await, Err(ArtifactError::NotFound(_))),
-        "absent object gets NotFound"
-    );
+    assert!(store.head(&p).await.unwrap().is_none(), "absent object heads as None");
+    assert!(matches!(store.get(&p).await, Err(ArtifactError::NotFound(_))), "absent object gets NotFound");
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pkg");
@@ -352,60 +207,28 @@ pub async fn artifact_store(store: Arc<dyn ArtifactStore>) {
     std::fs::write(&file, &bytes).unwrap();
     let wrong = "0".repeat(64);
     assert!(
-        matches!(
-            store.put_file(&p, &file, &wrong).await,
-            Err(ArtifactError::ChecksumMismatch { .. })
-        ),
+        matches!(store.put_file(&p, &file, &wrong).await, Err(ArtifactError::ChecksumMismatch { .. })),
         "a file that does not match its checksum is refused"
     );
-    assert!(
-        store.head(&p).await.unwrap().is_none(),
-        "a refused upload leaves nothing behind"
-    );
+    assert!(store.head(&p).await.unwrap().is_none(), "a refused upload leaves nothing behind");
     let sha = sha256_hex(&bytes);
     let stored = store.put_file(&p, &file, &sha).await.unwrap();
     assert_eq!(stored.size, bytes.len() as u64);
-    assert_eq!(
-        store.head(&p).await.unwrap().map(|o| o.size),
-        Some(bytes.len() as u64)
-    );
-    assert_eq!(
-        store.get(&p).await.unwrap(),
-        bytes,
-        "get returns the bytes put"
-    );
+    assert_eq!(store.head(&p).await.unwrap().map(|o| o.size), Some(bytes.len() as u64));
+    assert_eq!(store.get(&p).await.unwrap(), bytes, "get returns the bytes put");
     // Idempotent re-upload of the same path.
-    store
-        .put_file(&p, &file, &sha)
-        .await
-        .expect("uploading the same object again is fine");
+    store.put_file(&p, &file, &sha).await.expect("uploading the same object again is fine");
 
     let idx = ArtifactPath::parse("contract/Packages").unwrap();
-    store
-        .put_bytes(&idx, b"one".to_vec(), "text/plain")
-        .await
-        .unwrap();
-    store
-        .put_bytes(&idx, b"two".to_vec(), "text/plain")
-        .await
-        .unwrap();
+    store.put_bytes(&idx, b"one".to_vec(), "text/plain").await.unwrap();
+    store.put_bytes(&idx, b"two".to_vec(), "text/plain").await.unwrap();
     assert_eq!(store.get(&idx).await.unwrap(), b"two", "put_bytes replaces");
 
     let now = Millis(1_900_000_000_000);
     let url = store.signed_url(&p, now, 600 * SEC).unwrap();
-    assert!(
-        url.expires_at >= now.plus(600 * SEC),
-        "URL lives at least as long as asked"
-    );
-    assert!(
-        url.expires_at <= now.plus(602 * SEC),
-        "URL does not live much longer than asked"
-    );
-    assert!(
-        url.url.contains("x-1.0-1.gpkg.tar"),
-        "URL names the object: {}",
-        url.url
-    );
+    assert!(url.expires_at >= now.plus(600 * SEC), "URL lives at least as long as asked");
+    assert!(url.expires_at <= now.plus(602 * SEC), "URL does not live much longer than asked");
+    assert!(url.url.contains("x-1.0-1.gpkg.tar"), "URL names the object: {}", url.url);
 }
 
 /// Lowercase hex SHA-256 (the suite has no other hashing dependency).

@@ -31,21 +31,12 @@ pub enum GrammarError {
     #[error("is {len} characters long; at most {max} are allowed")]
     TooLong { len: usize, max: usize },
     #[error("contains '{found}' at position {pos}; allowed: {allowed}")]
-    BadChar {
-        found: String,
-        pos: usize,
-        allowed: &'static str,
-    },
+    BadChar { found: String, pos: usize, allowed: &'static str },
     #[error("starts with '{found}'; it must start with {allowed}")]
-    BadStart {
-        found: String,
-        allowed: &'static str,
-    },
+    BadStart { found: String, allowed: &'static str },
     #[error("must have the form category/package with exactly one '/'")]
     AtomForm,
-    #[error(
-        "must not end in '-' followed by a version (ends in '-{suffix}'); give the version separately"
-    )]
+    #[error("must not end in '-' followed by a version (ends in '-{suffix}'); give the version separately")]
     EndsInVersion { suffix: String },
     #[error("is not a PMS version ({why}); expected e.g. 1.2.3, 2.12-r1, 1.0_rc2, 3.1a_p20240101")]
     Version { why: &'static str },
@@ -76,18 +67,10 @@ fn check_chars(
         return Err(GrammarError::TooLong { len, max });
     }
     for (pos, c) in s.chars().enumerate() {
-        let ok = c.is_ascii()
-            && if pos == 0 {
-                first(c as u8)
-            } else {
-                rest(c as u8)
-            };
+        let ok = c.is_ascii() && if pos == 0 { first(c as u8) } else { rest(c as u8) };
         if !ok {
             if pos == 0 && c.is_ascii() && rest(c as u8) {
-                return Err(GrammarError::BadStart {
-                    found: escape(c),
-                    allowed: first_desc,
-                });
+                return Err(GrammarError::BadStart { found: escape(c), allowed: first_desc });
             }
             return Err(GrammarError::BadChar {
                 found: escape(c),
@@ -174,9 +157,7 @@ impl FromStr for PackageName {
         for (i, _) in s.match_indices('-') {
             let suffix = &s[i + 1..];
             if check_version(suffix).is_ok() {
-                return Err(GrammarError::EndsInVersion {
-                    suffix: suffix.to_owned(),
-                });
+                return Err(GrammarError::EndsInVersion { suffix: suffix.to_owned() });
             }
         }
         Ok(PackageName(s.to_owned()))
@@ -224,9 +205,7 @@ impl FromStr for Atom {
         if len > max {
             return Err(AtomError::Form(GrammarError::TooLong { len, max }));
         }
-        let (cat, pkg) = s
-            .split_once('/')
-            .ok_or(AtomError::Form(GrammarError::AtomForm))?;
+        let (cat, pkg) = s.split_once('/').ok_or(AtomError::Form(GrammarError::AtomForm))?;
         if pkg.contains('/') {
             return Err(AtomError::Form(GrammarError::AtomForm));
         }
@@ -269,17 +248,10 @@ fn check_version(s: &str) -> Result<(), GrammarError> {
     }
     let len = s.chars().count();
     if len > MAX_VERSION_LEN {
-        return Err(GrammarError::TooLong {
-            len,
-            max: MAX_VERSION_LEN,
-        });
+        return Err(GrammarError::TooLong { len, max: MAX_VERSION_LEN });
     }
     if let Some((pos, c)) = s.char_indices().find(|(_, c)| !c.is_ascii()) {
-        return Err(GrammarError::BadChar {
-            found: escape(c),
-            pos,
-            allowed: "0-9 a-z . _ -",
-        });
+        return Err(GrammarError::BadChar { found: escape(c), pos, allowed: "0-9 a-z . _ -" });
     }
     let b = s.as_bytes();
     let mut i = 0;
@@ -305,10 +277,7 @@ fn check_version(s: &str) -> Result<(), GrammarError> {
     while i < b.len() && b[i] == b'_' {
         i += 1;
         let rest = &s[i..];
-        let Some(word) = ["alpha", "beta", "pre", "rc", "p"]
-            .into_iter()
-            .find(|w| rest.starts_with(w))
-        else {
+        let Some(word) = ["alpha", "beta", "pre", "rc", "p"].into_iter().find(|w| rest.starts_with(w)) else {
             return v("a '_' must be followed by alpha, beta, pre, rc or p");
         };
         i += word.len();
@@ -371,20 +340,13 @@ impl FromStr for UseFlag {
             |b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'_' | b'@' | b'-'),
             "A-Z a-z 0-9 + _ @ -",
         )?;
-        Ok(UseFlag {
-            name: name.to_owned(),
-            enabled,
-        })
+        Ok(UseFlag { name: name.to_owned(), enabled })
     }
 }
 
 impl fmt::Display for UseFlag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.enabled {
-            write!(f, "{}", self.name)
-        } else {
-            write!(f, "-{}", self.name)
-        }
+        if self.enabled { write!(f, "{}", self.name) } else { write!(f, "-{}", self.name) }
     }
 }
 
@@ -410,20 +372,10 @@ impl UseSet {
     pub fn parse_list<S: AsRef<str>>(items: &[S]) -> Result<Self, (usize, GrammarError)> {
         let mut flags = Vec::new();
         for (i, item) in items.iter().enumerate() {
-            for word in item
-                .as_ref()
-                .split(|c: char| c.is_ascii_whitespace())
-                .filter(|w| !w.is_empty())
-            {
+            for word in item.as_ref().split(|c: char| c.is_ascii_whitespace()).filter(|w| !w.is_empty()) {
                 flags.push(word.parse::<UseFlag>().map_err(|e| (i, e))?);
                 if flags.len() > MAX_USE_FLAGS {
-                    return Err((
-                        i,
-                        GrammarError::TooManyFlags {
-                            count: flags.len(),
-                            max: MAX_USE_FLAGS,
-                        },
-                    ));
+                    return Err((i, GrammarError::TooManyFlags { count: flags.len(), max: MAX_USE_FLAGS }));
                 }
             }
         }
@@ -462,10 +414,7 @@ impl UseSet {
     }
     /// Portage form for `package.use`: `foo -bar`.
     pub fn portage(&self) -> String {
-        self.iter()
-            .map(|(n, on)| if on { n.to_owned() } else { format!("-{n}") })
-            .collect::<Vec<_>>()
-            .join(" ")
+        self.iter().map(|(n, on)| if on { n.to_owned() } else { format!("-{n}") }).collect::<Vec<_>>().join(" ")
     }
 }
 
@@ -474,11 +423,7 @@ impl Serialize for UseSet {
         use serde::ser::SerializeSeq;
         let mut seq = s.serialize_seq(Some(self.0.len()))?;
         for (n, on) in self.iter() {
-            if on {
-                seq.serialize_element(n)?
-            } else {
-                seq.serialize_element(&format!("-{n}"))?
-            }
+            if on { seq.serialize_element(n)? } else { seq.serialize_element(&format!("-{n}"))? }
         }
         seq.end()
     }
@@ -499,11 +444,9 @@ pub fn parse_versioned_atom(s: &str) -> Result<(Atom, Version), GrammarError> {
     let (cat, rest) = s.split_once('/').ok_or(GrammarError::VersionedAtomForm)?;
     for (i, _) in rest.match_indices('-') {
         if let Ok(version) = rest[i + 1..].parse::<Version>() {
-            let atom: Atom = format!("{cat}/{}", &rest[..i])
-                .parse()
-                .map_err(|e| match e {
-                    AtomError::Form(g) | AtomError::Category(g) | AtomError::Package(g) => g,
-                })?;
+            let atom: Atom = format!("{cat}/{}", &rest[..i]).parse().map_err(|e| match e {
+                AtomError::Form(g) | AtomError::Category(g) | AtomError::Package(g) => g,
+            })?;
             return Ok((atom, version));
         }
     }
@@ -516,41 +459,19 @@ mod tests {
 
     #[test]
     fn categories() {
-        for ok in [
-            "app-misc", "dev-libs", "x11-libs", "_x", "a+b.c-d", "A", "0",
-        ] {
+        for ok in ["app-misc", "dev-libs", "x11-libs", "_x", "a+b.c-d", "A", "0"] {
             assert!(ok.parse::<Category>().is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "-app",
-            ".app",
-            "+app",
-            "app misc",
-            "app/misc",
-            "..",
-            "a;b",
-            "a$b",
-            "é",
-            "a\0b",
-            &"a".repeat(65),
-        ] {
+        for bad in
+            ["", "-app", ".app", "+app", "app misc", "app/misc", "..", "a;b", "a$b", "é", "a\0b", &"a".repeat(65)]
+        {
             assert!(bad.parse::<Category>().is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn packages() {
-        for ok in [
-            "hello",
-            "gtk+",
-            "foo-bar",
-            "foo-x1",
-            "foo-bar2",
-            "_x",
-            "libfoo-2-x",
-            "foo-1a-b",
-        ] {
+        for ok in ["hello", "gtk+", "foo-bar", "foo-x1", "foo-bar2", "_x", "libfoo-2-x", "foo-1a-b"] {
             assert!(ok.parse::<PackageName>().is_ok(), "{ok}");
         }
         for bad in [
@@ -572,12 +493,7 @@ mod tests {
         ] {
             assert!(bad.parse::<PackageName>().is_err(), "{bad:?}");
         }
-        assert_eq!(
-            "foo-1a".parse::<PackageName>(),
-            Err(GrammarError::EndsInVersion {
-                suffix: "1a".into()
-            })
-        );
+        assert_eq!("foo-1a".parse::<PackageName>(), Err(GrammarError::EndsInVersion { suffix: "1a".into() }));
     }
 
     #[test]
@@ -624,32 +540,12 @@ mod tests {
 
     #[test]
     fn use_flags() {
-        for ok in [
-            "foo",
-            "-foo",
-            "+foo",
-            "python_targets_python3_12",
-            "l10n_en-GB",
-            "a@b",
-            "c++",
-            "0",
-        ] {
+        for ok in ["foo", "-foo", "+foo", "python_targets_python3_12", "l10n_en-GB", "a@b", "c++", "0"] {
             assert!(ok.parse::<UseFlag>().is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "-",
-            "+",
-            "--foo",
-            "-+foo",
-            "_foo",
-            "@foo",
-            "foo bar",
-            "foo;bar",
-            "foo/bar",
-            "föö",
-            &"f".repeat(65),
-        ] {
+        for bad in
+            ["", "-", "+", "--foo", "-+foo", "_foo", "@foo", "foo bar", "foo;bar", "foo/bar", "föö", &"f".repeat(65)]
+        {
             assert!(bad.parse::<UseFlag>().is_err(), "{bad:?}");
         }
     }
@@ -665,10 +561,7 @@ mod tests {
         assert_eq!(UseSet::parse_str("").unwrap().canonical(), "");
         assert_eq!(UseSet::parse_str("-b a").unwrap().portage(), "a -b");
         let many: Vec<String> = (0..=MAX_USE_FLAGS).map(|i| format!("f{i}")).collect();
-        assert!(matches!(
-            UseSet::parse_list(&many),
-            Err((256, GrammarError::TooManyFlags { .. }))
-        ));
+        assert!(matches!(UseSet::parse_list(&many), Err((256, GrammarError::TooManyFlags { .. }))));
     }
 
     #[test]
@@ -693,15 +586,9 @@ mod tests {
     #[test]
     fn versioned_atoms() {
         let (a, v) = parse_versioned_atom("app-misc/hello-2.12-r1").unwrap();
-        assert_eq!(
-            (a.to_string().as_str(), v.as_str()),
-            ("app-misc/hello", "2.12-r1")
-        );
+        assert_eq!((a.to_string().as_str(), v.as_str()), ("app-misc/hello", "2.12-r1"));
         let (a, v) = parse_versioned_atom("=dev-libs/foo-bar-1.0_rc1").unwrap();
-        assert_eq!(
-            (a.to_string().as_str(), v.as_str()),
-            ("dev-libs/foo-bar", "1.0_rc1")
-        );
+        assert_eq!((a.to_string().as_str(), v.as_str()), ("dev-libs/foo-bar", "1.0_rc1"));
         let (a, v) = parse_versioned_atom("x/libfoo-2-x-3").unwrap();
         assert_eq!((a.to_string().as_str(), v.as_str()), ("x/libfoo-2-x", "3"));
         assert!(parse_versioned_atom("app-misc/hello").is_err());

@@ -25,31 +25,13 @@ pub struct BadKey;
 
 impl BuildKey {
     /// The canonical bytes a key is the hash of.
-    pub fn canonical_encoding(
-        target_hash: &str,
-        atom: &Atom,
-        version: &Version,
-        use_flags: &UseSet,
-    ) -> Vec<u8> {
-        format!(
-            "{KEY_VERSION}\ntarget:{target_hash}\natom:{atom}\nversion:{version}\nuse:{}\n",
-            use_flags.canonical()
-        )
-        .into_bytes()
+    pub fn canonical_encoding(target_hash: &str, atom: &Atom, version: &Version, use_flags: &UseSet) -> Vec<u8> {
+        format!("{KEY_VERSION}\ntarget:{target_hash}\natom:{atom}\nversion:{version}\nuse:{}\n", use_flags.canonical())
+            .into_bytes()
     }
 
-    pub fn compute(
-        target_hash: &str,
-        atom: &Atom,
-        version: &Version,
-        use_flags: &UseSet,
-    ) -> BuildKey {
-        BuildKey(hex::encode(Sha256::digest(Self::canonical_encoding(
-            target_hash,
-            atom,
-            version,
-            use_flags,
-        ))))
+    pub fn compute(target_hash: &str, atom: &Atom, version: &Version, use_flags: &UseSet) -> BuildKey {
+        BuildKey(hex::encode(Sha256::digest(Self::canonical_encoding(target_hash, atom, version, use_flags))))
     }
 
     pub fn as_str(&self) -> &str {
@@ -60,10 +42,7 @@ impl BuildKey {
 impl FromStr for BuildKey {
     type Err = BadKey;
     fn from_str(s: &str) -> Result<Self, BadKey> {
-        if s.len() == 64
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        if s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             Ok(BuildKey(s.to_owned()))
         } else {
             Err(BadKey)
@@ -85,9 +64,7 @@ impl Serialize for BuildKey {
 
 impl<'de> Deserialize<'de> for BuildKey {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -114,18 +91,10 @@ mod tests {
         let atom: Atom = "app-misc/hello".parse().unwrap();
         let v: Version = "2.12-r1".parse().unwrap();
         let a = BuildKey::compute("t", &atom, &v, &UseSet::parse_str("foo -bar").unwrap());
-        let b = BuildKey::compute(
-            "t",
-            &atom,
-            &v,
-            &UseSet::parse_str(" -bar  +foo bar -bar").unwrap(),
-        );
+        let b = BuildKey::compute("t", &atom, &v, &UseSet::parse_str(" -bar  +foo bar -bar").unwrap());
         let c = BuildKey::compute("t", &atom, &v, &UseSet::parse_str("foo bar").unwrap());
         assert_eq!(a, b);
         assert_ne!(a, c);
-        assert_ne!(
-            a,
-            BuildKey::compute("u", &atom, &v, &UseSet::parse_str("foo -bar").unwrap())
-        );
+        assert_ne!(a, BuildKey::compute("u", &atom, &v, &UseSet::parse_str("foo -bar").unwrap()));
     }
 }

@@ -56,8 +56,7 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn create(&self, record: &BuildRecord) -> Result<Created, StoreError>;
     /// Stores `record` if the stored one has revision `expected_revision`;
     /// otherwise [`StoreError::Conflict`].
-    async fn replace(&self, record: &BuildRecord, expected_revision: u64)
-    -> Result<(), StoreError>;
+    async fn replace(&self, record: &BuildRecord, expected_revision: u64) -> Result<(), StoreError>;
 }
 
 // ------------------------------------------------------------------- queue
@@ -88,11 +87,7 @@ pub enum JobDecodeError {
 
 impl Job {
     pub fn new(spec: BuildSpec) -> Job {
-        Job {
-            v: 1,
-            key: spec.key(),
-            spec,
-        }
+        Job { v: 1, key: spec.key(), spec }
     }
     pub fn encode(&self) -> String {
         // A Job is plain data; serialising it cannot fail.
@@ -160,12 +155,7 @@ pub enum QueueError {
 pub trait JobQueue: Send + Sync + 'static {
     async fn send(&self, body: &str, delay: Duration) -> Result<String, QueueError>;
     /// Waits up to `wait` for at least one message; returns at most `max`.
-    async fn receive(
-        &self,
-        max: u32,
-        visibility: Duration,
-        wait: Duration,
-    ) -> Result<Vec<Delivery>, QueueError>;
+    async fn receive(&self, max: u32, visibility: Duration, wait: Duration) -> Result<Vec<Delivery>, QueueError>;
     /// Sets the message's visibility deadline to now + `visibility`.
     async fn extend(&self, receipt: &Receipt, visibility: Duration) -> Result<(), QueueError>;
     /// Deletes the message. Deleting a message already deleted is not an error.
@@ -194,15 +184,9 @@ impl ArtifactPath {
                 !seg.is_empty()
                     && seg != "."
                     && seg != ".."
-                    && seg.bytes().all(|b| {
-                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-')
-                    })
+                    && seg.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-'))
             });
-        if ok {
-            Ok(ArtifactPath(s.to_owned()))
-        } else {
-            Err(BadArtifactPath(s.to_owned()))
-        }
+        if ok { Ok(ArtifactPath(s.to_owned())) } else { Err(BadArtifactPath(s.to_owned())) }
     }
     pub fn as_str(&self) -> &str {
         &self.0
@@ -243,12 +227,7 @@ pub enum ArtifactError {
 #[async_trait]
 pub trait ArtifactStore: Send + Sync + 'static {
     /// Stores a local file, verifying it against `sha256` (lowercase hex).
-    async fn put_file(
-        &self,
-        path: &ArtifactPath,
-        file: &Path,
-        sha256: &str,
-    ) -> Result<StoredObject, ArtifactError>;
+    async fn put_file(&self, path: &ArtifactPath, file: &Path, sha256: &str) -> Result<StoredObject, ArtifactError>;
     async fn put_bytes(
         &self,
         path: &ArtifactPath,
@@ -258,12 +237,7 @@ pub trait ArtifactStore: Send + Sync + 'static {
     async fn head(&self, path: &ArtifactPath) -> Result<Option<StoredObject>, ArtifactError>;
     async fn get(&self, path: &ArtifactPath) -> Result<Vec<u8>, ArtifactError>;
     /// A URL that lets anyone holding it GET the object until `expires_at`.
-    fn signed_url(
-        &self,
-        path: &ArtifactPath,
-        now: Millis,
-        ttl: Duration,
-    ) -> Result<SignedUrl, ArtifactError>;
+    fn signed_url(&self, path: &ArtifactPath, now: Millis, ttl: Duration) -> Result<SignedUrl, ArtifactError>;
 }
 
 #[cfg(test)]
@@ -273,41 +247,24 @@ mod tests {
     #[test]
     fn artifact_paths() {
         assert!(ArtifactPath::parse("default/app-misc/hello/hello-1.0-1.gpkg.tar").is_ok());
-        for bad in [
-            "", "/abs", "a//b", "a/../b", "..", ".", "a/./b", "a b", "a\\b", "é", "a/",
-        ] {
+        for bad in ["", "/abs", "a//b", "a/../b", "..", ".", "a/./b", "a b", "a\\b", "é", "a/"] {
             assert!(ArtifactPath::parse(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn job_roundtrip_and_checks() {
-        let spec = crate::BuildRequest {
-            atom: "a/b".into(),
-            version: "1".into(),
-            ..Default::default()
-        }
-        .validate(&crate::TargetSet::builtin())
-        .unwrap();
+        let spec = crate::BuildRequest { atom: "a/b".into(), version: "1".into(), ..Default::default() }
+            .validate(&crate::TargetSet::builtin())
+            .unwrap();
         let job = Job::new(spec);
         assert_eq!(Job::decode(&job.encode()).unwrap(), job);
         let mut v2 = job.clone();
         v2.v = 2;
-        assert!(matches!(
-            Job::decode(&v2.encode()),
-            Err(JobDecodeError::Version(2))
-        ));
-        let tampered = job
-            .encode()
-            .replace("\"version\":\"1\"", "\"version\":\"2\"");
-        assert!(matches!(
-            Job::decode(&tampered),
-            Err(JobDecodeError::KeyMismatch)
-        ));
+        assert!(matches!(Job::decode(&v2.encode()), Err(JobDecodeError::Version(2))));
+        let tampered = job.encode().replace("\"version\":\"1\"", "\"version\":\"2\"");
+        assert!(matches!(Job::decode(&tampered), Err(JobDecodeError::KeyMismatch)));
         assert!(matches!(Job::decode("{"), Err(JobDecodeError::Json(_))));
-        assert!(matches!(
-            Job::decode(&"x".repeat(MAX_JOB_BYTES + 1)),
-            Err(JobDecodeError::TooLarge(_))
-        ));
+        assert!(matches!(Job::decode(&"x".repeat(MAX_JOB_BYTES + 1)), Err(JobDecodeError::TooLarge(_))));
     }
 }

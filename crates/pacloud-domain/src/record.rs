@@ -119,17 +119,9 @@ pub struct BuildRecord {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransitionError {
     #[error("build {key} is {from:?}; cannot become {to:?}")]
-    Illegal {
-        key: String,
-        from: Status,
-        to: Status,
-    },
+    Illegal { key: String, from: Status, to: Status },
     #[error("build {key} is leased by {holder} until {until:?}")]
-    Leased {
-        key: String,
-        holder: String,
-        until: Millis,
-    },
+    Leased { key: String, holder: String, until: Millis },
     #[error("build {key}: the lease is not held by {worker}")]
     NotLeaseHolder { key: String, worker: String },
     #[error("build {key} was queued again recently; nothing to do")]
@@ -156,11 +148,7 @@ impl BuildRecord {
 
     fn next(&self, to: Status, now: Millis) -> Result<BuildRecord, TransitionError> {
         if !self.status.can_become(to) {
-            return Err(TransitionError::Illegal {
-                key: self.key.to_string(),
-                from: self.status,
-                to,
-            });
+            return Err(TransitionError::Illegal { key: self.key.to_string(), from: self.status, to });
         }
         let mut r = self.clone();
         r.status = to;
@@ -172,10 +160,7 @@ impl BuildRecord {
     fn check_holder(&self, worker: &str) -> Result<(), TransitionError> {
         match &self.lease {
             Some(l) if l.owner == worker && self.status == Status::Building => Ok(()),
-            _ => Err(TransitionError::NotLeaseHolder {
-                key: self.key.to_string(),
-                worker: worker.to_owned(),
-            }),
+            _ => Err(TransitionError::NotLeaseHolder { key: self.key.to_string(), worker: worker.to_owned() }),
         }
     }
 
@@ -183,12 +168,7 @@ impl BuildRecord {
     /// expired lease (the previous worker is presumed dead). A live lease is
     /// never taken, not even by its own holder: a duplicate message must not
     /// start a second build.
-    pub fn claim(
-        &self,
-        worker: &str,
-        now: Millis,
-        lease_for: Duration,
-    ) -> Result<BuildRecord, TransitionError> {
+    pub fn claim(&self, worker: &str, now: Millis, lease_for: Duration) -> Result<BuildRecord, TransitionError> {
         if let (Status::Building, Some(l)) = (self.status, &self.lease)
             && l.expires_at > now
         {
@@ -199,38 +179,22 @@ impl BuildRecord {
             });
         }
         let mut r = self.next(Status::Building, now)?;
-        r.lease = Some(Lease {
-            owner: worker.to_owned(),
-            expires_at: now.plus(lease_for),
-        });
+        r.lease = Some(Lease { owner: worker.to_owned(), expires_at: now.plus(lease_for) });
         r.attempts += 1;
         r.failure = None;
         Ok(r)
     }
 
     /// Extends the holder's lease.
-    pub fn heartbeat(
-        &self,
-        worker: &str,
-        now: Millis,
-        lease_for: Duration,
-    ) -> Result<BuildRecord, TransitionError> {
+    pub fn heartbeat(&self, worker: &str, now: Millis, lease_for: Duration) -> Result<BuildRecord, TransitionError> {
         self.check_holder(worker)?;
         let mut r = self.next(Status::Building, now)?;
-        r.lease = Some(Lease {
-            owner: worker.to_owned(),
-            expires_at: now.plus(lease_for),
-        });
+        r.lease = Some(Lease { owner: worker.to_owned(), expires_at: now.plus(lease_for) });
         Ok(r)
     }
 
     /// Publishes the artifact; only the lease holder may.
-    pub fn complete(
-        &self,
-        worker: &str,
-        artifact: ArtifactInfo,
-        now: Millis,
-    ) -> Result<BuildRecord, TransitionError> {
+    pub fn complete(&self, worker: &str, artifact: ArtifactInfo, now: Millis) -> Result<BuildRecord, TransitionError> {
         self.check_holder(worker)?;
         let mut r = self.next(Status::Ready, now)?;
         r.lease = None;
@@ -278,11 +242,7 @@ impl BuildRecord {
     /// A new attempt at a failed build; its message is about to be sent.
     pub fn retry(&self, now: Millis) -> Result<BuildRecord, TransitionError> {
         if self.status != Status::Failed {
-            return Err(TransitionError::Illegal {
-                key: self.key.to_string(),
-                from: self.status,
-                to: Status::Queued,
-            });
+            return Err(TransitionError::Illegal { key: self.key.to_string(), from: self.status, to: Status::Queued });
         }
         let mut r = self.next(Status::Queued, now)?;
         r.enqueued_at = now;
@@ -297,22 +257,12 @@ impl BuildRecord {
 
     /// Marks a stale `queued` record as sent again; the caller sends the
     /// message only if its conditional write of this record wins.
-    pub fn reenqueue(
-        &self,
-        now: Millis,
-        stale_after: Duration,
-    ) -> Result<BuildRecord, TransitionError> {
+    pub fn reenqueue(&self, now: Millis, stale_after: Duration) -> Result<BuildRecord, TransitionError> {
         if self.status != Status::Queued {
-            return Err(TransitionError::Illegal {
-                key: self.key.to_string(),
-                from: self.status,
-                to: Status::Queued,
-            });
+            return Err(TransitionError::Illegal { key: self.key.to_string(), from: self.status, to: Status::Queued });
         }
         if !self.is_stale(now, stale_after) {
-            return Err(TransitionError::NotStale {
-                key: self.key.to_string(),
-            });
+            return Err(TransitionError::NotStale { key: self.key.to_string() });
         }
         let mut r = self.next(Status::Queued, now)?;
         r.enqueued_at = now;
@@ -337,13 +287,9 @@ mod tests {
     const MIN: Duration = Duration::from_secs(60);
 
     fn rec() -> BuildRecord {
-        let spec = BuildRequest {
-            atom: "app-misc/hello".into(),
-            version: "1.0".into(),
-            ..Default::default()
-        }
-        .validate(&TargetSet::builtin())
-        .unwrap();
+        let spec = BuildRequest { atom: "app-misc/hello".into(), version: "1.0".into(), ..Default::default() }
+            .validate(&TargetSet::builtin())
+            .unwrap();
         BuildRecord::new_queued(spec, Millis(1_000))
     }
 
@@ -373,11 +319,8 @@ mod tests {
     fn edges_table() {
         use Status::*;
         let all = [Queued, Building, Ready, Failed];
-        let legal: Vec<_> = all
-            .iter()
-            .flat_map(|a| all.iter().map(move |b| (*a, *b)))
-            .filter(|(a, b)| a.can_become(*b))
-            .collect();
+        let legal: Vec<_> =
+            all.iter().flat_map(|a| all.iter().map(move |b| (*a, *b))).filter(|(a, b)| a.can_become(*b)).collect();
         assert_eq!(legal.len(), 8);
         for s in all {
             assert!(!Ready.can_become(s), "ready is final");
@@ -396,61 +339,33 @@ mod tests {
         let done = h.complete("w1", artifact(), Millis(4_000)).unwrap();
         assert_eq!((done.status, done.revision), (Status::Ready, 4));
         assert!(done.lease.is_none());
-        assert!(
-            done.claim("w2", Millis(5_000), MIN).is_err(),
-            "ready is final"
-        );
+        assert!(done.claim("w2", Millis(5_000), MIN).is_err(), "ready is final");
         assert!(done.retry(Millis(5_000)).is_err());
     }
 
     #[test]
     fn lease_is_exclusive_until_it_expires() {
         let b = rec().claim("w1", Millis(2_000), MIN).unwrap();
-        assert!(matches!(
-            b.claim("w2", Millis(30_000), MIN),
-            Err(TransitionError::Leased { .. })
-        ));
-        assert!(matches!(
-            b.complete("w2", artifact(), Millis(30_000)),
-            Err(TransitionError::NotLeaseHolder { .. })
-        ));
-        assert!(matches!(
-            b.heartbeat("w2", Millis(30_000), MIN),
-            Err(TransitionError::NotLeaseHolder { .. })
-        ));
+        assert!(matches!(b.claim("w2", Millis(30_000), MIN), Err(TransitionError::Leased { .. })));
+        assert!(matches!(b.complete("w2", artifact(), Millis(30_000)), Err(TransitionError::NotLeaseHolder { .. })));
+        assert!(matches!(b.heartbeat("w2", Millis(30_000), MIN), Err(TransitionError::NotLeaseHolder { .. })));
         let taken = b.claim("w2", Millis(62_000), MIN).unwrap();
         assert_eq!(taken.lease.as_ref().unwrap().owner, "w2");
         assert_eq!(taken.attempts, 2);
-        assert!(
-            taken.complete("w1", artifact(), Millis(63_000)).is_err(),
-            "old holder lost the lease"
-        );
+        assert!(taken.complete("w1", artifact(), Millis(63_000)).is_err(), "old holder lost the lease");
     }
 
     #[test]
     fn failure_retry_release_and_dead_letter() {
         let b = rec().claim("w1", Millis(2_000), MIN).unwrap();
         let released = b.release("w1", Millis(3_000)).unwrap();
-        assert_eq!(
-            (released.status, released.lease.clone()),
-            (Status::Queued, None)
-        );
-        let f = released
-            .claim("w2", Millis(4_000), MIN)
-            .unwrap()
-            .fail(Some("w2"), failure(), Millis(5_000))
-            .unwrap();
+        assert_eq!((released.status, released.lease.clone()), (Status::Queued, None));
+        let f = released.claim("w2", Millis(4_000), MIN).unwrap().fail(Some("w2"), failure(), Millis(5_000)).unwrap();
         assert_eq!(f.status, Status::Failed);
         let again = f.retry(Millis(6_000)).unwrap();
-        assert_eq!(
-            (again.status, again.enqueued_at),
-            (Status::Queued, Millis(6_000))
-        );
+        assert_eq!((again.status, again.enqueued_at), (Status::Queued, Millis(6_000)));
         // dead-letter: no worker, queued record
-        assert_eq!(
-            again.fail(None, failure(), Millis(7_000)).unwrap().status,
-            Status::Failed
-        );
+        assert_eq!(again.fail(None, failure(), Millis(7_000)).unwrap().status, Status::Failed);
         // dead-letter refused under a live lease
         let live = again.claim("w3", Millis(7_000), MIN).unwrap();
         assert!(live.fail(None, failure(), Millis(8_000)).is_err());
@@ -461,22 +376,11 @@ mod tests {
     fn staleness() {
         let r = rec();
         assert!(!r.is_stale(Millis(1_000 + 59_999), MIN));
-        assert!(matches!(
-            r.reenqueue(Millis(2_000), MIN),
-            Err(TransitionError::NotStale { .. })
-        ));
+        assert!(matches!(r.reenqueue(Millis(2_000), MIN), Err(TransitionError::NotStale { .. })));
         let again = r.reenqueue(Millis(61_000), MIN).unwrap();
         assert_eq!(again.enqueued_at, Millis(61_000));
-        assert!(
-            r.mark_unsent(Millis(1_500))
-                .unwrap()
-                .is_stale(Millis(60_000), MIN),
-            "unsent is stale at once"
-        );
+        assert!(r.mark_unsent(Millis(1_500)).unwrap().is_stale(Millis(60_000), MIN), "unsent is stale at once");
         let b = r.claim("w", Millis(2_000), MIN).unwrap();
-        assert!(
-            !b.is_stale(Millis(1_000_000), MIN),
-            "only queued records go stale"
-        );
+        assert!(!b.is_stale(Millis(1_000_000), MIN), "only queued records go stale");
     }
 }

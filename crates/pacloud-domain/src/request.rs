@@ -18,10 +18,7 @@ pub struct ValidationError {
 
 impl ValidationError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ValidationError {
-            field: field.into(),
-            message: message.into(),
-        }
+        ValidationError { field: field.into(), message: message.into() }
     }
 }
 
@@ -48,12 +45,7 @@ pub struct BuildSpec {
 
 impl BuildSpec {
     pub fn key(&self) -> BuildKey {
-        BuildKey::compute(
-            &self.target_hash,
-            &self.atom,
-            &self.version,
-            &self.use_flags,
-        )
+        BuildKey::compute(&self.target_hash, &self.atom, &self.version, &self.use_flags)
     }
     /// `=category/package-version`, the atom portage is asked to build.
     pub fn portage_atom(&self) -> String {
@@ -71,11 +63,7 @@ pub enum SpecError {
 }
 
 fn describe(e: &GrammarError, what: &str, value: &str) -> String {
-    let shown: String = value
-        .chars()
-        .take(80)
-        .flat_map(char::escape_default)
-        .collect();
+    let shown: String = value.chars().take(80).flat_map(char::escape_default).collect();
     format!("{what} \"{shown}\" {e}")
 }
 
@@ -100,20 +88,12 @@ impl BuildRequest {
         })?;
         let target = match &self.target {
             None => targets.default_name().clone(),
-            Some(t) => t
-                .parse::<TargetName>()
-                .map_err(|e| ValidationError::new("target", describe(&e, "target", t)))?,
+            Some(t) => {
+                t.parse::<TargetName>().map_err(|e| ValidationError::new("target", describe(&e, "target", t)))?
+            }
         };
-        let t = targets
-            .get(&target)
-            .ok_or_else(|| SpecError::UnknownTarget(target.to_string()))?;
-        Ok(BuildSpec {
-            atom,
-            version,
-            use_flags,
-            target,
-            target_hash: t.hash().to_owned(),
-        })
+        let t = targets.get(&target).ok_or_else(|| SpecError::UnknownTarget(target.to_string()))?;
+        Ok(BuildSpec { atom, version, use_flags, target, target_hash: t.hash().to_owned() })
     }
 }
 
@@ -141,35 +121,17 @@ mod tests {
         assert_eq!(field(req("a/b", "x", &[], None)), "version");
         assert_eq!(field(req("a/b", "1", &["ok", "b;ad"], None)), "use");
         assert_eq!(field(req("a/b", "1", &[], Some("Bad"))), "target");
-        assert_eq!(
-            req("a/b", "1", &[], Some("nope")).validate(&t),
-            Err(SpecError::UnknownTarget("nope".into()))
-        );
-        let msg = req("a/b", "1", &["ok", "b;ad"], None)
-            .validate(&t)
-            .unwrap_err()
-            .to_string();
+        assert_eq!(req("a/b", "1", &[], Some("nope")).validate(&t), Err(SpecError::UnknownTarget("nope".into())));
+        let msg = req("a/b", "1", &["ok", "b;ad"], None).validate(&t).unwrap_err().to_string();
         assert!(msg.contains("use[1]") && msg.contains("';'"), "{msg}");
     }
 
     #[test]
     fn default_target_applies() {
         let t = TargetSet::builtin();
-        let s = req("app-misc/hello", "2.12-r1", &["foo -bar"], None)
-            .validate(&t)
-            .unwrap();
+        let s = req("app-misc/hello", "2.12-r1", &["foo -bar"], None).validate(&t).unwrap();
         assert_eq!(s.target.as_str(), "default");
         assert_eq!(s.portage_atom(), "=app-misc/hello-2.12-r1");
-        assert_eq!(
-            s,
-            req(
-                "app-misc/hello",
-                "2.12-r1",
-                &["-bar", "foo"],
-                Some("default")
-            )
-            .validate(&t)
-            .unwrap()
-        );
+        assert_eq!(s, req("app-misc/hello", "2.12-r1", &["-bar", "foo"], Some("default")).validate(&t).unwrap());
     }
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use crate::key::BuildKey;
 use crate::ports::{
-    ArtifactError, ArtifactPath, ArtifactStore, Created, Job, JobQueue, MetadataStore, QueueError,
-    SignedUrl, StoreError,
+    ArtifactError, ArtifactPath, ArtifactStore, Created, Job, JobQueue, MetadataStore, QueueError, SignedUrl,
+    StoreError,
 };
 use crate::record::{BuildRecord, Status, TransitionError};
 use crate::request::{BuildRequest, SpecError};
@@ -47,17 +47,9 @@ impl Default for ServiceConfig {
 /// What a request resolves to.
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    Ready {
-        record: Arc<BuildRecord>,
-        url: SignedUrl,
-    },
-    Pending {
-        record: BuildRecord,
-    },
-    Failed {
-        record: BuildRecord,
-        log_url: Option<SignedUrl>,
-    },
+    Ready { record: Arc<BuildRecord>, url: SignedUrl },
+    Pending { record: BuildRecord },
+    Failed { record: BuildRecord, log_url: Option<SignedUrl> },
 }
 
 impl Outcome {
@@ -118,15 +110,7 @@ impl BuildService {
         clock: Arc<dyn Clock>,
         config: ServiceConfig,
     ) -> Self {
-        BuildService {
-            store,
-            queue,
-            artifacts,
-            targets,
-            clock,
-            config,
-            ready: RwLock::new(HashMap::new()),
-        }
+        BuildService { store, queue, artifacts, targets, clock, config, ready: RwLock::new(HashMap::new()) }
     }
 
     pub fn targets(&self) -> &TargetSet {
@@ -148,11 +132,7 @@ impl BuildService {
     /// Answers a build request. `may_build` says whether the caller may
     /// cause a build (it holds credentials, or none are configured); a cache
     /// hit or a build already under way needs none.
-    pub async fn request(
-        &self,
-        req: &BuildRequest,
-        may_build: bool,
-    ) -> Result<Outcome, ServiceError> {
+    pub async fn request(&self, req: &BuildRequest, may_build: bool) -> Result<Outcome, ServiceError> {
         let spec = req.validate(&self.targets)?;
         let key = spec.key();
         if let Some(hit) = self.cached_ready(&key)? {
@@ -191,18 +171,10 @@ impl BuildService {
         if let Some(hit) = self.cached_ready(key)? {
             return Ok(hit);
         }
-        let record = self
-            .store
-            .get(key)
-            .await?
-            .ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
+        let record = self.store.get(key).await?.ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
         match self.resolve(record, false).await {
             Err(ServiceError::Store(StoreError::Conflict)) => {
-                let record = self
-                    .store
-                    .get(key)
-                    .await?
-                    .ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
+                let record = self.store.get(key).await?.ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
                 self.outcome(record)
             }
             other => other,
@@ -212,11 +184,7 @@ impl BuildService {
     /// Queues a new attempt at a failed build.
     pub async fn retry(&self, key: &BuildKey) -> Result<Outcome, ServiceError> {
         for _ in 0..MAX_CAS_ROUNDS {
-            let record = self
-                .store
-                .get(key)
-                .await?
-                .ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
+            let record = self.store.get(key).await?.ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
             match record.status {
                 Status::Failed => {}
                 Status::Queued | Status::Building => return self.outcome(record),
@@ -232,22 +200,14 @@ impl BuildService {
 
     /// A signed URL of the build log of `key`, if it has one.
     pub async fn log_url(&self, key: &BuildKey) -> Result<Option<SignedUrl>, ServiceError> {
-        let record = self
-            .store
-            .get(key)
-            .await?
-            .ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
+        let record = self.store.get(key).await?.ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
         let path = record
             .failure
             .as_ref()
             .and_then(|f| f.log_path.as_deref())
             .or_else(|| record.artifact.as_ref().and_then(|a| a.log_path.as_deref()));
         match path.map(ArtifactPath::parse) {
-            Some(Ok(p)) => Ok(Some(self.artifacts.signed_url(
-                &p,
-                self.clock.now(),
-                self.config.url_ttl,
-            )?)),
+            Some(Ok(p)) => Ok(Some(self.artifacts.signed_url(&p, self.clock.now(), self.config.url_ttl)?)),
             _ => Ok(None),
         }
     }
@@ -258,16 +218,9 @@ impl BuildService {
         match record.status {
             Status::Queued if record.is_stale(now, self.config.requeue_after) => {
                 let stale = self.config.requeue_after;
-                self.requeue(&record, |r, now| r.reenqueue(now, stale))
-                    .await
+                self.requeue(&record, |r, now| r.reenqueue(now, stale)).await
             }
-            Status::Failed
-                if may_build
-                    && record
-                        .failure
-                        .as_ref()
-                        .is_some_and(|f| f.cached_until <= now) =>
-            {
+            Status::Failed if may_build && record.failure.as_ref().is_some_and(|f| f.cached_until <= now) => {
                 self.requeue(&record, |r, now| r.retry(now)).await
             }
             _ => self.outcome(record),
@@ -317,20 +270,13 @@ impl BuildService {
     }
 
     fn ready_outcome(&self, record: Arc<BuildRecord>) -> Result<Outcome, ServiceError> {
-        let artifact = record
-            .artifact
-            .as_ref()
-            .ok_or_else(|| ServiceError::Inconsistent {
-                key: record.key.to_string(),
-                source: "ready record without artifact".into(),
-            })?;
-        let path = ArtifactPath::parse(&artifact.path).map_err(|e| ServiceError::Inconsistent {
+        let artifact = record.artifact.as_ref().ok_or_else(|| ServiceError::Inconsistent {
             key: record.key.to_string(),
-            source: Box::new(e),
+            source: "ready record without artifact".into(),
         })?;
-        let url = self
-            .artifacts
-            .signed_url(&path, self.clock.now(), self.config.url_ttl)?;
+        let path = ArtifactPath::parse(&artifact.path)
+            .map_err(|e| ServiceError::Inconsistent { key: record.key.to_string(), source: Box::new(e) })?;
+        let url = self.artifacts.signed_url(&path, self.clock.now(), self.config.url_ttl)?;
         Ok(Outcome::Ready { record, url })
     }
 
@@ -354,11 +300,7 @@ impl BuildService {
             Status::Failed => {
                 let log_url = match record.failure.as_ref().and_then(|f| f.log_path.as_deref()) {
                     Some(p) => match ArtifactPath::parse(p) {
-                        Ok(path) => Some(self.artifacts.signed_url(
-                            &path,
-                            self.clock.now(),
-                            self.config.url_ttl,
-                        )?),
+                        Ok(path) => Some(self.artifacts.signed_url(&path, self.clock.now(), self.config.url_ttl)?),
                         Err(_) => None,
                     },
                     None => None,

@@ -33,9 +33,7 @@ impl FromStr for TargetName {
             return Err(GrammarError::TooLong { len, max: 64 });
         }
         for (pos, c) in s.chars().enumerate() {
-            let ok = c.is_ascii_lowercase()
-                || c.is_ascii_digit()
-                || (pos > 0 && matches!(c, '.' | '_' | '-'));
+            let ok = c.is_ascii_lowercase() || c.is_ascii_digit() || (pos > 0 && matches!(c, '.' | '_' | '-'));
             if !ok {
                 return Err(GrammarError::BadChar {
                     found: c.escape_default().collect(),
@@ -62,9 +60,7 @@ impl Serialize for TargetName {
 
 impl<'de> Deserialize<'de> for TargetName {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -113,10 +109,7 @@ pub struct Target {
 
 impl Target {
     pub fn new(name: TargetName, spec: TargetSpec) -> Result<Self, TargetError> {
-        let bad = |field: &str| TargetError::BadValue {
-            target: name.to_string(),
-            field: field.to_owned(),
-        };
+        let bad = |field: &str| TargetError::BadValue { target: name.to_string(), field: field.to_owned() };
         let printable = |s: &str| s.bytes().all(|b| (0x20..0x7f).contains(&b));
         for (field, v) in [
             ("profile", &spec.profile),
@@ -134,15 +127,10 @@ impl Target {
         }
         for (k, v) in &spec.env {
             let mut bytes = k.bytes();
-            let ok = bytes
-                .next()
-                .is_some_and(|b| b.is_ascii_uppercase() || b == b'_')
+            let ok = bytes.next().is_some_and(|b| b.is_ascii_uppercase() || b == b'_')
                 && bytes.all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
             if !ok {
-                return Err(TargetError::BadEnvName {
-                    target: name.to_string(),
-                    name: k.clone(),
-                });
+                return Err(TargetError::BadEnvName { target: name.to_string(), name: k.clone() });
             }
             if !printable(v) {
                 return Err(bad(&format!("env.{k}")));
@@ -212,10 +200,7 @@ pub struct TargetSet {
 }
 
 impl TargetSet {
-    pub fn new(
-        default: TargetName,
-        targets: impl IntoIterator<Item = Target>,
-    ) -> Result<Self, TargetError> {
+    pub fn new(default: TargetName, targets: impl IntoIterator<Item = Target>) -> Result<Self, TargetError> {
         let targets: BTreeMap<_, _> = targets.into_iter().map(|t| (t.name.clone(), t)).collect();
         if !targets.contains_key(&default) {
             return Err(TargetError::MissingDefault(default.to_string()));
@@ -224,10 +209,7 @@ impl TargetSet {
     }
     pub fn builtin() -> Self {
         let t = Target::builtin_default();
-        TargetSet {
-            default: t.name.clone(),
-            targets: BTreeMap::from([(t.name.clone(), t)]),
-        }
+        TargetSet { default: t.name.clone(), targets: BTreeMap::from([(t.name.clone(), t)]) }
     }
     pub fn default_name(&self) -> &TargetName {
         &self.default
@@ -263,10 +245,7 @@ mod tests {
         assert!(Target::new("x".parse().unwrap(), spec.clone()).is_err());
         spec.cflags = "-O2".into();
         spec.env.insert("lower".into(), "1".into());
-        assert!(matches!(
-            Target::new("x".parse().unwrap(), spec),
-            Err(TargetError::BadEnvName { .. })
-        ));
+        assert!(matches!(Target::new("x".parse().unwrap(), spec), Err(TargetError::BadEnvName { .. })));
     }
 
     #[test]

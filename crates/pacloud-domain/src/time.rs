@@ -6,24 +6,16 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// Milliseconds since the Unix epoch (UTC).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 #[serde(transparent)]
 pub struct Millis(pub i64);
 
 impl Millis {
     pub fn plus(self, d: Duration) -> Millis {
-        Millis(
-            self.0
-                .saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
-        )
+        Millis(self.0.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
     }
     pub fn minus(self, d: Duration) -> Millis {
-        Millis(
-            self.0
-                .saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
-        )
+        Millis(self.0.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
     }
     /// Whole seconds since the epoch, rounded down.
     pub fn as_secs(self) -> i64 {
@@ -46,9 +38,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Millis {
-        let d = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         Millis(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
     }
 }

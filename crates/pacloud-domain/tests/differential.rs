@@ -38,12 +38,10 @@ impl Rng {
     }
 }
 
-const NAME_CHARS: &[&str] = &[
-    "a", "b", "x", "z", "A", "Q", "0", "1", "9", "_", "-", "+", ".", "@", "-", "a", "e", "o",
-];
+const NAME_CHARS: &[&str] = &["a", "b", "x", "z", "A", "Q", "0", "1", "9", "_", "-", "+", ".", "@", "-", "a", "e", "o"];
 const HOSTILE: &[&str] = &[
-    " ", "/", ";", "$", "`", "|", "&", "*", "?", ":", "=", "\n", "\0", "\t", "\\", "'", "\"", "..",
-    "é", "١", "１", "ß", "\u{200b}", "~", "!", "[", "]", "(", ")",
+    " ", "/", ";", "$", "`", "|", "&", "*", "?", ":", "=", "\n", "\0", "\t", "\\", "'", "\"", "..", "é", "١", "１",
+    "ß", "\u{200b}", "~", "!", "[", "]", "(", ")",
 ];
 const VERSION_SUFFIXES: &[&str] = &["_alpha", "_beta", "_pre", "_rc", "_p"];
 
@@ -171,9 +169,8 @@ fn documented_divergence(kind: &str, v: &str) -> Option<&'static str> {
         "use" => 65,
         _ => 165,
     };
-    let atom_part_too_long = kind == "atom"
-        && v.split_once('/')
-            .is_some_and(|(c, p)| c.chars().count() > 64 || p.chars().count() > 100);
+    let atom_part_too_long =
+        kind == "atom" && v.split_once('/').is_some_and(|(c, p)| c.chars().count() > 64 || p.chars().count() > 100);
     if v.chars().count() > limit || atom_part_too_long {
         return Some("length limit (portage has none)");
     }
@@ -188,11 +185,7 @@ fn documented_divergence(kind: &str, v: &str) -> Option<&'static str> {
 
 /// Why we may say "valid" where portage's flag-name check says "invalid".
 fn documented_extension(kind: &str, v: &str) -> Option<&'static str> {
-    if kind == "use"
-        && v.starts_with('+')
-        && v[1..].parse::<UseFlag>().is_ok()
-        && !v[1..].starts_with(['-', '+'])
-    {
+    if kind == "use" && v.starts_with('+') && v[1..].parse::<UseFlag>().is_ok() && !v[1..].starts_with(['-', '+']) {
         return Some("`+flag` accepted as an explicit enable (DESIGN: +flag means flag)");
     }
     None
@@ -201,43 +194,25 @@ fn documented_extension(kind: &str, v: &str) -> Option<&'static str> {
 fn python() -> PathBuf {
     std::env::var_os("PACLOUD_TEST_PYTHON")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../.venv/bin/python"
-            ))
-        })
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../.venv/bin/python")))
 }
 
 #[test]
 fn grammar_agrees_with_portage() {
     let mut r = Rng(0x5eed_cafe);
     let kinds = ["category", "package", "version", "use", "atom"];
-    let inputs: Vec<(&str, String)> = kinds
-        .iter()
-        .flat_map(|k| corpus(k, &mut r).into_iter().map(move |v| (*k, v)))
-        .collect();
+    let inputs: Vec<(&str, String)> =
+        kinds.iter().flat_map(|k| corpus(k, &mut r).into_iter().map(move |v| (*k, v))).collect();
 
-    let oracle = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/oracle/portage_oracle.py"
-    );
+    let oracle = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/oracle/portage_oracle.py");
     let py = python();
-    let mut child = Command::new(&py)
-        .arg(oracle)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run the portage oracle with {py:?} (scripts/test.sh creates the venv): {e}"
-            )
+    let mut child =
+        Command::new(&py).arg(oracle).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap_or_else(|e| {
+            panic!("cannot run the portage oracle with {py:?} (scripts/test.sh creates the venv): {e}")
         });
     let mut stdin = child.stdin.take().unwrap();
-    let lines: Vec<String> = inputs
-        .iter()
-        .map(|(k, v)| serde_json::json!({"kind": k, "value": v}).to_string())
-        .collect();
+    let lines: Vec<String> =
+        inputs.iter().map(|(k, v)| serde_json::json!({"kind": k, "value": v}).to_string()).collect();
     let writer = std::thread::spawn(move || {
         for l in lines {
             writeln!(stdin, "{l}").unwrap();
@@ -267,20 +242,13 @@ fn grammar_agrees_with_portage() {
             agree += 1;
             continue;
         }
-        let why = if *portage {
-            documented_divergence(kind, value)
-        } else {
-            documented_extension(kind, value)
-        };
+        let why = if *portage { documented_divergence(kind, value) } else { documented_extension(kind, value) };
         match why {
             Some(c) => *classes.entry(c).or_default() += 1,
             None => unexplained.push(format!("{kind} {value:?}: ours={us} portage={portage}")),
         }
     }
-    println!(
-        "differential: {} inputs, {agree} agree; valid per kind (ours): {valid:?}",
-        inputs.len()
-    );
+    println!("differential: {} inputs, {agree} agree; valid per kind (ours): {valid:?}", inputs.len());
     for (c, n) in &classes {
         println!("  documented divergence: {n:5} x {c}");
     }

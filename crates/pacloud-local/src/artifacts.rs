@@ -33,9 +33,7 @@ pub struct SigningKey(Arc<HmacSha256>);
 impl SigningKey {
     pub fn new(bytes: &[u8]) -> Self {
         // HMAC takes keys of any length; the keyed state is computed once.
-        SigningKey(Arc::new(
-            <HmacSha256 as Mac>::new_from_slice(bytes).unwrap_or_else(|_| unreachable!()),
-        ))
+        SigningKey(Arc::new(<HmacSha256 as Mac>::new_from_slice(bytes).unwrap_or_else(|_| unreachable!())))
     }
 
     /// Reads the key at `path`, creating a random one (mode 0600) if absent.
@@ -43,10 +41,7 @@ impl SigningKey {
         match std::fs::read(path) {
             Ok(bytes) if bytes.len() >= 32 => return Ok(SigningKey::new(&bytes)),
             Ok(_) => {
-                return Err(std::io::Error::other(format!(
-                    "signing key {} is shorter than 32 bytes",
-                    path.display()
-                )));
+                return Err(std::io::Error::other(format!("signing key {} is shorter than 32 bytes", path.display())));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
@@ -58,12 +53,7 @@ impl SigningKey {
             use std::io::Write;
             #[cfg(unix)]
             use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
+            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
         }
@@ -118,19 +108,9 @@ fn unavailable(e: std::io::Error) -> ArtifactError {
 
 impl DirArtifactStore {
     /// `base_url` is where the server answers, e.g. `http://127.0.0.1:8080`.
-    pub fn new(
-        root: PathBuf,
-        base_url: &str,
-        key: SigningKey,
-        clock: Arc<dyn Clock>,
-    ) -> std::io::Result<Self> {
+    pub fn new(root: PathBuf, base_url: &str, key: SigningKey, clock: Arc<dyn Clock>) -> std::io::Result<Self> {
         std::fs::create_dir_all(root.join(".tmp"))?;
-        Ok(DirArtifactStore {
-            root,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            key,
-            clock,
-        })
+        Ok(DirArtifactStore { root, base_url: base_url.trim_end_matches('/').to_owned(), key, clock })
     }
 
     pub fn root(&self) -> &Path {
@@ -155,18 +135,14 @@ impl DirArtifactStore {
 
     fn tmp_path(&self) -> PathBuf {
         let n = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
-        self.root
-            .join(".tmp")
-            .join(format!("{}-{n}", std::process::id()))
+        self.root.join(".tmp").join(format!("{}-{n}", std::process::id()))
     }
 
     /// Moves a finished temporary file into place atomically.
     async fn commit(&self, tmp: &Path, path: &ArtifactPath) -> Result<(), ArtifactError> {
         let dest = self.file_path(path);
         if let Some(parent) = dest.parent() {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(unavailable)?;
+            tokio::fs::create_dir_all(parent).await.map_err(unavailable)?;
         }
         tokio::fs::rename(tmp, &dest).await.map_err(unavailable)
     }
@@ -174,12 +150,7 @@ impl DirArtifactStore {
 
 #[async_trait]
 impl ArtifactStore for DirArtifactStore {
-    async fn put_file(
-        &self,
-        path: &ArtifactPath,
-        file: &Path,
-        sha256: &str,
-    ) -> Result<StoredObject, ArtifactError> {
+    async fn put_file(&self, path: &ArtifactPath, file: &Path, sha256: &str) -> Result<StoredObject, ArtifactError> {
         let tmp = self.tmp_path();
         let result = async {
             let mut src = tokio::fs::File::open(file).await.map_err(unavailable)?;
@@ -198,17 +169,11 @@ impl ArtifactStore for DirArtifactStore {
             }
             let actual = hex::encode(hasher.finalize());
             if actual != sha256 {
-                return Err(ArtifactError::ChecksumMismatch {
-                    path: path.to_string(),
-                    expected: sha256.to_owned(),
-                });
+                return Err(ArtifactError::ChecksumMismatch { path: path.to_string(), expected: sha256.to_owned() });
             }
             dst.sync_all().await.map_err(unavailable)?;
             self.commit(&tmp, path).await?;
-            Ok(StoredObject {
-                size,
-                sha256: Some(actual),
-            })
+            Ok(StoredObject { size, sha256: Some(actual) })
         }
         .await;
         if result.is_err() {
@@ -236,18 +201,12 @@ impl ArtifactStore for DirArtifactStore {
         if result.is_err() {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
-        result.map(|_| StoredObject {
-            size,
-            sha256: Some(sha),
-        })
+        result.map(|_| StoredObject { size, sha256: Some(sha) })
     }
 
     async fn head(&self, path: &ArtifactPath) -> Result<Option<StoredObject>, ArtifactError> {
         match tokio::fs::metadata(self.file_path(path)).await {
-            Ok(m) if m.is_file() => Ok(Some(StoredObject {
-                size: m.len(),
-                sha256: None,
-            })),
+            Ok(m) if m.is_file() => Ok(Some(StoredObject { size: m.len(), sha256: None })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(unavailable(e)),
@@ -257,27 +216,17 @@ impl ArtifactStore for DirArtifactStore {
     async fn get(&self, path: &ArtifactPath) -> Result<Vec<u8>, ArtifactError> {
         match tokio::fs::read(self.file_path(path)).await {
             Ok(b) => Ok(b),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(ArtifactError::NotFound(path.to_string()))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ArtifactError::NotFound(path.to_string())),
             Err(e) => Err(unavailable(e)),
         }
     }
 
-    fn signed_url(
-        &self,
-        path: &ArtifactPath,
-        now: Millis,
-        ttl: Duration,
-    ) -> Result<SignedUrl, ArtifactError> {
+    fn signed_url(&self, path: &ArtifactPath, now: Millis, ttl: Duration) -> Result<SignedUrl, ArtifactError> {
         // Round the expiry up to whole seconds so the URL is never shorter-lived than asked.
         let expires = now.plus(ttl).0.div_euclid(1000) + 1;
         let sig = self.key.sign(path.as_str(), expires);
         Ok(SignedUrl {
-            url: format!(
-                "{}/v1/artifacts/{}?expires={expires}&sig={sig}",
-                self.base_url, path
-            ),
+            url: format!("{}/v1/artifacts/{}?expires={expires}&sig={sig}", self.base_url, path),
             expires_at: Millis(expires * 1000),
         })
     }
@@ -300,11 +249,7 @@ async fn serve_artifact(
     query: Result<Query<SignedQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Ok(Query(q)) = query else {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "malformed signature parameters",
-        );
+        return refuse(StatusCode::FORBIDDEN, "forbidden", "malformed signature parameters");
     };
     let (Some(expires), Some(sig)) = (q.expires, q.sig) else {
         return refuse(
@@ -314,26 +259,14 @@ async fn serve_artifact(
         );
     };
     let Ok(expires) = expires.parse::<i64>() else {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "expires must be a Unix time in seconds",
-        );
+        return refuse(StatusCode::FORBIDDEN, "forbidden", "expires must be a Unix time in seconds");
     };
     match store.check(&path, expires, &sig) {
         UrlCheck::BadSignature => {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "the URL's signature does not match",
-            );
+            return refuse(StatusCode::FORBIDDEN, "forbidden", "the URL's signature does not match");
         }
         UrlCheck::Expired => {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                "expired",
-                "the URL has expired; ask for the build again",
-            );
+            return refuse(StatusCode::FORBIDDEN, "expired", "the URL has expired; ask for the build again");
         }
         UrlCheck::Valid => {}
     }
@@ -348,17 +281,13 @@ async fn serve_artifact(
     let len = file.metadata().await.map(|m| m.len()).ok();
     let mut resp = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
     let h = resp.headers_mut();
-    let content_type =
-        if path.ends_with(".log") || path.ends_with("/Packages") || path == "Packages" {
-            "text/plain; charset=utf-8"
-        } else {
-            "application/octet-stream"
-        };
+    let content_type = if path.ends_with(".log") || path.ends_with("/Packages") || path == "Packages" {
+        "text/plain; charset=utf-8"
+    } else {
+        "application/octet-stream"
+    };
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("private, max-age=60"),
-    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=60"));
     if let Some(len) = len {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
@@ -367,9 +296,7 @@ async fn serve_artifact(
 
 /// `GET /v1/artifacts/{*path}`: serves files of `store` behind signed URLs.
 pub fn artifact_router(store: Arc<DirArtifactStore>) -> Router {
-    Router::new()
-        .route("/v1/artifacts/{*path}", get(serve_artifact))
-        .with_state(store)
+    Router::new().route("/v1/artifacts/{*path}", get(serve_artifact)).with_state(store)
 }
 
 #[cfg(test)]

@@ -64,9 +64,7 @@ struct Inner {
 fn connect(path: &Path) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -79,22 +77,14 @@ fn connect(path: &Path) -> Result<Connection, rusqlite::Error> {
 impl Db {
     /// Opens (creating if needed) the database file and its schema.
     pub fn open(path: &Path) -> Result<Db, DbError> {
-        let open_err = |source| DbError::Open {
-            path: path.to_owned(),
-            source,
-        };
+        let open_err = |source| DbError::Open { path: path.to_owned(), source };
         let first = connect(path).map_err(open_err)?;
         first.execute_batch(SCHEMA).map_err(open_err)?;
         let mut pool = vec![Mutex::new(first)];
         for _ in 1..POOL_SIZE {
             pool.push(Mutex::new(connect(path).map_err(open_err)?));
         }
-        Ok(Db {
-            inner: Arc::new(Inner {
-                path: path.to_owned(),
-                pool,
-            }),
-        })
+        Ok(Db { inner: Arc::new(Inner { path: path.to_owned(), pool }) })
     }
 
     pub fn path(&self) -> &Path {

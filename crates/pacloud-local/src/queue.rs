@@ -45,30 +45,20 @@ fn ms(d: Duration) -> i64 {
 /// Receipts are `<message id>:<receive count>`: each delivery gets a new one.
 fn parse_receipt(r: &Receipt) -> Result<(i64, i64), QueueError> {
     let (id, n) = r.0.split_once(':').ok_or(QueueError::StaleReceipt)?;
-    Ok((
-        id.parse().map_err(|_| QueueError::StaleReceipt)?,
-        n.parse().map_err(|_| QueueError::StaleReceipt)?,
-    ))
+    Ok((id.parse().map_err(|_| QueueError::StaleReceipt)?, n.parse().map_err(|_| QueueError::StaleReceipt)?))
 }
 
 impl SqliteQueue {
     /// `max_receives`: receives after which a message is dead-lettered.
     pub fn new(db: Db, clock: Arc<dyn Clock>, max_receives: u32) -> Self {
-        SqliteQueue {
-            db,
-            clock,
-            max_receives: max_receives.max(1),
-            notify: Arc::new(Notify::new()),
-        }
+        SqliteQueue { db, clock, max_receives: max_receives.max(1), notify: Arc::new(Notify::new()) }
     }
 
     /// The dead-letter table's contents, oldest first.
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError> {
         self.db
             .run(|c| {
-                let mut st = c.prepare_cached(
-                    "SELECT id, body, receive_count FROM dead_jobs ORDER BY dead_at, id",
-                )?;
+                let mut st = c.prepare_cached("SELECT id, body, receive_count FROM dead_jobs ORDER BY dead_at, id")?;
                 let rows = st.query_map([], |r| {
                     Ok(DeadLetter {
                         message_id: r.get::<_, i64>(0)?.to_string(),
@@ -82,11 +72,7 @@ impl SqliteQueue {
             .map_err(unavailable)
     }
 
-    async fn try_receive(
-        &self,
-        max: u32,
-        visibility: Duration,
-    ) -> Result<Vec<Delivery>, QueueError> {
+    async fn try_receive(&self, max: u32, visibility: Duration) -> Result<Vec<Delivery>, QueueError> {
         let now = self.clock.now().0;
         let visible_until = now.saturating_add(ms(visibility));
         let max_receives = i64::from(self.max_receives);
@@ -148,18 +134,12 @@ impl SqliteQueue {
         let changed = self
             .db
             .run(move |c| {
-                Ok(c.prepare_cached(
-                    "UPDATE jobs SET visible_at = ?3 WHERE id = ?1 AND receive_count = ?2",
-                )?
-                .execute(params![id, n, at])?)
+                Ok(c.prepare_cached("UPDATE jobs SET visible_at = ?3 WHERE id = ?1 AND receive_count = ?2")?
+                    .execute(params![id, n, at])?)
             })
             .await
             .map_err(unavailable)?;
-        if changed == 1 {
-            Ok(())
-        } else {
-            Err(QueueError::StaleReceipt)
-        }
+        if changed == 1 { Ok(()) } else { Err(QueueError::StaleReceipt) }
     }
 }
 
@@ -175,10 +155,8 @@ impl JobQueue for SqliteQueue {
         let id = self
             .db
             .run(move |c| {
-                c.prepare_cached(
-                    "INSERT INTO jobs (body, sent_at, visible_at) VALUES (?1, ?2, ?3)",
-                )?
-                .execute(params![body, now, visible_at])?;
+                c.prepare_cached("INSERT INTO jobs (body, sent_at, visible_at) VALUES (?1, ?2, ?3)")?
+                    .execute(params![body, now, visible_at])?;
                 Ok(c.last_insert_rowid())
             })
             .await
@@ -187,12 +165,7 @@ impl JobQueue for SqliteQueue {
         Ok(id.to_string())
     }
 
-    async fn receive(
-        &self,
-        max: u32,
-        visibility: Duration,
-        wait: Duration,
-    ) -> Result<Vec<Delivery>, QueueError> {
+    async fn receive(&self, max: u32, visibility: Duration, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
         let max = max.clamp(1, 10);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -219,14 +192,8 @@ impl JobQueue for SqliteQueue {
         self.db
             .run(move |c| {
                 let tx = c.transaction()?;
-                let deleted = tx.execute(
-                    "DELETE FROM jobs WHERE id = ?1 AND receive_count = ?2",
-                    params![id, n],
-                )?;
-                let still_there: i64 =
-                    tx.query_row("SELECT count(*) FROM jobs WHERE id = ?1", [id], |r| {
-                        r.get(0)
-                    })?;
+                let deleted = tx.execute("DELETE FROM jobs WHERE id = ?1 AND receive_count = ?2", params![id, n])?;
+                let still_there: i64 = tx.query_row("SELECT count(*) FROM jobs WHERE id = ?1", [id], |r| r.get(0))?;
                 tx.commit()?;
                 Ok(deleted == 1 || still_there == 0)
             })

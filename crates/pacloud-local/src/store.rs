@@ -26,17 +26,11 @@ fn unavailable(e: DbError) -> StoreError {
 }
 
 fn decode(key: &str, json: &str) -> Result<BuildRecord, StoreError> {
-    serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
-        key: key.to_owned(),
-        source: Box::new(e),
-    })
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt { key: key.to_owned(), source: Box::new(e) })
 }
 
 fn encode(record: &BuildRecord) -> Result<String, StoreError> {
-    serde_json::to_string(record).map_err(|e| StoreError::Corrupt {
-        key: record.key.to_string(),
-        source: Box::new(e),
-    })
+    serde_json::to_string(record).map_err(|e| StoreError::Corrupt { key: record.key.to_string(), source: Box::new(e) })
 }
 
 #[async_trait]
@@ -56,11 +50,7 @@ impl MetadataStore for SqliteStore {
 
     async fn create(&self, record: &BuildRecord) -> Result<Created, StoreError> {
         let json = encode(record)?;
-        let (k, rev, status) = (
-            record.key.to_string(),
-            record.revision as i64,
-            record.status.as_str(),
-        );
+        let (k, rev, status) = (record.key.to_string(), record.revision as i64, record.status.as_str());
         let existing = self
             .db
             .run(move |c| {
@@ -81,24 +71,13 @@ impl MetadataStore for SqliteStore {
             .map_err(unavailable)?;
         match existing {
             None => Ok(Created::New),
-            Some(j) => Ok(Created::Existing(Box::new(decode(
-                record.key.as_str(),
-                &j,
-            )?))),
+            Some(j) => Ok(Created::Existing(Box::new(decode(record.key.as_str(), &j)?))),
         }
     }
 
-    async fn replace(
-        &self,
-        record: &BuildRecord,
-        expected_revision: u64,
-    ) -> Result<(), StoreError> {
+    async fn replace(&self, record: &BuildRecord, expected_revision: u64) -> Result<(), StoreError> {
         let json = encode(record)?;
-        let (k, rev, status) = (
-            record.key.to_string(),
-            record.revision as i64,
-            record.status.as_str(),
-        );
+        let (k, rev, status) = (record.key.to_string(), record.revision as i64, record.status.as_str());
         let changed = self
             .db
             .run(move |c| {
@@ -109,10 +88,6 @@ impl MetadataStore for SqliteStore {
             })
             .await
             .map_err(unavailable)?;
-        if changed == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict)
-        }
+        if changed == 1 { Ok(()) } else { Err(StoreError::Conflict) }
     }
 }

@@ -8,5 +8,6 @@
 //! is started from an argv list through [`runner`], never through a shell.
 
 pub mod pkgindex;
+pub mod plan;
 pub mod runner;
 pub mod sandbox;

@@ -8,7 +8,11 @@ use tokio::process::Command;
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
     #[error("cannot start {program}")]
-    Spawn { program: String, #[source] source: std::io::Error },
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{program} exited with {status}: {stderr_tail}")]
     Failed { program: String, status: std::process::ExitStatus, stderr_tail: String },
 }

@@ -32,12 +32,7 @@ pub enum ClientError {
     #[error("the server's answer is not what this client understands")]
     Protocol(#[source] serde_json::Error),
     #[error("build {key} failed ({class}): {reason}")]
-    BuildFailed {
-        key: String,
-        class: String,
-        reason: String,
-        log_url: Option<String>,
-    },
+    BuildFailed { key: String, class: String, reason: String, log_url: Option<String> },
     #[error("downloaded file has sha256 {actual}, the server recorded {expected}; removed it")]
     Checksum { expected: String, actual: String },
     #[error("cannot write {path}")]
@@ -66,29 +61,10 @@ impl ClientError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum BuildState {
-    Ready {
-        key: String,
-        url: String,
-        sha256: String,
-        size: u64,
-        expires_at: String,
-    },
-    Queued {
-        key: String,
-        poll: String,
-        retry_after: Option<u64>,
-    },
-    Building {
-        key: String,
-        poll: String,
-        retry_after: Option<u64>,
-    },
-    Failed {
-        key: String,
-        class: Option<String>,
-        reason: String,
-        log_url: Option<String>,
-    },
+    Ready { key: String, url: String, sha256: String, size: u64, expires_at: String },
+    Queued { key: String, poll: String, retry_after: Option<u64> },
+    Building { key: String, poll: String, retry_after: Option<u64> },
+    Failed { key: String, class: Option<String>, reason: String, log_url: Option<String> },
 }
 
 impl BuildState {
@@ -174,8 +150,7 @@ impl Default for SpinnerProgress {
 
 impl Progress for SpinnerProgress {
     fn update(&mut self, state: &str, elapsed: Duration) {
-        self.0
-            .set_message(format!("{state} {}s", elapsed.as_secs()));
+        self.0.set_message(format!("{state} {}s", elapsed.as_secs()));
     }
     fn finish(&mut self) {
         self.0.finish_and_clear();
@@ -198,15 +173,8 @@ impl Client {
             .user_agent(concat!("pacloud/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             .build()
-            .map_err(|source| ClientError::Http {
-                url: server.to_owned(),
-                source,
-            })?;
-        Ok(Client {
-            http,
-            server: server.trim_end_matches('/').to_owned(),
-            token,
-        })
+            .map_err(|source| ClientError::Http { url: server.to_owned(), source })?;
+        Ok(Client { http, server: server.trim_end_matches('/').to_owned(), token })
     }
 
     fn url(&self, path: &str) -> String {
@@ -219,29 +187,16 @@ impl Client {
 
     async fn decode(&self, url: &str, resp: reqwest::Response) -> Result<BuildState, ClientError> {
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
-            url: url.to_owned(),
-            source,
-        })?;
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Http { url: url.to_owned(), source })?;
         if status == 200 || status == 202 {
             return serde_json::from_slice(&bytes).map_err(ClientError::Protocol);
         }
         let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-        let message = body
-            .get("message")
-            .and_then(|m| m.as_str())
-            .unwrap_or("no message")
-            .to_owned();
+        let message = body.get("message").and_then(|m| m.as_str()).unwrap_or("no message").to_owned();
         Err(match (status, body.get("field").and_then(|f| f.as_str())) {
-            (400, Some(field)) => ClientError::Invalid {
-                field: field.to_owned(),
-                message,
-            },
+            (400, Some(field)) => ClientError::Invalid { field: field.to_owned(), message },
             (401, _) => ClientError::Unauthorized,
-            (404, Some(field)) => ClientError::Invalid {
-                field: field.to_owned(),
-                message,
-            },
+            (404, Some(field)) => ClientError::Invalid { field: field.to_owned(), message },
             (s, _) if s >= 500 => ClientError::Server { status: s, message },
             (s, _) => ClientError::Refused { status: s, message },
         })
@@ -250,8 +205,7 @@ impl Client {
     /// `POST /v1/builds`.
     pub async fn request(&self, req: &GetRequest) -> Result<BuildState, ClientError> {
         let url = self.url("/v1/builds");
-        let mut body =
-            serde_json::json!({"atom": req.atom, "version": req.version, "use": req.use_flags});
+        let mut body = serde_json::json!({"atom": req.atom, "version": req.version, "use": req.use_flags});
         if let Some(t) = &req.target {
             body["target"] = serde_json::json!(t);
         }
@@ -259,31 +213,18 @@ impl Client {
         if let Some(t) = &self.token {
             rb = rb.bearer_auth(t);
         }
-        let resp = rb.send().await.map_err(|source| ClientError::Http {
-            url: url.clone(),
-            source,
-        })?;
+        let resp = rb.send().await.map_err(|source| ClientError::Http { url: url.clone(), source })?;
         self.decode(&url, resp).await
     }
 
     /// `GET /v1/builds/{key}` (or a `poll` link).
     pub async fn poll(&self, path: &str) -> Result<BuildState, ClientError> {
         let url = self.url(path);
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|source| ClientError::Http {
-                url: url.clone(),
-                source,
-            })?;
+        let resp = self.http.get(&url).send().await.map_err(|source| ClientError::Http { url: url.clone(), source })?;
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             let body: serde_json::Value = resp.json().await.unwrap_or_default();
             if body.get("field").is_none() {
-                return Err(ClientError::UnknownKey(
-                    path.rsplit('/').next().unwrap_or(path).to_owned(),
-                ));
+                return Err(ClientError::UnknownKey(path.rsplit('/').next().unwrap_or(path).to_owned()));
             }
             return Err(ClientError::Refused {
                 status: 404,
@@ -309,30 +250,12 @@ impl Client {
                     progress.finish();
                     return self.download(&url, &sha256, dir).await;
                 }
-                BuildState::Failed {
-                    key,
-                    class,
-                    reason,
-                    log_url,
-                } => {
+                BuildState::Failed { key, class, reason, log_url } => {
                     progress.finish();
-                    return Err(ClientError::BuildFailed {
-                        key,
-                        class: class.unwrap_or_default(),
-                        reason,
-                        log_url,
-                    });
+                    return Err(ClientError::BuildFailed { key, class: class.unwrap_or_default(), reason, log_url });
                 }
-                BuildState::Queued {
-                    ref poll,
-                    retry_after,
-                    ..
-                }
-                | BuildState::Building {
-                    ref poll,
-                    retry_after,
-                    ..
-                } => {
+                BuildState::Queued { ref poll, retry_after, .. }
+                | BuildState::Building { ref poll, retry_after, .. } => {
                     progress.update(state.name(), started.elapsed());
                     if started.elapsed() >= timeout {
                         progress.finish();
@@ -354,12 +277,7 @@ impl Client {
 
     /// Downloads `url` into `dir` (file name from the URL's path), verifying
     /// the SHA-256 while writing; the file appears only once verified.
-    pub async fn download(
-        &self,
-        url: &str,
-        sha256: &str,
-        dir: &Path,
-    ) -> Result<PathBuf, ClientError> {
+    pub async fn download(&self, url: &str, sha256: &str, dir: &Path) -> Result<PathBuf, ClientError> {
         let name = url
             .split('?')
             .next()
@@ -374,15 +292,8 @@ impl Client {
             move |source| ClientError::Io { path, source }
         };
         tokio::fs::create_dir_all(dir).await.map_err(io(dir))?;
-        let resp = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|source| ClientError::Http {
-                url: url.to_owned(),
-                source,
-            })?;
+        let resp =
+            self.http.get(url).send().await.map_err(|source| ClientError::Http { url: url.to_owned(), source })?;
         if !resp.status().is_success() {
             let status = resp.status().as_u16();
             let message = resp.text().await.unwrap_or_default();
@@ -392,10 +303,7 @@ impl Client {
         let mut hasher = Sha256::new();
         let mut stream = resp.bytes_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|source| ClientError::Http {
-                url: url.to_owned(),
-                source,
-            })?;
+            let chunk = chunk.map_err(|source| ClientError::Http { url: url.to_owned(), source })?;
             hasher.update(&chunk);
             file.write_all(&chunk).await.map_err(io(&tmp))?;
         }
@@ -403,10 +311,7 @@ impl Client {
         let actual = hex::encode(hasher.finalize());
         if actual != sha256 {
             let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(ClientError::Checksum {
-                expected: sha256.to_owned(),
-                actual,
-            });
+            return Err(ClientError::Checksum { expected: sha256.to_owned(), actual });
         }
         tokio::fs::rename(&tmp, &dest).await.map_err(io(&dest))?;
         Ok(dest)

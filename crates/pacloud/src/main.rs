@@ -14,11 +14,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(
-    name = "pacloud",
-    version,
-    about = "On-demand Gentoo binary packages: serve, request, verify"
-)]
+#[command(name = "pacloud", version, about = "On-demand Gentoo binary packages: serve, request, verify")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -88,10 +84,7 @@ struct Usage(String);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pacloud: cannot start the async runtime: {e}");
@@ -107,10 +100,7 @@ fn main() -> ExitCode {
             }
             if let Some(c) = e.downcast_ref::<pacloud::client::ClientError>() {
                 eprintln!("pacloud: {c}");
-                if let pacloud::client::ClientError::BuildFailed {
-                    log_url: Some(u), ..
-                } = c
-                {
+                if let pacloud::client::ClientError::BuildFailed { log_url: Some(u), .. } = c {
                     eprintln!("pacloud: build log: {u}");
                 }
                 return ExitCode::from(c.exit_code() as u8);
@@ -123,23 +113,15 @@ fn main() -> ExitCode {
 
 /// Splits `cat/pkg-ver` and checks the USE string, as the server would.
 fn parse_package(package: &str, use_flags: &str) -> Result<(String, String, Vec<String>), Usage> {
-    let (atom, version) =
-        parse_versioned_atom(package).map_err(|e| Usage(format!("package {package:?} {e}")))?;
+    let (atom, version) = parse_versioned_atom(package).map_err(|e| Usage(format!("package {package:?} {e}")))?;
     UseSet::parse_str(use_flags).map_err(|e| Usage(format!("--use {use_flags:?}: {e}")))?;
-    let flags = use_flags
-        .split_ascii_whitespace()
-        .map(str::to_owned)
-        .collect();
+    let flags = use_flags.split_ascii_whitespace().map(str::to_owned).collect();
     Ok((atom.to_string(), version.to_string(), flags))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve {
-            listen,
-            data_dir,
-            config,
-        } => {
+        Command::Serve { listen, data_dir, config } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
@@ -148,8 +130,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::stderr().is_terminal())
                 .init();
-            let mut settings = Settings::load(config.as_deref(), |k| std::env::var(k).ok())
-                .map_err(|e| Usage(format!("{e:#}")))?;
+            let mut settings =
+                Settings::load(config.as_deref(), |k| std::env::var(k).ok()).map_err(|e| Usage(format!("{e:#}")))?;
             if let Some(l) = listen {
                 settings.listen = l;
             }
@@ -160,10 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding {}", settings.listen))?;
             let bound = listener.local_addr().context("reading the bound address")?;
-            let app = pacloud::serve::build_app(
-                &settings,
-                &pacloud::serve::public_url(&settings, bound),
-            )?;
+            let app = pacloud::serve::build_app(&settings, &pacloud::serve::public_url(&settings, bound))?;
             if settings.tokens.is_empty() {
                 tracing::warn!(
                     "no tokens configured: every caller may start builds (set PACLOUD_TOKENS or `tokens` to require one)"
@@ -179,9 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let ctrl_c = tokio::signal::ctrl_c();
                 #[cfg(unix)]
                 {
-                    let mut term =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                            .ok();
+                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
                     let term = async {
                         match term.as_mut() {
                             Some(t) => {
@@ -196,20 +173,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let _ = ctrl_c.await;
                 tracing::info!("shutting down");
             };
-            pacloud::serve::serve(listener, app.router, shutdown)
-                .await
-                .context("serving HTTP")?;
+            pacloud::serve::serve(listener, app.router, shutdown).await.context("serving HTTP")?;
             Ok(())
         }
-        Command::Get {
-            package,
-            use_flags,
-            target,
-            server,
-            token,
-            output,
-            timeout,
-        } => {
+        Command::Get { package, use_flags, target, server, token, output, timeout } => {
             let (atom, version, use_flags) = parse_package(&package, &use_flags)?;
             let client = Client::new(&server, token)?;
             let mut progress: Box<dyn Progress> = if std::io::stderr().is_terminal() {
@@ -217,48 +184,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 Box::new(LineProgress::new())
             };
-            let req = GetRequest {
-                atom,
-                version,
-                use_flags,
-                target,
-            };
-            let path = client
-                .get(
-                    &req,
-                    &output,
-                    progress.as_mut(),
-                    Duration::from_secs(timeout),
-                )
-                .await?;
+            let req = GetRequest { atom, version, use_flags, target };
+            let path = client.get(&req, &output, progress.as_mut(), Duration::from_secs(timeout)).await?;
             println!("{}", path.display());
             Ok(())
         }
         Command::Status { key, server } => {
-            key.parse::<pacloud_domain::BuildKey>()
-                .map_err(|e| Usage(format!("key {key:?} {e}")))?;
+            key.parse::<pacloud_domain::BuildKey>().map_err(|e| Usage(format!("key {key:?} {e}")))?;
             let client = Client::new(&server, None)?;
             let state = client.poll(&format!("/v1/builds/{key}")).await?;
             match &state {
-                pacloud::client::BuildState::Ready {
-                    url,
-                    sha256,
-                    size,
-                    expires_at,
-                    ..
-                } => {
+                pacloud::client::BuildState::Ready { url, sha256, size, expires_at, .. } => {
                     println!("ready\nsha256 {sha256}\nsize {size}\nurl {url}\nexpires {expires_at}")
                 }
-                pacloud::client::BuildState::Failed {
-                    class,
-                    reason,
-                    log_url,
-                    ..
-                } => {
-                    println!(
-                        "failed ({})\nreason {reason}",
-                        class.as_deref().unwrap_or("?")
-                    );
+                pacloud::client::BuildState::Failed { class, reason, log_url, .. } => {
+                    println!("failed ({})\nreason {reason}", class.as_deref().unwrap_or("?"));
                     if let Some(u) = log_url {
                         println!("log {u}");
                     }
@@ -267,26 +207,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Key {
-            package,
-            use_flags,
-            target,
-            config,
-        } => {
+        Command::Key { package, use_flags, target, config } => {
             let (atom, version, use_flags) = parse_package(&package, &use_flags)?;
-            let settings = Settings::load(config.as_deref(), |k| std::env::var(k).ok())
-                .map_err(|e| Usage(format!("{e:#}")))?;
-            let spec = BuildRequest {
-                atom,
-                version,
-                use_flags,
-                target,
-            }
-            .validate(&settings.targets)
-            .map_err(|e| match e {
-                SpecError::Invalid(v) => Usage(v.to_string()),
-                SpecError::UnknownTarget(t) => Usage(format!("--target: unknown target {t:?}")),
-            })?;
+            let settings =
+                Settings::load(config.as_deref(), |k| std::env::var(k).ok()).map_err(|e| Usage(format!("{e:#}")))?;
+            let spec =
+                BuildRequest { atom, version, use_flags, target }.validate(&settings.targets).map_err(|e| match e {
+                    SpecError::Invalid(v) => Usage(v.to_string()),
+                    SpecError::UnknownTarget(t) => Usage(format!("--target: unknown target {t:?}")),
+                })?;
             println!("{}", spec.key());
             Ok(())
         }

@@ -31,17 +31,11 @@ pub fn build_app(settings: &Settings, public_url: &str) -> anyhow::Result<App> {
 }
 
 /// [`build_app`] with an explicit clock (tests move time forward).
-pub fn build_app_with_clock(
-    settings: &Settings,
-    public_url: &str,
-    clock: Arc<dyn Clock>,
-) -> anyhow::Result<App> {
+pub fn build_app_with_clock(settings: &Settings, public_url: &str, clock: Arc<dyn Clock>) -> anyhow::Result<App> {
     let dir = &settings.data_dir;
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("creating data directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
     let db = Db::open(&dir.join("pacloud.db")).context("opening the metadata database")?;
-    let key = SigningKey::load_or_create(&dir.join("signing.key"))
-        .context("loading the URL signing key")?;
+    let key = SigningKey::load_or_create(&dir.join("signing.key")).context("loading the URL signing key")?;
     let store = Arc::new(SqliteStore::new(db.clone()));
     let queue = Arc::new(SqliteQueue::new(db, clock.clone(), settings.max_receives));
     let artifacts = Arc::new(
@@ -68,13 +62,7 @@ pub fn build_app_with_clock(
         base_path: String::new(),
     });
     let router = pacloud_api::router(state).merge(artifact_router(artifacts.clone()));
-    Ok(App {
-        router,
-        service,
-        store,
-        queue,
-        artifacts,
-    })
+    Ok(App { router, service, store, queue, artifacts })
 }
 
 /// Serves `router` on `listener` until `shutdown` completes.
@@ -83,15 +71,10 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 
 /// The public URL for a bound address when none is configured.
 pub fn public_url(settings: &Settings, bound: std::net::SocketAddr) -> String {
-    settings
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{bound}"))
+    settings.public_url.clone().unwrap_or_else(|| format!("http://{bound}"))
 }

@@ -26,11 +26,7 @@ pub enum SettingsError {
         source: Box<toml::de::Error>,
     },
     #[error("environment variable {name}={value:?} is not valid: {expected}")]
-    Env {
-        name: String,
-        value: String,
-        expected: &'static str,
-    },
+    Env { name: String, value: String, expected: &'static str },
     #[error("target {name:?} in the config: bad name")]
     TargetName {
         name: String,
@@ -103,20 +99,13 @@ impl Default for Settings {
 impl Settings {
     /// Defaults, overlaid by `file` (if given) and then by `env`
     /// (a lookup such as `|k| std::env::var(k).ok()`).
-    pub fn load(
-        file: Option<&Path>,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Settings, SettingsError> {
+    pub fn load(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Settings, SettingsError> {
         let mut s = Settings::default();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
-                path: path.into(),
-                source,
-            })?;
-            let f: FileSettings = toml::from_str(&text).map_err(|e| SettingsError::Parse {
-                path: path.into(),
-                source: Box::new(e),
-            })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| SettingsError::Read { path: path.into(), source })?;
+            let f: FileSettings =
+                toml::from_str(&text).map_err(|e| SettingsError::Parse { path: path.into(), source: Box::new(e) })?;
             s.apply_file(f)?;
         }
         s.apply_env(env)?;
@@ -151,44 +140,31 @@ impl Settings {
         if !f.targets.is_empty() || f.default_target.is_some() {
             let mut targets: Vec<Target> = TargetSet::builtin().iter().cloned().collect();
             for (name, spec) in f.targets {
-                let tn: TargetName = name.parse().map_err(|source| SettingsError::TargetName {
-                    name: name.clone(),
-                    source,
-                })?;
+                let tn: TargetName =
+                    name.parse().map_err(|source| SettingsError::TargetName { name: name.clone(), source })?;
                 targets.retain(|t| t.name != tn);
                 targets.push(Target::new(tn, spec)?);
             }
             let default = f.default_target.unwrap_or_else(|| "default".into());
-            let dn: TargetName = default
-                .parse()
-                .map_err(|source| SettingsError::TargetName {
-                    name: default.clone(),
-                    source,
-                })?;
+            let dn: TargetName =
+                default.parse().map_err(|source| SettingsError::TargetName { name: default.clone(), source })?;
             self.targets = TargetSet::new(dn, targets)?;
         }
         Ok(())
     }
 
     fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), SettingsError> {
-        let bad = |name: &str, value: &str, expected| SettingsError::Env {
-            name: name.into(),
-            value: value.into(),
-            expected,
-        };
+        let bad =
+            |name: &str, value: &str, expected| SettingsError::Env { name: name.into(), value: value.into(), expected };
         let secs = |name: &str| -> Result<Option<Duration>, SettingsError> {
             env(name)
                 .map(|v| {
-                    v.parse::<u64>()
-                        .map(Duration::from_secs)
-                        .map_err(|_| bad(name, &v, "a whole number of seconds"))
+                    v.parse::<u64>().map(Duration::from_secs).map_err(|_| bad(name, &v, "a whole number of seconds"))
                 })
                 .transpose()
         };
         if let Some(v) = env("PACLOUD_LISTEN") {
-            self.listen = v
-                .parse()
-                .map_err(|_| bad("PACLOUD_LISTEN", &v, "an address such as 127.0.0.1:8080"))?;
+            self.listen = v.parse().map_err(|_| bad("PACLOUD_LISTEN", &v, "an address such as 127.0.0.1:8080"))?;
         }
         if let Some(v) = env("PACLOUD_DATA_DIR") {
             self.data_dir = v.into();
@@ -197,12 +173,7 @@ impl Settings {
             self.public_url = Some(v);
         }
         if let Some(v) = env("PACLOUD_TOKENS") {
-            self.tokens = v
-                .split(',')
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned)
-                .collect();
+            self.tokens = v.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect();
         }
         if let Some(d) = secs("PACLOUD_URL_TTL_SECS")? {
             self.url_ttl = d;
@@ -214,9 +185,7 @@ impl Settings {
             self.poll_after = d;
         }
         if let Some(v) = env("PACLOUD_MAX_RECEIVES") {
-            self.max_receives = v
-                .parse()
-                .map_err(|_| bad("PACLOUD_MAX_RECEIVES", &v, "a whole number"))?;
+            self.max_receives = v.parse().map_err(|_| bad("PACLOUD_MAX_RECEIVES", &v, "a whole number"))?;
         }
         Ok(())
     }
@@ -248,39 +217,25 @@ builder = "host"
 "#,
         )
         .unwrap();
-        let env: HashMap<&str, &str> = HashMap::from([
-            ("PACLOUD_LISTEN", "127.0.0.1:9001"),
-            ("PACLOUD_TOKENS", "x, y"),
-        ]);
+        let env: HashMap<&str, &str> =
+            HashMap::from([("PACLOUD_LISTEN", "127.0.0.1:9001"), ("PACLOUD_TOKENS", "x, y")]);
         let s = Settings::load(Some(&file), |k| env.get(k).map(|v| v.to_string())).unwrap();
         assert_eq!(s.listen.port(), 9001, "env beats file");
         assert_eq!(s.tokens, vec!["x", "y"]);
         assert_eq!(s.url_ttl, Duration::from_secs(60), "file beats default");
         assert_eq!(s.targets.default_name().as_str(), "fixtures");
-        assert!(
-            s.targets.get(&"default".parse().unwrap()).is_some(),
-            "built-in target kept"
-        );
+        assert!(s.targets.get(&"default".parse().unwrap()).is_some(), "built-in target kept");
     }
 
     #[test]
     fn errors_name_the_culprit() {
-        let e = Settings::load(None, |k| {
-            (k == "PACLOUD_URL_TTL_SECS").then(|| "soon".to_string())
-        })
-        .unwrap_err();
+        let e = Settings::load(None, |k| (k == "PACLOUD_URL_TTL_SECS").then(|| "soon".to_string())).unwrap_err();
         assert!(e.to_string().contains("PACLOUD_URL_TTL_SECS"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("bad.toml");
         std::fs::write(&file, "lisen = 1\n").unwrap();
-        assert!(matches!(
-            Settings::load(Some(&file), |_| None),
-            Err(SettingsError::Parse { .. })
-        ));
+        assert!(matches!(Settings::load(Some(&file), |_| None), Err(SettingsError::Parse { .. })));
         std::fs::write(&file, "default_target = \"nope\"\n").unwrap();
-        assert!(matches!(
-            Settings::load(Some(&file), |_| None),
-            Err(SettingsError::Target(_))
-        ));
+        assert!(matches!(Settings::load(Some(&file), |_| None), Err(SettingsError::Target(_))));
     }
 }

@@ -51,13 +51,7 @@ async fn seed_ready(settings: &Settings) -> anyhow::Result<()> {
     app.store.replace(&claimed, rec.revision).await?;
     let bytes = vec![42u8; 64 * 1024];
     let path = "default/app-misc/hello/hello-2.12-r1-1.gpkg.tar";
-    app.artifacts
-        .put_bytes(
-            &ArtifactPath::parse(path)?,
-            bytes.clone(),
-            "application/x-tar",
-        )
-        .await?;
+    app.artifacts.put_bytes(&ArtifactPath::parse(path)?, bytes.clone(), "application/x-tar").await?;
     let artifact = ArtifactInfo {
         path: path.into(),
         sha256: pacloud_domain::key::sha256_hex(&bytes),
@@ -110,13 +104,10 @@ async fn bench_handler(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(
-    addr: &str,
-) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+async fn connect(addr: &str) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    let (sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     Ok(sender)
 }
@@ -130,16 +121,10 @@ fn hyper_post(addr: &str, body: &'static str) -> http::Request<Full<Bytes>> {
 }
 
 /// Starts `pacloud serve`; with `pin`, on CPU 0 with one runtime thread.
-async fn start_server(
-    bin: &Path,
-    data: &Path,
-    pin: bool,
-) -> anyhow::Result<(tokio::process::Child, String)> {
+async fn start_server(bin: &Path, data: &Path, pin: bool) -> anyhow::Result<(tokio::process::Child, String)> {
     let mut cmd = if pin {
         let mut c = tokio::process::Command::new("taskset");
-        c.args(["-c", "0"])
-            .arg(bin)
-            .env("TOKIO_WORKER_THREADS", "1");
+        c.args(["-c", "0"]).arg(bin).env("TOKIO_WORKER_THREADS", "1");
         c
     } else {
         tokio::process::Command::new(bin)
@@ -154,16 +139,9 @@ async fn start_server(
         .with_context(|| format!("starting {}", bin.display()))?;
     let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
     let addr = loop {
-        let line = lines
-            .next_line()
-            .await?
-            .context("server exited before listening")?;
+        let line = lines.next_line().await?.context("server exited before listening")?;
         if let Some(rest) = line.split("listen=").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .context("address")?
-                .to_owned();
+            break rest.split_whitespace().next().context("address")?.to_owned();
         }
     };
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -193,16 +171,7 @@ async fn bench_server_wrk(bin: &Path, data: &Path, seconds: u64) -> anyhow::Resu
         let (script, addr) = (script.clone(), addr.clone());
         async move {
             let out = tokio::process::Command::new("taskset")
-                .args([
-                    "-c",
-                    "1",
-                    "wrk",
-                    "-t1",
-                    "-c64",
-                    &format!("-d{secs}s"),
-                    "--latency",
-                    "-s",
-                ])
+                .args(["-c", "1", "wrk", "-t1", "-c64", &format!("-d{secs}s"), "--latency", "-s"])
                 .arg(&script)
                 .arg(format!("http://{addr}/v1/builds"))
                 .output()
@@ -210,10 +179,7 @@ async fn bench_server_wrk(bin: &Path, data: &Path, seconds: u64) -> anyhow::Resu
                 .context("running wrk")?;
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
             if !out.status.success() || text.contains("Non-2xx") {
-                bail!(
-                    "wrk failed or saw errors:\n{text}{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                bail!("wrk failed or saw errors:\n{text}{}", String::from_utf8_lossy(&out.stderr));
             }
             let field = |prefix: &str| {
                 text.lines()
@@ -309,13 +275,7 @@ async fn bench_storm(bin: &Path, data: &Path) -> anyhow::Result<()> {
     let queue = pacloud_local::SqliteQueue::new(db.clone(), Arc::new(SystemClock), 5);
     let depth = queue.depth().await?;
     let records: i64 = db
-        .run(|c| {
-            Ok(c.query_row(
-                "SELECT count(*) FROM builds WHERE record LIKE '%storm%'",
-                [],
-                |r| r.get(0),
-            )?)
-        })
+        .run(|c| Ok(c.query_row("SELECT count(*) FROM builds WHERE record LIKE '%storm%'", [], |r| r.get(0))?))
         .await?;
     println!(
         "dedup storm ({n} concurrent identical misses): p50 {} us, p99 {} us, max {} us; jobs queued {}, records {}",
@@ -343,25 +303,17 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if let Ok(d) = std::env::var("BENCH_SEED_ONLY") {
-        let settings = Settings {
-            data_dir: PathBuf::from(d),
-            ..Settings::default()
-        };
+        let settings = Settings { data_dir: PathBuf::from(d), ..Settings::default() };
         return seed_ready(&settings).await;
     }
     let dir = tempfile::tempdir()?;
-    let settings = Settings {
-        data_dir: dir.path().join("data"),
-        ..Settings::default()
-    };
+    let settings = Settings { data_dir: dir.path().join("data"), ..Settings::default() };
     seed_ready(&settings).await?;
     bench_handler(&settings).await?;
     if have("wrk") && have("taskset") {
         bench_server_wrk(&bin, &settings.data_dir, seconds).await?;
     } else {
-        println!(
-            "local server cache hits, pinned: not measured (install wrk and util-linux's taskset)"
-        );
+        println!("local server cache hits, pinned: not measured (install wrk and util-linux's taskset)");
     }
     bench_server(&bin, &settings.data_dir, seconds).await?;
     let storm_dir = dir.path().join("storm");

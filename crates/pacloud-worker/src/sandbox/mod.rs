@@ -2,6 +2,7 @@
 //! filled PKGDIR out. Backends: [`bwrap`] (bubblewrap, tested for real) and
 //! [`docker`] (the production default on the worker AMI).
 
+pub mod bwrap;
 pub mod docker;
 
 use async_trait::async_trait;
@@ -62,9 +63,14 @@ impl BuildPlan {
     pub fn pkgdir(&self) -> PathBuf {
         self.work_dir.join("pkgdir")
     }
-    /// The writable directories of a build.
-    pub fn writable_dirs(&self) -> [PathBuf; 5] {
-        ["root", "pkgdir", "tmp", "distfiles", "logs"].map(|d| self.work_dir.join(d))
+    /// The writable directories of a build (with a venv portage also the
+    /// throw-away `hostpkgdir` and `hosttmp` of its host configuration).
+    pub fn writable_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = vec!["root", "pkgdir", "tmp", "distfiles", "logs"];
+        if matches!(self.portage, PortageInstall::Venv(_)) {
+            dirs.extend(["hostpkgdir", "hosttmp"]);
+        }
+        dirs.into_iter().map(|d| self.work_dir.join(d)).collect()
     }
     /// Where the combined stdout/stderr of the build is written.
     pub fn log_path(&self) -> PathBuf {
@@ -95,9 +101,17 @@ impl SandboxOutcome {
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     #[error("cannot start {program}")]
-    Spawn { program: String, #[source] source: std::io::Error },
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("sandbox I/O failed at {path}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the build was cancelled")]
     Cancelled,
     #[error("{0} failed")]

@@ -13,24 +13,11 @@ async fn miss_queues_one_job_and_polls_as_pending() {
     assert_eq!(body["status"], "queued");
     let key = body["key"].as_str().unwrap().to_owned();
     assert_eq!(body["poll"], format!("/v1/builds/{key}"));
-    let resp = app
-        .http
-        .post(app.url("/v1/builds"))
-        .json(&hello(&["-bar", "foo", "foo"]))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.http.post(app.url("/v1/builds")).json(&hello(&["-bar", "foo", "foo"])).send().await.unwrap();
     assert_eq!(resp.headers()["retry-after"], "1");
-    assert_eq!(
-        resp.headers()["location"].to_str().unwrap(),
-        format!("/v1/builds/{key}")
-    );
+    assert_eq!(resp.headers()["location"].to_str().unwrap(), format!("/v1/builds/{key}"));
     let (status, again) = decode(resp).await;
-    assert_eq!(
-        (status, again["key"].as_str()),
-        (202, Some(key.as_str())),
-        "same request in another order: same key"
-    );
+    assert_eq!((status, again["key"].as_str()), (202, Some(key.as_str())), "same request in another order: same key");
     let (status, got) = app.get_build(&key).await;
     assert_eq!((status, got["status"].as_str()), (202, Some("queued")));
     let bodies = app.drain_queue().await;
@@ -57,11 +44,7 @@ async fn ready_build_gives_a_signed_url_whose_bytes_match() {
     let resp = app.http.get(url).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let got = resp.bytes().await.unwrap();
-    assert_eq!(
-        sha256(&got),
-        ready["sha256"].as_str().unwrap(),
-        "downloaded bytes match the recorded sha256"
-    );
+    assert_eq!(sha256(&got), ready["sha256"].as_str().unwrap(), "downloaded bytes match the recorded sha256");
     let (status, polled) = app.get_build(key).await;
     assert_eq!((status, polled["status"].as_str()), (200, Some("ready")));
     assert_eq!(app.drain_queue().await.len(), 1, "the hit enqueued nothing");
@@ -81,18 +64,11 @@ async fn signed_urls_refuse_tampering_and_expiry() {
     let (head, query) = url.split_once('?').unwrap();
     let sig_pos = query.find("sig=").unwrap() + 4;
     let mut flipped = query.to_owned();
-    let c = if &flipped[sig_pos..sig_pos + 1] == "0" {
-        "1"
-    } else {
-        "0"
-    };
+    let c = if &flipped[sig_pos..sig_pos + 1] == "0" { "1" } else { "0" };
     flipped.replace_range(sig_pos..sig_pos + 1, c);
     let cases = [
         format!("{head}?{flipped}"),
-        format!(
-            "{}?{query}",
-            head.replace("hello-2.12-r1-1", "hello-2.12-r1-2")
-        ),
+        format!("{}?{query}", head.replace("hello-2.12-r1-1", "hello-2.12-r1-2")),
         format!("{head}?{}", query.replace("expires=", "expires=9")),
         head.to_owned(),
         format!("{head}?expires=x&sig=00"),
@@ -102,18 +78,10 @@ async fn signed_urls_refuse_tampering_and_expiry() {
         assert_eq!(status, 403, "{bad}: {body}");
         assert_eq!(body["error"], "forbidden");
     }
-    assert_eq!(
-        app.http.get(&url).send().await.unwrap().status(),
-        200,
-        "the untouched URL works"
-    );
+    assert_eq!(app.http.get(&url).send().await.unwrap().status(), 200, "the untouched URL works");
     app.clock.advance(Duration::from_secs(16 * 60));
     let (status, body) = get(url).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (403, Some("expired")),
-        "{body}"
-    );
+    assert_eq!((status, body["error"].as_str()), (403, Some("expired")), "{body}");
 }
 
 #[tokio::test]
@@ -124,59 +92,26 @@ async fn failed_builds_are_cached_then_retried() {
     app.drain_queue().await;
     app.fail_as_worker(&key, Duration::from_secs(600)).await;
     let (status, failed) = app.post_build(&hello(&["bar"])).await;
-    assert_eq!(
-        (status, failed["status"].as_str()),
-        (200, Some("failed")),
-        "{failed}"
-    );
+    assert_eq!((status, failed["status"].as_str()), (200, Some("failed")), "{failed}");
     assert_eq!(failed["reason"], "emerge exited with status 1");
     assert_eq!(failed["class"], "build");
-    let log = app
-        .http
-        .get(failed["log_url"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let log = app.http.get(failed["log_url"].as_str().unwrap()).send().await.unwrap().text().await.unwrap();
     assert!(log.contains("compile phase"), "{log}");
     // The log endpoint redirects to the same log.
-    let log2 = app
-        .http
-        .get(app.url(&format!("/v1/builds/{key}/log")))
-        .send()
-        .await
-        .unwrap();
+    let log2 = app.http.get(app.url(&format!("/v1/builds/{key}/log"))).send().await.unwrap();
     assert_eq!(log2.status(), 200, "redirect followed");
     assert!(log2.text().await.unwrap().contains("compile phase"));
-    assert!(
-        app.drain_queue().await.is_empty(),
-        "a cached failure enqueues nothing"
-    );
+    assert!(app.drain_queue().await.is_empty(), "a cached failure enqueues nothing");
     // Explicit retry.
-    let resp = app
-        .http
-        .post(app.url(&format!("/v1/builds/{key}/retry")))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.http.post(app.url(&format!("/v1/builds/{key}/retry"))).send().await.unwrap();
     let (status, retried) = decode(resp).await;
-    assert_eq!(
-        (status, retried["status"].as_str()),
-        (202, Some("queued")),
-        "{retried}"
-    );
+    assert_eq!((status, retried["status"].as_str()), (202, Some("queued")), "{retried}");
     assert_eq!(app.drain_queue().await.len(), 1, "retry enqueues one job");
     // After the cache time a plain request queues a new attempt.
     app.fail_as_worker(&key, Duration::from_secs(60)).await;
     app.clock.advance(Duration::from_secs(61));
     let (status, again) = app.post_build(&hello(&["bar"])).await;
-    assert_eq!(
-        (status, again["status"].as_str()),
-        (202, Some("queued")),
-        "{again}"
-    );
+    assert_eq!((status, again["status"].as_str()), (202, Some("queued")), "{again}");
     assert_eq!(app.drain_queue().await.len(), 1);
 }
 
@@ -186,10 +121,7 @@ async fn retry_errors() {
     let (_, body) = app.post_build_with(&hello(&[]), Some("sekrit")).await;
     let key = body["key"].as_str().unwrap().to_owned();
     let retry = |token: Option<&'static str>, key: String| {
-        let (http, url) = (
-            app.http.clone(),
-            app.url(&format!("/v1/builds/{key}/retry")),
-        );
+        let (http, url) = (app.http.clone(), app.url(&format!("/v1/builds/{key}/retry")));
         async move {
             let mut rb = http.post(url);
             if let Some(t) = token {
@@ -199,22 +131,10 @@ async fn retry_errors() {
         }
     };
     assert_eq!(retry(None, key.clone()).await.0, 401, "retry needs a token");
-    assert_eq!(
-        retry(Some("sekrit"), "f".repeat(64)).await.0,
-        404,
-        "unknown key"
-    );
-    assert_eq!(
-        retry(Some("sekrit"), "nope".into()).await.0,
-        400,
-        "malformed key"
-    );
+    assert_eq!(retry(Some("sekrit"), "f".repeat(64)).await.0, 404, "unknown key");
+    assert_eq!(retry(Some("sekrit"), "nope".into()).await.0, 400, "malformed key");
     let (status, pending) = retry(Some("sekrit"), key.clone()).await;
-    assert_eq!(
-        (status, pending["status"].as_str()),
-        (202, Some("queued")),
-        "retry of a pending build just reports it"
-    );
+    assert_eq!((status, pending["status"].as_str()), (202, Some("queued")), "retry of a pending build just reports it");
     app.complete_as_worker(&key).await;
     let (status, body) = retry(Some("sekrit"), key).await;
     assert_eq!((status, body["error"].as_str()), (409, Some("conflict")));
@@ -237,230 +157,93 @@ async fn bad_bodies_are_400_naming_the_field() {
         (json!({"atom": "app-misc/hello"}), "version"),
         (json!({"atom": 5, "version": "1"}), "atom"),
         (json!({"atom": "hello", "version": "1"}), "atom"),
-        (
-            json!({"atom": "app-misc/hello-1.0", "version": "1"}),
-            "atom",
-        ),
-        (
-            json!({"atom": "app-misc/hello;rm -rf /", "version": "1"}),
-            "atom",
-        ),
+        (json!({"atom": "app-misc/hello-1.0", "version": "1"}), "atom"),
+        (json!({"atom": "app-misc/hello;rm -rf /", "version": "1"}), "atom"),
         (json!({"atom": "app-misc/$(id)", "version": "1"}), "atom"),
         (json!({"atom": "../../etc/passwd", "version": "1"}), "atom"),
         (json!({"atom": "app-misc/..", "version": "1"}), "atom"),
         (json!({"atom": "app-misc/a\u{0}b", "version": "1"}), "atom"),
         (json!({"atom": "app-misc/héllo", "version": "1"}), "atom"),
-        (
-            json!({"atom": format!("app-misc/{long}"), "version": "1"}),
-            "atom",
-        ),
-        (
-            json!({"atom": "app-misc/hello", "version": "1.0; reboot"}),
-            "version",
-        ),
-        (
-            json!({"atom": "app-misc/hello", "version": "../1"}),
-            "version",
-        ),
-        (
-            json!({"atom": "app-misc/hello", "version": "1.0_gamma"}),
-            "version",
-        ),
-        (
-            json!({"atom": "app-misc/hello", "version": long}),
-            "version",
-        ),
-        (
-            json!({"atom": "app-misc/hello", "version": ["1"]}),
-            "version",
-        ),
-        (
-            json!({"atom": "app-misc/hello", "version": "1", "use": ["ok", "b`ad`"]}),
-            "use",
-        ),
-        (
-            json!({"atom": "app-misc/hello", "version": "1", "use": "a|b"}),
-            "use",
-        ),
-        (
-            json!({"atom": "app-misc/hello", "version": "1", "use": [1]}),
-            "use",
-        ),
-        (
-            json!({"atom": "app-misc/hello", "version": "1", "use": {"a": true}}),
-            "use",
-        ),
-        (
-            json!({"atom": "app-misc/hello", "version": "1", "use": ["_x"]}),
-            "use",
-        ),
-        (
-            json!({"atom": "app-misc/hello", "version": "1", "use": ["ü"]}),
-            "use",
-        ),
+        (json!({"atom": format!("app-misc/{long}"), "version": "1"}), "atom"),
+        (json!({"atom": "app-misc/hello", "version": "1.0; reboot"}), "version"),
+        (json!({"atom": "app-misc/hello", "version": "../1"}), "version"),
+        (json!({"atom": "app-misc/hello", "version": "1.0_gamma"}), "version"),
+        (json!({"atom": "app-misc/hello", "version": long}), "version"),
+        (json!({"atom": "app-misc/hello", "version": ["1"]}), "version"),
+        (json!({"atom": "app-misc/hello", "version": "1", "use": ["ok", "b`ad`"]}), "use"),
+        (json!({"atom": "app-misc/hello", "version": "1", "use": "a|b"}), "use"),
+        (json!({"atom": "app-misc/hello", "version": "1", "use": [1]}), "use"),
+        (json!({"atom": "app-misc/hello", "version": "1", "use": {"a": true}}), "use"),
+        (json!({"atom": "app-misc/hello", "version": "1", "use": ["_x"]}), "use"),
+        (json!({"atom": "app-misc/hello", "version": "1", "use": ["ü"]}), "use"),
         (
             json!({"atom": "app-misc/hello", "version": "1", "use": (0..300).map(|i| format!("f{i}")).collect::<Vec<_>>()}),
             "use",
         ),
-        (
-            json!({"atom": "app-misc/hello", "version": "1", "target": "../x"}),
-            "target",
-        ),
-        (
-            json!({"atom": "app-misc/hello", "version": "1", "target": 3}),
-            "target",
-        ),
-        (
-            json!({"atom": "app-misc/hello", "version": "1", "colour": "red"}),
-            "colour",
-        ),
+        (json!({"atom": "app-misc/hello", "version": "1", "target": "../x"}), "target"),
+        (json!({"atom": "app-misc/hello", "version": "1", "target": 3}), "target"),
+        (json!({"atom": "app-misc/hello", "version": "1", "colour": "red"}), "colour"),
     ];
     for (body, field) in cases {
         assert_invalid(&app, body, field).await;
     }
-    let (status, resp) = app
-        .post_raw(Some("application/json"), b"{\"atom\":".to_vec())
-        .await;
-    assert_eq!(
-        (status, resp["field"].as_str()),
-        (400, Some("body")),
-        "{resp}"
-    );
-    let (status, resp) = app
-        .post_raw(Some("application/json"), b"[1,2]".to_vec())
-        .await;
-    assert_eq!(
-        (status, resp["field"].as_str()),
-        (400, Some("body")),
-        "{resp}"
-    );
-    let (status, resp) = app
-        .post_raw(Some("application/json"), vec![0xff, 0xfe])
-        .await;
-    assert_eq!(
-        (status, resp["field"].as_str()),
-        (400, Some("body")),
-        "{resp}"
-    );
-    assert!(
-        app.drain_queue().await.is_empty(),
-        "nothing was queued by bad requests"
-    );
+    let (status, resp) = app.post_raw(Some("application/json"), b"{\"atom\":".to_vec()).await;
+    assert_eq!((status, resp["field"].as_str()), (400, Some("body")), "{resp}");
+    let (status, resp) = app.post_raw(Some("application/json"), b"[1,2]".to_vec()).await;
+    assert_eq!((status, resp["field"].as_str()), (400, Some("body")), "{resp}");
+    let (status, resp) = app.post_raw(Some("application/json"), vec![0xff, 0xfe]).await;
+    assert_eq!((status, resp["field"].as_str()), (400, Some("body")), "{resp}");
+    assert!(app.drain_queue().await.is_empty(), "nothing was queued by bad requests");
 }
 
 #[tokio::test]
 async fn content_type_size_target_key_route_method() {
     let app = spawn_app().await;
     let body = serde_json::to_vec(&hello(&[])).unwrap();
-    for ct in [
-        None,
-        Some("text/plain"),
-        Some("application/x-www-form-urlencoded"),
-    ] {
+    for ct in [None, Some("text/plain"), Some("application/x-www-form-urlencoded")] {
         let (status, resp) = app.post_raw(ct, body.clone()).await;
-        assert_eq!(
-            (status, resp["error"].as_str()),
-            (415, Some("unsupported_media_type")),
-            "{ct:?}"
-        );
+        assert_eq!((status, resp["error"].as_str()), (415, Some("unsupported_media_type")), "{ct:?}");
     }
-    let (status, _) = app
-        .post_raw(Some("application/json; charset=utf-8"), body)
-        .await;
+    let (status, _) = app.post_raw(Some("application/json; charset=utf-8"), body).await;
     assert_eq!(status, 202, "a charset parameter is fine");
-    let big = format!(
-        "{{\"atom\":\"app-misc/hello\",\"version\":\"1\",\"pad\":\"{}\"}}",
-        "x".repeat(20_000)
-    );
-    let (status, resp) = app
-        .post_raw(Some("application/json"), big.into_bytes())
-        .await;
-    assert_eq!(
-        (status, resp["error"].as_str()),
-        (413, Some("payload_too_large"))
-    );
-    let (status, resp) = app
-        .post_build(&json!({"atom": "app-misc/hello", "version": "1", "target": "riscv"}))
-        .await;
-    assert_eq!(
-        (status, resp["error"].as_str(), resp["field"].as_str()),
-        (404, Some("unknown_target"), Some("target"))
-    );
+    let big = format!("{{\"atom\":\"app-misc/hello\",\"version\":\"1\",\"pad\":\"{}\"}}", "x".repeat(20_000));
+    let (status, resp) = app.post_raw(Some("application/json"), big.into_bytes()).await;
+    assert_eq!((status, resp["error"].as_str()), (413, Some("payload_too_large")));
+    let (status, resp) = app.post_build(&json!({"atom": "app-misc/hello", "version": "1", "target": "riscv"})).await;
+    assert_eq!((status, resp["error"].as_str(), resp["field"].as_str()), (404, Some("unknown_target"), Some("target")));
     let (status, resp) = app.get_build(&"0".repeat(64)).await;
     assert_eq!((status, resp["error"].as_str()), (404, Some("not_found")));
-    for bad in [
-        "xyz",
-        "ABCDEF",
-        "0".repeat(63).as_str(),
-        "0".repeat(65).as_str(),
-    ] {
+    for bad in ["xyz", "ABCDEF", "0".repeat(63).as_str(), "0".repeat(65).as_str()] {
         let (status, resp) = app.get_build(bad).await;
-        assert_eq!(
-            (status, resp["field"].as_str()),
-            (400, Some("key")),
-            "{bad}"
-        );
+        assert_eq!((status, resp["field"].as_str()), (400, Some("key")), "{bad}");
     }
     let (status, resp) = app.get_json("/v2/nothing").await;
     assert_eq!((status, resp["error"].as_str()), (404, Some("not_found")));
     let (status, resp) = decode(app.http.delete(app.url("/v1/builds")).send().await.unwrap()).await;
-    assert_eq!(
-        (status, resp["error"].as_str()),
-        (405, Some("method_not_allowed"))
-    );
+    assert_eq!((status, resp["error"].as_str()), (405, Some("method_not_allowed")));
 }
 
 #[tokio::test]
 async fn tokens_guard_builds_but_not_reads() {
     let app = spawn_app_with(|s| s.tokens = vec!["t0k3n".into()]).await;
-    let resp = app
-        .http
-        .post(app.url("/v1/builds"))
-        .json(&hello(&["foo"]))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.http.post(app.url("/v1/builds")).json(&hello(&["foo"])).send().await.unwrap();
     assert_eq!(resp.headers()["www-authenticate"], "Bearer");
     let (status, body) = decode(resp).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (401, Some("unauthorized"))
-    );
-    assert!(
-        app.drain_queue().await.is_empty(),
-        "nothing queued without a token"
-    );
-    assert_eq!(
-        app.post_build_with(&hello(&["foo"]), Some("wrong")).await.0,
-        401
-    );
+    assert_eq!((status, body["error"].as_str()), (401, Some("unauthorized")));
+    assert!(app.drain_queue().await.is_empty(), "nothing queued without a token");
+    assert_eq!(app.post_build_with(&hello(&["foo"]), Some("wrong")).await.0, 401);
     let (status, body) = app.post_build_with(&hello(&["foo"]), Some("t0k3n")).await;
     assert_eq!(status, 202, "{body}");
     let key = body["key"].as_str().unwrap().to_owned();
-    assert_eq!(
-        app.post_build(&hello(&["foo"])).await.0,
-        202,
-        "a build under way needs no token"
-    );
+    assert_eq!(app.post_build(&hello(&["foo"])).await.0, 202, "a build under way needs no token");
     app.complete_as_worker(&key).await;
-    assert_eq!(
-        app.post_build(&hello(&["foo"])).await.0,
-        200,
-        "a cache hit needs no token"
-    );
+    assert_eq!(app.post_build(&hello(&["foo"])).await.0, 200, "a cache hit needs no token");
     assert_eq!(app.get_build(&key).await.0, 200);
     let (status, _) = decode(
-        app.http
-            .get(app.url("/package?package=app-misc/hello&version=2.12-r1&useflag=bar"))
-            .send()
-            .await
-            .unwrap(),
+        app.http.get(app.url("/package?package=app-misc/hello&version=2.12-r1&useflag=bar")).send().await.unwrap(),
     )
     .await;
-    assert_eq!(
-        status, 401,
-        "the compat endpoint needs a token to start a build too"
-    );
+    assert_eq!(status, 401, "the compat endpoint needs a token to start a build too");
     let (status, _) = decode(
         app.http
             .get(app.url("/package?package=app-misc/hello&version=2.12-r1&useflag=bar"))
@@ -484,23 +267,12 @@ async fn compat_endpoint_speaks_the_original_protocol() {
     let bytes = app.complete_as_worker(v1["key"].as_str().unwrap()).await;
     let (status, body) = app.get_json(path).await;
     assert_eq!((status, body["status"].as_str()), (200, Some("SUCCESS")));
-    let got = app
-        .http
-        .get(body["linkS3"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let got = app.http.get(body["linkS3"].as_str().unwrap()).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(&got[..], &bytes[..]);
     // FAILED
     let (_, v1) = app.post_build(&hello(&["zzz"])).await;
-    app.fail_as_worker(v1["key"].as_str().unwrap(), Duration::from_secs(600))
-        .await;
-    let (status, body) = app
-        .get_json("/package?package=app-misc/hello&version=2.12-r1&useflag=zzz")
-        .await;
+    app.fail_as_worker(v1["key"].as_str().unwrap(), Duration::from_secs(600)).await;
+    let (status, body) = app.get_json("/package?package=app-misc/hello&version=2.12-r1&useflag=zzz").await;
     assert_eq!((status, body["status"].as_str()), (200, Some("FAILED")));
     assert_eq!(body["errorMessage"], "emerge exited with status 1");
     // Bad input: 400 in both vocabularies.
@@ -513,11 +285,7 @@ async fn compat_endpoint_speaks_the_original_protocol() {
     ] {
         let (status, body) = app.get_json(&format!("/package?{q}")).await;
         assert_eq!(status, 400, "{q}");
-        assert_eq!(
-            (body["status"].as_str(), body["field"].as_str()),
-            (Some("FAILED"), Some(field)),
-            "{q}: {body}"
-        );
+        assert_eq!((body["status"].as_str(), body["field"].as_str()), (Some("FAILED"), Some(field)), "{q}: {body}");
         assert!(body["errorMessage"].as_str().is_some_and(|m| !m.is_empty()));
     }
 }
@@ -527,25 +295,14 @@ async fn stale_queued_records_are_enqueued_again_once() {
     let app = spawn_app().await;
     let (_, body) = app.post_build(&hello(&["lost"])).await;
     let key = body["key"].as_str().unwrap().to_owned();
-    assert_eq!(
-        app.drain_queue().await.len(),
-        1,
-        "the message is consumed and lost (simulated crash)"
-    );
+    assert_eq!(app.drain_queue().await.len(), 1, "the message is consumed and lost (simulated crash)");
     assert_eq!(app.get_build(&key).await.0, 202);
-    assert!(
-        app.drain_queue().await.is_empty(),
-        "not yet stale: nothing re-sent"
-    );
+    assert!(app.drain_queue().await.is_empty(), "not yet stale: nothing re-sent");
     app.clock.advance(Duration::from_secs(15 * 60 + 1));
     let polls = futures::future::join_all((0..20).map(|_| app.get_build(&key))).await;
     assert!(polls.iter().all(|(s, _)| *s == 202));
     assert_eq!(app.post_build(&hello(&["lost"])).await.0, 202);
-    assert_eq!(
-        app.drain_queue().await.len(),
-        1,
-        "21 racing requests re-send exactly one message"
-    );
+    assert_eq!(app.drain_queue().await.len(), 1, "21 racing requests re-send exactly one message");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -554,17 +311,11 @@ async fn five_hundred_identical_posts_make_one_job() {
     let body = hello(&["storm"]);
     let results = futures::future::join_all((0..500).map(|_| app.post_build(&body))).await;
     assert!(results.iter().all(|(s, _)| *s == 202), "all pending");
-    let keys: std::collections::HashSet<_> = results
-        .iter()
-        .map(|(_, b)| b["key"].as_str().unwrap().to_owned())
-        .collect();
+    let keys: std::collections::HashSet<_> =
+        results.iter().map(|(_, b)| b["key"].as_str().unwrap().to_owned()).collect();
     assert_eq!(keys.len(), 1);
     let depth = app.depth().await;
-    assert_eq!(
-        (depth.visible, depth.in_flight, depth.delayed),
-        (1, 0, 0),
-        "exactly one queue message"
-    );
+    assert_eq!((depth.visible, depth.in_flight, depth.delayed), (1, 0, 0), "exactly one queue message");
     let db = rusqlite_count(&app).await;
     assert_eq!(db, 1, "exactly one record");
 }
@@ -576,10 +327,7 @@ async fn rusqlite_count(app: &TestApp) -> i64 {
         .arg(&path)
         .output()
         .expect("python3 runs");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("{out:?}"))
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or_else(|_| panic!("{out:?}"))
 }
 
 #[tokio::test]
@@ -622,10 +370,6 @@ fn openapi_document_validates() {
         .arg(doc)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {python:?} (run scripts/test.sh to create the venv): {e}"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "valid");
 }

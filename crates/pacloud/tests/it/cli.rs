@@ -11,10 +11,7 @@ use tokio::process::Command;
 
 fn pacloud() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pacloud"));
-    c.env_remove("PACLOUD_CONFIG")
-        .env_remove("PACLOUD_SERVER")
-        .env_remove("PACLOUD_TOKEN")
-        .kill_on_drop(true);
+    c.env_remove("PACLOUD_CONFIG").env_remove("PACLOUD_SERVER").env_remove("PACLOUD_TOKEN").kill_on_drop(true);
     c
 }
 
@@ -64,12 +61,7 @@ async fn get_waits_downloads_and_verifies() {
     let worker = tokio::spawn(async move {
         // Plays the worker: takes the job from the real queue, completes it.
         let d = loop {
-            let got = worker_app
-                .app
-                .queue
-                .receive(1, Duration::from_secs(60), Duration::from_secs(5))
-                .await
-                .unwrap();
+            let got = worker_app.app.queue.receive(1, Duration::from_secs(60), Duration::from_secs(5)).await.unwrap();
             if let Some(d) = got.into_iter().next() {
                 break d;
             }
@@ -96,24 +88,11 @@ async fn get_waits_downloads_and_verifies() {
     let bytes = worker.await.unwrap();
     let path = std::path::PathBuf::from(out.trim());
     assert_eq!(path.file_name().unwrap(), "hello-2.12-r1-1.gpkg.tar");
-    assert_eq!(
-        std::fs::read(&path).unwrap(),
-        bytes,
-        "downloaded file is the artifact"
-    );
-    assert!(
-        err.contains("pacloud: queued"),
-        "plain progress lines when not a terminal: {err}"
-    );
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "downloaded file is the artifact");
+    assert!(err.contains("pacloud: queued"), "plain progress lines when not a terminal: {err}");
     // status by key
     let (_, body) = app.post_build(&hello(&["foo"])).await;
-    let (code, out, _) = run(&[
-        "status",
-        body["key"].as_str().unwrap(),
-        "--server",
-        &app.base,
-    ])
-    .await;
+    let (code, out, _) = run(&["status", body["key"].as_str().unwrap(), "--server", &app.base]).await;
     assert_eq!(code, 0);
     assert!(out.starts_with("ready\nsha256 "), "{out}");
     let (code, _, err) = run(&["status", &"0".repeat(64), "--server", &app.base]).await;
@@ -124,8 +103,7 @@ async fn get_waits_downloads_and_verifies() {
 async fn get_reports_a_failed_build_and_exits_1() {
     let app = spawn_app().await;
     let (_, body) = app.post_build(&hello(&["broken"])).await;
-    app.fail_as_worker(body["key"].as_str().unwrap(), Duration::from_secs(600))
-        .await;
+    app.fail_as_worker(body["key"].as_str().unwrap(), Duration::from_secs(600)).await;
     let out_dir = tempfile::tempdir().unwrap();
     let (code, _, err) = run(&[
         "get",
@@ -139,10 +117,7 @@ async fn get_reports_a_failed_build_and_exits_1() {
     ])
     .await;
     assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains("emerge exited with status 1") && err.contains("build log: http"),
-        "{err}"
-    );
+    assert!(err.contains("emerge exited with status 1") && err.contains("build log: http"), "{err}");
     let (code, _, err) = run(&[
         "get",
         "app-misc/hello-2.12-r1",
@@ -152,10 +127,7 @@ async fn get_reports_a_failed_build_and_exits_1() {
         out_dir.path().to_str().unwrap(),
     ])
     .await;
-    assert_eq!(
-        code, 1,
-        "unreachable server is a failure, not a usage error: {err}"
-    );
+    assert_eq!(code, 1, "unreachable server is a failure, not a usage error: {err}");
 }
 
 /// `pacloud serve` as a process: POST, SIGKILL, then the SQLite file still
@@ -166,13 +138,7 @@ async fn serve_survives_sigkill_with_nothing_lost() {
     let data = dir.path().join("data");
     let start = || async {
         let mut child = pacloud()
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                data.to_str().unwrap(),
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()])
             .env("HOME", dir.path())
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
@@ -196,47 +162,23 @@ async fn serve_survives_sigkill_with_nothing_lost() {
     };
     let (mut child, base) = start().await;
     let http = reqwest::Client::new();
-    let (status, body) = decode(
-        http.post(format!("{base}/v1/builds"))
-            .json(&hello(&["kill"]))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) =
+        decode(http.post(format!("{base}/v1/builds")).json(&hello(&["kill"])).send().await.unwrap()).await;
     assert_eq!(status, 202);
     let key: pacloud_domain::BuildKey = body["key"].as_str().unwrap().parse().unwrap();
     let pid = child.id().unwrap();
-    std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
+    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
     child.wait().await.unwrap();
 
     let db = pacloud_local::Db::open(&data.join("pacloud.db")).unwrap();
     let store = pacloud_local::SqliteStore::new(db.clone());
-    let rec = store
-        .get(&key)
-        .await
-        .unwrap()
-        .expect("record survived SIGKILL");
+    let rec = store.get(&key).await.unwrap().expect("record survived SIGKILL");
     assert_eq!(rec.status, pacloud_domain::Status::Queued);
-    let queue =
-        pacloud_local::SqliteQueue::new(db, std::sync::Arc::new(pacloud_domain::SystemClock), 5);
-    assert_eq!(
-        queue.depth().await.unwrap().visible,
-        1,
-        "its message survived too"
-    );
+    let queue = pacloud_local::SqliteQueue::new(db, std::sync::Arc::new(pacloud_domain::SystemClock), 5);
+    assert_eq!(queue.depth().await.unwrap().visible, 1, "its message survived too");
 
     let (mut child, base) = start().await;
-    let (status, again) = decode(
-        http.get(format!("{base}/v1/builds/{key}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, again) = decode(http.get(format!("{base}/v1/builds/{key}")).send().await.unwrap()).await;
     assert_eq!((status, again["status"].as_str()), (202, Some("queued")));
     child.kill().await.unwrap();
 }

@@ -7,9 +7,7 @@
 use pacloud::serve::{App, build_app_with_clock};
 use pacloud::settings::Settings;
 use pacloud_domain::ports::{ArtifactPath, ArtifactStore, JobQueue, MetadataStore};
-use pacloud_domain::{
-    ArtifactInfo, BuildKey, Clock, FailureClass, FailureInfo, Millis, SystemClock,
-};
+use pacloud_domain::{ArtifactInfo, BuildKey, Clock, FailureClass, FailureInfo, Millis, SystemClock};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -55,15 +53,10 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(f: impl FnOnce(&mut Settings)) -> TestApp {
     pacloud::client::init_tls();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut settings = Settings {
-        data_dir: dir.path().join("data"),
-        poll_after: Duration::from_secs(1),
-        ..Settings::default()
-    };
+    let mut settings =
+        Settings { data_dir: dir.path().join("data"), poll_after: Duration::from_secs(1), ..Settings::default() };
     f(&mut settings);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let clock = Arc::new(TestClock(AtomicI64::new(SystemClock.now().0)));
     let base = format!("http://{addr}");
@@ -77,14 +70,7 @@ pub async fn spawn_app_with(f: impl FnOnce(&mut Settings)) -> TestApp {
         .await
         .expect("serve");
     });
-    TestApp {
-        base,
-        app,
-        clock,
-        http: reqwest::Client::new(),
-        dir,
-        shutdown: Some(tx),
-    }
+    TestApp { base, app, clock, http: reqwest::Client::new(), dir, shutdown: Some(tx) }
 }
 
 pub fn hello(use_flags: &[&str]) -> Value {
@@ -136,9 +122,7 @@ impl TestApp {
         let store = &self.app.store;
         let rec = store.get(&key).await.unwrap().expect("record");
         let now = self.clock.now();
-        let claimed = rec
-            .claim("test-worker", now, Duration::from_secs(60))
-            .unwrap();
+        let claimed = rec.claim("test-worker", now, Duration::from_secs(60)).unwrap();
         store.replace(&claimed, rec.revision).await.unwrap();
         let bytes: Vec<u8> = format!("gpkg for {key}").into_bytes().repeat(100);
         let path = format!(
@@ -151,11 +135,7 @@ impl TestApp {
         let file = self.dir.path().join(format!("{key}.bin"));
         std::fs::write(&file, &bytes).unwrap();
         let sha = pacloud_domain::key::sha256_hex(&bytes);
-        self.app
-            .artifacts
-            .put_file(&ArtifactPath::parse(&path).unwrap(), &file, &sha)
-            .await
-            .unwrap();
+        self.app.artifacts.put_file(&ArtifactPath::parse(&path).unwrap(), &file, &sha).await.unwrap();
         let artifact = ArtifactInfo {
             path,
             sha256: sha,
@@ -176,9 +156,7 @@ impl TestApp {
         let store = &self.app.store;
         let rec = store.get(&key).await.unwrap().expect("record");
         let now = self.clock.now();
-        let claimed = rec
-            .claim("test-worker", now, Duration::from_secs(60))
-            .unwrap();
+        let claimed = rec.claim("test-worker", now, Duration::from_secs(60)).unwrap();
         store.replace(&claimed, rec.revision).await.unwrap();
         let log = format!("logs/{key}.log");
         self.app
@@ -205,12 +183,7 @@ impl TestApp {
     pub async fn drain_queue(&self) -> Vec<String> {
         let mut out = Vec::new();
         loop {
-            let got = self
-                .app
-                .queue
-                .receive(10, Duration::from_secs(600), Duration::ZERO)
-                .await
-                .unwrap();
+            let got = self.app.queue.receive(10, Duration::from_secs(600), Duration::ZERO).await.unwrap();
             if got.is_empty() {
                 return out;
             }
@@ -225,8 +198,7 @@ impl TestApp {
 pub async fn decode(resp: reqwest::Response) -> (u16, Value) {
     let status = resp.status().as_u16();
     let text = resp.text().await.expect("body");
-    let v = serde_json::from_str(&text)
-        .unwrap_or_else(|_| panic!("status {status}: body is not JSON: {text:?}"));
+    let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("status {status}: body is not JSON: {text:?}"));
     (status, v)
 }
 

@@ -16,8 +16,7 @@ struct Vector {
 }
 
 fn doc() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/key.md"))
-        .expect("docs/key.md")
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/key.md")).expect("docs/key.md")
 }
 
 fn vectors(doc: &str) -> Vec<Vector> {
@@ -43,13 +42,7 @@ fn vectors(doc: &str) -> Vec<Vector> {
 
 /// The settings the doc's ```toml block defines (the `fixtures` target).
 fn doc_settings(doc: &str, dir: &std::path::Path) -> Settings {
-    let toml = doc
-        .split("```toml\n")
-        .nth(1)
-        .unwrap()
-        .split("```")
-        .next()
-        .unwrap();
+    let toml = doc.split("```toml\n").nth(1).unwrap().split("```").next().unwrap();
     let file = dir.join("targets.toml");
     std::fs::write(&file, toml).unwrap();
     Settings::load(Some(&file), |_| None).expect("the doc's target block is a valid settings file")
@@ -59,12 +52,7 @@ fn request(v: &Value) -> BuildRequest {
     BuildRequest {
         atom: v["atom"].as_str().unwrap().into(),
         version: v["version"].as_str().unwrap().into(),
-        use_flags: v["use"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f.as_str().unwrap().to_owned())
-            .collect(),
+        use_flags: v["use"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_owned()).collect(),
         target: v.get("target").and_then(|t| t.as_str()).map(Into::into),
     }
 }
@@ -77,33 +65,15 @@ fn doc_vectors_match_the_implementation() {
     let vs = vectors(&doc);
     assert!(vs.len() >= 10, "at least 10 vectors, found {}", vs.len());
     for v in &vs {
-        let spec = request(&v.request)
-            .validate(&settings.targets)
-            .unwrap_or_else(|e| panic!("{}: {e}", v.request));
-        let bytes = BuildKey::canonical_encoding(
-            &spec.target_hash,
-            &spec.atom,
-            &spec.version,
-            &spec.use_flags,
-        );
-        assert_eq!(
-            String::from_utf8(bytes).unwrap(),
-            v.canonical,
-            "canonical bytes of {}",
-            v.request
-        );
+        let spec = request(&v.request).validate(&settings.targets).unwrap_or_else(|e| panic!("{}: {e}", v.request));
+        let bytes = BuildKey::canonical_encoding(&spec.target_hash, &spec.atom, &spec.version, &spec.use_flags);
+        assert_eq!(String::from_utf8(bytes).unwrap(), v.canonical, "canonical bytes of {}", v.request);
         assert_eq!(spec.key().as_str(), v.key, "key of {}", v.request);
     }
     let t = settings.targets.get(&"default".parse().unwrap()).unwrap();
-    assert!(
-        doc.contains(&format!("hash `{}`", t.hash())),
-        "the doc states the default target's hash"
-    );
+    assert!(doc.contains(&format!("hash `{}`", t.hash())), "the doc states the default target's hash");
     let f = settings.targets.get(&"fixtures".parse().unwrap()).unwrap();
-    assert!(
-        doc.contains(&format!("hash `{}`", f.hash())),
-        "the doc states the fixtures target's hash"
-    );
+    assert!(doc.contains(&format!("hash `{}`", f.hash())), "the doc states the fixtures target's hash");
 }
 
 #[tokio::test]

@@ -1,0 +1,238 @@
+//! Build plans: turns a job and its target into a fresh work directory
+//! (portage config root, make.conf, repos.conf, a `package.use` entry for
+//! the requested atom only) and the `emerge` argv and environment.
+//!
+//! Verified recipe: tests/fixtures/VERIFIED.md. Requested USE goes into
+//! `package.use` for `=<cpv>` only, so dependencies are built with their
+//! defaults and stay reusable by every other request.
+
+use pacloud_domain::ports::Job;
+use pacloud_domain::target::Target;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::sandbox::{BuildPlan, Limits, PortageInstall};
+
+/// Where and how builds run on this worker.
+#[derive(Debug, Clone)]
+pub struct BuildEnv {
+    /// Per-build work directories are created under it.
+    pub work_root: PathBuf,
+    pub portage: PortageInstall,
+    /// Ebuild repositories by name (a target names one).
+    pub repos: BTreeMap<String, PathBuf>,
+    pub limits: Limits,
+    /// Whether builds may use the network (to fetch sources).
+    pub network: bool,
+    /// Unprivileged uid/gid for builds, where the sandbox supports it.
+    pub run_as: Option<(u32, u32)>,
+    /// Builder image for the docker backend (pinned by digest).
+    pub image: Option<String>,
+}
+
+/// Why a plan could not be made (an infrastructure problem of this worker).
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("target {target} uses repository {repo:?}, which this worker does not have")]
+    UnknownRepository { target: String, repo: String },
+    #[error("cannot prepare the build directory {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PlanError + '_ {
+    move |source| PlanError::Io { path: path.to_owned(), source }
+}
+
+fn quote(v: &str) -> String {
+    // make.conf values: targets only hold printable ASCII; escape what bash
+    // treats specially inside double quotes.
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        if matches!(c, '"' | '\\' | '$' | '`') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// The make.conf of a build (`pkgdir`, `tmpdir` differ for the host config).
+fn make_conf(w: &Path, target: &Target, pkgdir: &Path, tmpdir: &Path, user: (&str, &str)) -> String {
+    let mut lines = vec![
+        "FEATURES=\"-sandbox -usersandbox -userpriv -userfetch -usersync -ipc-sandbox -network-sandbox -pid-sandbox -news -strict -merge-sync binpkg-multi-instance\"".to_owned(),
+        format!("PORTAGE_USERNAME={}", quote(user.0)),
+        format!("PORTAGE_GRPNAME={}", quote(user.1)),
+        format!("PKGDIR={}", quote(&pkgdir.to_string_lossy())),
+        format!("PORTAGE_TMPDIR={}", quote(&tmpdir.to_string_lossy())),
+        format!("DISTDIR={}", quote(&w.join("distfiles").to_string_lossy())),
+        format!("PORTAGE_LOGDIR={}", quote(&w.join("logs").to_string_lossy())),
+        "BINPKG_FORMAT=\"gpkg\"".into(),
+        "BINPKG_COMPRESS=\"zstd\"".into(),
+        "ACCEPT_LICENSE=\"*\"".into(),
+        "EMERGE_WARNING_DELAY=\"0\"".into(),
+        "CLEAN_DELAY=\"0\"".into(),
+        "NOCOLOR=\"true\"".into(),
+        format!("CHOST={}", quote(&target.spec.chost)),
+        format!("CFLAGS={}", quote(&target.spec.cflags)),
+        format!("CXXFLAGS={}", quote(&target.spec.cxxflags)),
+        format!("LDFLAGS={}", quote(&target.spec.ldflags)),
+    ];
+    for (k, v) in &target.spec.env {
+        lines.push(format!("{k}={}", quote(v)));
+    }
+    lines.join("\n") + "\n"
+}
+
+/// Creates the work directory for one build attempt and returns its plan.
+pub fn prepare(env: &BuildEnv, job: &Job, target: &Target, job_id: &str) -> Result<BuildPlan, PlanError> {
+    let repo_name = &target.spec.repository;
+    let repo = env
+        .repos
+        .get(repo_name)
+        .ok_or_else(|| PlanError::UnknownRepository { target: target.name.to_string(), repo: repo_name.clone() })?;
+    let w = env.work_root.join(job_id);
+    let config = w.join("config/etc/portage");
+    for d in [config.join("repos.conf"), w.join("hostconf")] {
+        std::fs::create_dir_all(&d).map_err(io(&d))?;
+    }
+    for d in ["root", "pkgdir", "tmp", "distfiles", "logs"].map(|d| w.join(d)) {
+        std::fs::create_dir_all(&d).map_err(io(&d))?;
+    }
+    let user = if env.run_as.is_some() { ("nobody", "nogroup") } else { ("root", "root") };
+    let write = |path: PathBuf, text: String| std::fs::write(&path, text).map_err(io(&path));
+    write(config.join("make.conf"), make_conf(&w, target, &w.join("pkgdir"), &w.join("tmp"), user))?;
+    let profile = repo.join("profiles").join(&target.spec.profile);
+    let link = config.join("make.profile");
+    std::os::unix::fs::symlink(&profile, &link).map_err(io(&link))?;
+    let repos_conf = format!("[DEFAULT]\nmain-repo = {repo_name}\n\n[{repo_name}]\nlocation = {}\n", repo.display());
+    write(config.join("repos.conf").join(format!("{repo_name}.conf")), repos_conf.clone())?;
+    let spec = &job.spec;
+    if !spec.use_flags.is_empty() {
+        write(config.join("package.use"), format!("{} {}\n", spec.portage_atom(), spec.use_flags.portage()))?;
+    }
+    let (emerge, path) = match &env.portage {
+        PortageInstall::Venv(venv) => {
+            // The "host" config portage builds for ROOT != / (see VERIFIED.md §1):
+            // its packages go to a throw-away directory, never the published PKGDIR.
+            let hostconf = make_conf(&w, target, &w.join("hostpkgdir"), &w.join("hosttmp"), user);
+            write(w.join("hostconf/make.conf"), hostconf)?;
+            for d in ["hostpkgdir", "hosttmp"].map(|d| w.join(d)) {
+                std::fs::create_dir_all(&d).map_err(io(&d))?;
+            }
+            (
+                venv.join("bin/emerge").to_string_lossy().into_owned(),
+                format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", venv.join("bin").display()),
+            )
+        }
+        PortageInstall::System => ("emerge".to_owned(), "/usr/sbin:/usr/bin:/sbin:/bin".to_owned()),
+    };
+    let root = w.join("root").to_string_lossy().into_owned();
+    let env_vars = vec![
+        ("PATH".to_owned(), path),
+        ("HOME".to_owned(), "/tmp".to_owned()),
+        ("LANG".to_owned(), "C.UTF-8".to_owned()),
+        ("PORTAGE_CONFIGROOT".to_owned(), w.join("config").to_string_lossy().into_owned()),
+        ("ROOT".to_owned(), root.clone()),
+        ("SYSROOT".to_owned(), root),
+        ("EPREFIX".to_owned(), String::new()),
+        ("PORTAGE_REPOSITORIES".to_owned(), repos_conf),
+    ];
+    let argv = vec![
+        emerge,
+        "--buildpkg".into(),
+        "--usepkg".into(),
+        "--with-bdeps=y".into(),
+        "--oneshot".into(),
+        "--color=n".into(),
+        "--nospinner".into(),
+        "--usepkg-exclude".into(),
+        spec.atom.to_string(),
+        spec.portage_atom(),
+    ];
+    Ok(BuildPlan {
+        job_id: job_id.to_owned(),
+        work_dir: w,
+        repos: vec![(repo_name.clone(), repo.clone())],
+        portage: env.portage.clone(),
+        env: env_vars,
+        argv,
+        network: env.network,
+        limits: env.limits.clone(),
+        image: env.image.clone(),
+        run_as: env.run_as,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pacloud_domain::{BuildRequest, TargetSet};
+    use std::time::Duration;
+
+    #[test]
+    fn package_use_is_for_the_requested_atom_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        let env = BuildEnv {
+            work_root: dir.path().join("builds"),
+            portage: PortageInstall::Venv("/opt/venv".into()),
+            repos: BTreeMap::from([("gentoo".to_owned(), repo.clone())]),
+            limits: Limits { wall_clock: Duration::from_secs(60), memory_bytes: None },
+            network: false,
+            run_as: None,
+            image: None,
+        };
+        let targets = TargetSet::builtin();
+        let spec = BuildRequest {
+            atom: "app-misc/hello".into(),
+            version: "2.12-r1".into(),
+            use_flags: vec!["foo -bar $(reboot)".into()],
+            target: None,
+        }
+        .validate(&targets);
+        assert!(spec.is_err(), "hostile USE never reaches a plan");
+        let spec = BuildRequest {
+            atom: "app-misc/hello".into(),
+            version: "2.12-r1".into(),
+            use_flags: vec!["foo -bar".into()],
+            target: None,
+        }
+        .validate(&targets)
+        .unwrap();
+        let target = targets.get(&spec.target).unwrap().clone();
+        let plan = prepare(&env, &Job::new(spec), &target, "job-1").unwrap();
+        let w = dir.path().join("builds/job-1");
+        assert_eq!(
+            std::fs::read_to_string(w.join("config/etc/portage/package.use")).unwrap(),
+            "=app-misc/hello-2.12-r1 -bar foo\n"
+        );
+        assert_eq!(
+            std::fs::read_link(w.join("config/etc/portage/make.profile")).unwrap(),
+            repo.join("profiles/default/linux/amd64/23.0")
+        );
+        let make_conf = std::fs::read_to_string(w.join("config/etc/portage/make.conf")).unwrap();
+        assert!(make_conf.contains(&format!("PKGDIR=\"{}\"", w.join("pkgdir").display())));
+        assert!(make_conf.contains("CFLAGS=\"-O2 -pipe -march=x86-64-v2\""));
+        let host = std::fs::read_to_string(w.join("hostconf/make.conf")).unwrap();
+        assert!(host.contains("hostpkgdir"), "host packages never go to the published PKGDIR");
+        assert_eq!(plan.argv.last().unwrap(), "=app-misc/hello-2.12-r1");
+        assert!(plan.argv.windows(2).any(|w| w[0] == "--usepkg-exclude" && w[1] == "app-misc/hello"));
+        assert!(!plan.env.iter().any(|(k, _)| k == "USE"), "USE only through package.use");
+        let mut none = env.clone();
+        none.repos.clear();
+        let spec =
+            BuildRequest { atom: "a/b".into(), version: "1".into(), ..Default::default() }.validate(&targets).unwrap();
+        assert!(matches!(prepare(&none, &Job::new(spec), &target, "job-2"), Err(PlanError::UnknownRepository { .. })));
+    }
+
+    #[test]
+    fn make_conf_values_are_quoted() {
+        assert_eq!(quote(r#"a"b$c`d\e"#), r#""a\"b\$c\`d\\e""#);
+    }
+}

@@ -1,0 +1,241 @@
+//! The bubblewrap backend: a fresh throw-away root per build. The host (or
+//! an unpacked stage3) is mounted read-only, with fresh writable PKGDIR,
+//! PORTAGE_TMPDIR, ROOT, DISTDIR and log directories of this build only, a
+//! private /tmp and /var/tmp, no network unless allowed, all capabilities
+//! dropped, a new PID/IPC/UTS namespace, optionally an unprivileged uid
+//! (through `setpriv`) and an address-space limit (through `prlimit`), and a
+//! wall-clock limit enforced here. Argv: tests/fixtures/VERIFIED.md §3a/3b.
+
+use async_trait::async_trait;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Instant;
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use super::{BuildPlan, PortageInstall, Sandbox, SandboxError, SandboxOutcome};
+
+/// The bubblewrap backend.
+#[derive(Debug, Clone)]
+pub struct BwrapSandbox {
+    bwrap: PathBuf,
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+impl BwrapSandbox {
+    pub fn new(bwrap: PathBuf) -> Self {
+        BwrapSandbox { bwrap }
+    }
+
+    /// Finds `bwrap` on PATH and checks that it can make a sandbox here.
+    pub async fn detect() -> Result<BwrapSandbox, SandboxError> {
+        let argv =
+            ["bwrap", "--ro-bind", "/", "/", "--unshare-net", "--cap-drop", "ALL", "--", "true"].map(String::from);
+        crate::runner::run_checked(&argv).await.map_err(|e| match e {
+            crate::runner::CommandError::Spawn { .. } => {
+                SandboxError::Unavailable("bubblewrap (bwrap) is not installed".into())
+            }
+            other => SandboxError::Unavailable(format!("bubblewrap cannot create a sandbox here: {other}")),
+        })?;
+        Ok(BwrapSandbox::new("bwrap".into()))
+    }
+
+    /// The full argv of a build (pure apart from listing the venv).
+    pub fn argv(&self, plan: &BuildPlan) -> Result<Vec<String>, SandboxError> {
+        let mut a: Vec<String> = Vec::new();
+        if let Some((uid, gid)) = plan.run_as {
+            a.extend(["setpriv".into(), format!("--reuid={uid}"), format!("--regid={gid}"), "--clear-groups".into()]);
+        }
+        if let Some(bytes) = plan.limits.memory_bytes {
+            a.extend(["prlimit".into(), format!("--as={bytes}"), "--".into()]);
+        }
+        a.push(s(&self.bwrap));
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|x| x.to_string()));
+        push(&["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]);
+        push(&["--perms", "1777", "--tmpfs", "/var/tmp"]);
+        let w = &plan.work_dir;
+        if let PortageInstall::Venv(venv) = &plan.portage {
+            // A throw-away, writable host prefix over the venv (portage writes
+            // var/, usr/, etc/ there for ROOT != /), with the venv's own parts
+            // bound back read-only.
+            let v = s(venv);
+            a.extend(["--perms".into(), "0755".into(), "--tmpfs".into(), v.clone()]);
+            let entries = std::fs::read_dir(venv).map_err(|source| SandboxError::Io { path: venv.clone(), source })?;
+            let mut names: Vec<_> = entries.filter_map(|e| e.ok()).collect();
+            names.sort_by_key(|e| e.file_name());
+            for e in names {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if matches!(name.as_str(), "etc" | "var" | "usr" | "tmp") {
+                    continue;
+                }
+                let path = e.path();
+                match std::fs::read_link(&path) {
+                    Ok(target) => a.extend(["--symlink".into(), s(&target), s(&path)]),
+                    Err(_) => a.extend(["--ro-bind".into(), s(&path), s(&path)]),
+                }
+            }
+            let etc = venv.join("etc/portage");
+            a.extend(["--dir".into(), s(&etc)]);
+            let profile = std::fs::read_link(plan.config_root().join("etc/portage/make.profile"))
+                .map_err(|source| SandboxError::Io { path: plan.config_root(), source })?;
+            a.extend(["--symlink".into(), s(&profile), s(&etc.join("make.profile"))]);
+            a.extend(["--ro-bind".into(), s(&w.join("hostconf/make.conf")), s(&etc.join("make.conf"))]);
+        }
+        let config = plan.config_root();
+        a.extend(["--ro-bind".into(), s(&config), s(&config)]);
+        for (_, repo) in &plan.repos {
+            a.extend(["--ro-bind".into(), s(repo), s(repo)]);
+        }
+        for d in plan.writable_dirs() {
+            a.extend(["--bind".into(), s(&d), s(&d)]);
+        }
+        if !plan.network {
+            a.push("--unshare-net".into());
+        }
+        for x in ["--unshare-ipc", "--unshare-pid", "--unshare-uts", "--die-with-parent", "--new-session"] {
+            a.push(x.into());
+        }
+        a.extend(["--cap-drop".into(), "ALL".into(), "--clearenv".into()]);
+        for (k, v) in &plan.env {
+            a.extend(["--setenv".into(), k.clone(), v.clone()]);
+        }
+        a.extend(["--chdir".into(), s(&w.join("tmp")), "--".into()]);
+        a.extend(plan.argv.iter().cloned());
+        Ok(a)
+    }
+
+    /// Hands the build's writable directories to the unprivileged uid.
+    fn chown_for(plan: &BuildPlan) -> Result<(), SandboxError> {
+        let Some((uid, gid)) = plan.run_as else { return Ok(()) };
+        fn walk(p: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+            std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
+            if p.is_dir() && !p.is_symlink() {
+                for e in std::fs::read_dir(p)? {
+                    walk(&e?.path(), uid, gid)?;
+                }
+            }
+            Ok(())
+        }
+        for d in plan.writable_dirs() {
+            walk(&d, uid, gid).map_err(|source| SandboxError::Io { path: d.clone(), source })?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Sandbox for BwrapSandbox {
+    fn name(&self) -> &'static str {
+        "bwrap"
+    }
+
+    async fn run(&self, plan: &BuildPlan, cancel: CancellationToken) -> Result<SandboxOutcome, SandboxError> {
+        let argv = self.argv(plan)?;
+        Self::chown_for(plan)?;
+        let log_path = plan.log_path();
+        let log =
+            std::fs::File::create(&log_path).map_err(|source| SandboxError::Io { path: log_path.clone(), source })?;
+        let log2 = log.try_clone().map_err(|source| SandboxError::Io { path: log_path.clone(), source })?;
+        let started = Instant::now();
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| SandboxError::Spawn { program: argv[0].clone(), source })?;
+        let pgid = child.id();
+        // Kills the whole process group (bwrap and everything under it).
+        let kill_all = |pgid: Option<u32>| {
+            if let Some(pid) = pgid {
+                let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+            }
+        };
+        let timed_out;
+        let status = tokio::select! {
+            st = child.wait() => { timed_out = false; st }
+            _ = tokio::time::sleep(plan.limits.wall_clock) => {
+                timed_out = true;
+                kill_all(pgid);
+                child.wait().await
+            }
+            _ = cancel.cancelled() => {
+                kill_all(pgid);
+                let _ = child.wait().await;
+                return Err(SandboxError::Cancelled);
+            }
+        }
+        .map_err(|source| SandboxError::Io { path: log_path.clone(), source })?;
+        let exit_code = status.code();
+        if !timed_out && exit_code.is_none() {
+            // Killed by a signal that did not come from us: the machine, not the package.
+            return Err(SandboxError::Unavailable(format!("the sandbox was killed ({status})")));
+        }
+        Ok(SandboxOutcome { exit_code, timed_out, duration: started.elapsed(), log: log_path })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::Limits;
+    use std::time::Duration;
+
+    fn plan(dir: &Path) -> BuildPlan {
+        let w = dir.join("w");
+        std::fs::create_dir_all(w.join("config/etc/portage")).unwrap();
+        std::os::unix::fs::symlink("/repo/profiles/default", w.join("config/etc/portage/make.profile")).unwrap();
+        let venv = dir.join("venv");
+        std::fs::create_dir_all(venv.join("bin")).unwrap();
+        std::fs::create_dir_all(venv.join("lib")).unwrap();
+        std::fs::create_dir_all(venv.join("var")).unwrap();
+        std::os::unix::fs::symlink("lib", venv.join("lib64")).unwrap();
+        BuildPlan {
+            job_id: "j".into(),
+            work_dir: w,
+            repos: vec![("r".into(), "/repo".into())],
+            portage: PortageInstall::Venv(venv),
+            env: vec![("ROOT".into(), "/x".into())],
+            argv: vec!["emerge".into(), "=a/b-1".into()],
+            network: false,
+            limits: Limits { wall_clock: Duration::from_secs(5), memory_bytes: Some(1 << 30) },
+            image: None,
+            run_as: Some((65534, 65534)),
+        }
+    }
+
+    #[test]
+    fn argv_isolates_the_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = plan(dir.path());
+        let a = BwrapSandbox::new("bwrap".into()).argv(&p).unwrap();
+        let joined = a.join(" ");
+        assert_eq!(&a[..4], &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]);
+        assert!(joined.contains("prlimit --as=1073741824 -- bwrap"));
+        for must in
+            ["--unshare-net", "--cap-drop ALL", "--clearenv", "--die-with-parent", "--unshare-pid", "--ro-bind / /"]
+        {
+            assert!(joined.contains(must), "{must}");
+        }
+        let venv = s(&dir.path().join("venv"));
+        assert!(joined.contains(&format!("--symlink lib {venv}/lib64")), "{joined}");
+        assert!(!joined.contains(&format!("{venv}/var")), "the venv's var is not exposed");
+        assert!(joined.contains("--ro-bind /repo /repo"));
+        assert!(joined.contains(&format!("--bind {} ", s(&p.pkgdir()))));
+        assert!(joined.ends_with("-- emerge =a/b-1"));
+        assert!(!a.iter().any(|x| x == "sh" || x == "bash" || x == "-c"), "no shell");
+        let mut open = p.clone();
+        open.network = true;
+        open.run_as = None;
+        let a = BwrapSandbox::new("bwrap".into()).argv(&open).unwrap();
+        assert!(!a.iter().any(|x| x == "--unshare-net"));
+        assert_eq!(a[0], "prlimit");
+    }
+}
