@@ -219,10 +219,30 @@ pub async fn artifact_store(store: Arc<dyn ArtifactStore>) {
     // Idempotent re-upload of the same path.
     store.put_file(&p, &file, &sha).await.expect("uploading the same object again is fine");
 
+    // Create-if-absent never overwrites.
+    let q = ArtifactPath::parse("contract/app-misc/x/x-1.0-2.gpkg.tar").unwrap();
+    assert!(store.put_file_if_absent(&q, &file, &sha).await.unwrap().is_some(), "absent: stored");
+    let other = dir.path().join("other");
+    std::fs::write(&other, b"other bytes").unwrap();
+    let other_sha = sha256_hex(b"other bytes");
+    assert!(store.put_file_if_absent(&q, &other, &other_sha).await.unwrap().is_none(), "present: refused");
+    assert_eq!(store.get(&q).await.unwrap(), bytes, "the first object is kept");
+    let y = ArtifactPath::parse("contract/y").unwrap();
+    assert!(
+        matches!(store.put_file_if_absent(&y, &other, &wrong).await, Err(ArtifactError::ChecksumMismatch { .. })),
+        "create-if-absent verifies the checksum too"
+    );
+
     let idx = ArtifactPath::parse("contract/Packages").unwrap();
     store.put_bytes(&idx, b"one".to_vec(), "text/plain").await.unwrap();
     store.put_bytes(&idx, b"two".to_vec(), "text/plain").await.unwrap();
     assert_eq!(store.get(&idx).await.unwrap(), b"two", "put_bytes replaces");
+
+    // Listing by prefix.
+    let listed: Vec<String> = store.list("contract/app-misc/").await.unwrap().iter().map(|p| p.to_string()).collect();
+    assert_eq!(listed, vec!["contract/app-misc/x/x-1.0-1.gpkg.tar", "contract/app-misc/x/x-1.0-2.gpkg.tar"]);
+    assert!(store.list("nothing-here/").await.unwrap().is_empty());
+    assert_eq!(store.list("contract/").await.unwrap().len(), 3, "Packages and both packages");
 
     let now = Millis(1_900_000_000_000);
     let url = store.signed_url(&p, now, 600 * SEC).unwrap();

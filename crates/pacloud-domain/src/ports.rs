@@ -228,12 +228,24 @@ pub enum ArtifactError {
 pub trait ArtifactStore: Send + Sync + 'static {
     /// Stores a local file, verifying it against `sha256` (lowercase hex).
     async fn put_file(&self, path: &ArtifactPath, file: &Path, sha256: &str) -> Result<StoredObject, ArtifactError>;
+    /// Like `put_file`, but only if nothing is stored at `path` yet; returns
+    /// `None` (and stores nothing) if something is. Used for binary packages,
+    /// whose paths must never be overwritten.
+    async fn put_file_if_absent(
+        &self,
+        path: &ArtifactPath,
+        file: &Path,
+        sha256: &str,
+    ) -> Result<Option<StoredObject>, ArtifactError>;
     async fn put_bytes(
         &self,
         path: &ArtifactPath,
         bytes: Vec<u8>,
         content_type: &str,
     ) -> Result<StoredObject, ArtifactError>;
+    /// Every stored path that starts with `prefix` (a directory-like prefix
+    /// ending in `/`), in lexical order.
+    async fn list(&self, prefix: &str) -> Result<Vec<ArtifactPath>, ArtifactError>;
     async fn head(&self, path: &ArtifactPath) -> Result<Option<StoredObject>, ArtifactError>;
     async fn get(&self, path: &ArtifactPath) -> Result<Vec<u8>, ArtifactError>;
     /// A URL that lets anyone holding it GET the object until `expires_at`.

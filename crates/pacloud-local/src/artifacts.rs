@@ -138,19 +138,8 @@ impl DirArtifactStore {
         self.root.join(".tmp").join(format!("{}-{n}", std::process::id()))
     }
 
-    /// Moves a finished temporary file into place atomically.
-    async fn commit(&self, tmp: &Path, path: &ArtifactPath) -> Result<(), ArtifactError> {
-        let dest = self.file_path(path);
-        if let Some(parent) = dest.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(unavailable)?;
-        }
-        tokio::fs::rename(tmp, &dest).await.map_err(unavailable)
-    }
-}
-
-#[async_trait]
-impl ArtifactStore for DirArtifactStore {
-    async fn put_file(&self, path: &ArtifactPath, file: &Path, sha256: &str) -> Result<StoredObject, ArtifactError> {
+    /// Copies `file` to a temporary file, verifying its SHA-256.
+    async fn stage(&self, path: &ArtifactPath, file: &Path, sha256: &str) -> Result<(PathBuf, u64), ArtifactError> {
         let tmp = self.tmp_path();
         let result = async {
             let mut src = tokio::fs::File::open(file).await.map_err(unavailable)?;
@@ -167,18 +156,64 @@ impl ArtifactStore for DirArtifactStore {
                 dst.write_all(&buf[..n]).await.map_err(unavailable)?;
                 size += n as u64;
             }
-            let actual = hex::encode(hasher.finalize());
-            if actual != sha256 {
+            if hex::encode(hasher.finalize()) != sha256 {
                 return Err(ArtifactError::ChecksumMismatch { path: path.to_string(), expected: sha256.to_owned() });
             }
             dst.sync_all().await.map_err(unavailable)?;
-            self.commit(&tmp, path).await?;
-            Ok(StoredObject { size, sha256: Some(actual) })
+            Ok(size)
         }
         .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
+        match result {
+            Ok(size) => Ok((tmp, size)),
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                Err(e)
+            }
         }
+    }
+
+    /// Moves a finished temporary file into place atomically.
+    async fn commit(&self, tmp: &Path, path: &ArtifactPath) -> Result<(), ArtifactError> {
+        let dest = self.file_path(path);
+        if let Some(parent) = dest.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(unavailable)?;
+        }
+        tokio::fs::rename(tmp, &dest).await.map_err(unavailable)
+    }
+}
+
+#[async_trait]
+impl ArtifactStore for DirArtifactStore {
+    async fn put_file(&self, path: &ArtifactPath, file: &Path, sha256: &str) -> Result<StoredObject, ArtifactError> {
+        let (tmp, size) = self.stage(path, file, sha256).await?;
+        if let Err(e) = self.commit(&tmp, path).await {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+        Ok(StoredObject { size, sha256: Some(sha256.to_owned()) })
+    }
+
+    async fn put_file_if_absent(
+        &self,
+        path: &ArtifactPath,
+        file: &Path,
+        sha256: &str,
+    ) -> Result<Option<StoredObject>, ArtifactError> {
+        let (tmp, size) = self.stage(path, file, sha256).await?;
+        let dest = self.file_path(path);
+        let result = async {
+            if let Some(parent) = dest.parent() {
+                tokio::fs::create_dir_all(parent).await.map_err(unavailable)?;
+            }
+            // link(2) fails if the destination exists: an atomic create-if-absent.
+            match tokio::fs::hard_link(&tmp, &dest).await {
+                Ok(()) => Ok(Some(StoredObject { size, sha256: Some(sha256.to_owned()) })),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(None),
+                Err(e) => Err(unavailable(e)),
+            }
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&tmp).await;
         result
     }
 
@@ -202,6 +237,42 @@ impl ArtifactStore for DirArtifactStore {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
         result.map(|_| StoredObject { size, sha256: Some(sha) })
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ArtifactPath>, ArtifactError> {
+        let root = self.root.clone();
+        let prefix = prefix.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let mut stack = vec![root.clone()];
+            while let Some(dir) = stack.pop() {
+                let entries = match std::fs::read_dir(&dir) {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                for e in entries {
+                    let e = e?;
+                    let path = e.path();
+                    let Ok(rel) = path.strip_prefix(&root) else { continue };
+                    let rel = rel.to_string_lossy().into_owned();
+                    let ty = e.file_type()?;
+                    if ty.is_dir() && rel != ".tmp" && (prefix.starts_with(&format!("{rel}/")) || rel.starts_with(&prefix)) {
+                        stack.push(path);
+                    } else if ty.is_file()
+                        && rel.starts_with(&prefix)
+                        && let Ok(p) = ArtifactPath::parse(&rel)
+                    {
+                        out.push(p);
+                    }
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+        .await
+        .map_err(|e| ArtifactError::Unavailable(Box::new(e)))?
+        .map_err(unavailable)
     }
 
     async fn head(&self, path: &ArtifactPath) -> Result<Option<StoredObject>, ArtifactError> {
