@@ -146,6 +146,15 @@ impl BuildRecord {
         }
     }
 
+    /// A `ready` record for a package that was built as a side effect
+    /// (a dependency, with its default USE) of another build.
+    pub fn new_ready(spec: BuildSpec, artifact: ArtifactInfo, now: Millis) -> Self {
+        let mut r = Self::new_queued(spec, now);
+        r.status = Status::Ready;
+        r.artifact = Some(artifact);
+        r
+    }
+
     fn next(&self, to: Status, now: Millis) -> Result<BuildRecord, TransitionError> {
         if !self.status.can_become(to) {
             return Err(TransitionError::Illegal { key: self.key.to_string(), from: self.status, to });

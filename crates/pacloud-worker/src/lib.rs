@@ -9,5 +9,7 @@
 
 pub mod pkgindex;
 pub mod plan;
+pub mod publish;
 pub mod runner;
 pub mod sandbox;
+pub mod worker;

@@ -1,0 +1,421 @@
+//! The worker loop over the ports: receive (long poll), claim the key's
+//! lease, heartbeat (lease and message visibility) while building, build in
+//! a fresh sandbox, publish, mark ready only while holding the lease, and
+//! acknowledge only after the outcome is recorded.
+//!
+//! Failure classes: emerge failing is `build` (recorded, cached, retryable
+//! on request); the wall-clock limit is `timeout`; sandbox, storage and
+//! interruption failures are `infrastructure`: released with backoff and
+//! retried, and after `max_attempts` recorded as failed and left to the
+//! queue's redrive into the dead-letter queue.
+
+use pacloud_domain::grammar::parse_versioned_atom;
+use pacloud_domain::ports::{ArtifactPath, ArtifactStore, Delivery, Job, JobQueue, MetadataStore, Receipt, StoreError};
+use pacloud_domain::request::BuildSpec;
+use pacloud_domain::{
+    ArtifactInfo, BuildKey, BuildRecord, Clock, FailureClass, FailureInfo, TargetSet, TransitionError, UseSet,
+};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::plan::{self, BuildEnv};
+use crate::publish;
+use crate::runner::tail_lines;
+use crate::sandbox::{Sandbox, SandboxError};
+
+/// Tunables of the worker loop.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Builds run at once by this worker.
+    pub concurrency: usize,
+    /// Lease on the key and visibility of the message; both are extended
+    /// every third of it while a build runs.
+    pub lease: Duration,
+    /// Long-poll wait of one receive.
+    pub poll_wait: Duration,
+    /// Deliveries after which an infrastructure failure is final (equal to
+    /// the queue's maxReceiveCount, so the message then dead-letters).
+    pub max_attempts: u32,
+    /// How long a build failure is served from cache.
+    pub failure_ttl: Duration,
+    /// First retry delay after an infrastructure failure (doubles).
+    pub retry_backoff: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            concurrency: 1,
+            lease: Duration::from_secs(60),
+            poll_wait: Duration::from_secs(20),
+            max_attempts: 5,
+            failure_ttl: Duration::from_secs(3600),
+            retry_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What happened to one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutcome {
+    Ready,
+    Failed(FailureClass),
+    /// Given back to the queue (infrastructure failure or shutdown).
+    Released,
+    /// Acknowledged without building (already ready, leased, failed, gone).
+    Dropped(&'static str),
+    /// Another worker holds the lease now; our result was not published.
+    LeaseLost,
+    /// The message could not be read; left to the queue's redrive.
+    Unreadable,
+}
+
+/// The ports and parts a worker uses.
+pub struct Worker {
+    pub store: Arc<dyn MetadataStore>,
+    pub queue: Arc<dyn JobQueue>,
+    pub artifacts: Arc<dyn ArtifactStore>,
+    pub targets: Arc<TargetSet>,
+    pub clock: Arc<dyn Clock>,
+    pub sandbox: Arc<dyn Sandbox>,
+    pub env: BuildEnv,
+    pub config: WorkerConfig,
+    /// Prefix of lease owner names, unique per process.
+    pub name: String,
+    seq: AtomicU64,
+}
+
+#[derive(Debug)]
+enum Apply {
+    Missing,
+    Refused(TransitionError),
+    Store(StoreError),
+}
+
+/// Why an attempt ended without a package outcome.
+#[derive(Debug, thiserror::Error)]
+enum Infra {
+    #[error(transparent)]
+    Plan(#[from] plan::PlanError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Publish(#[from] publish::PublishError),
+    #[error(transparent)]
+    Artifact(#[from] pacloud_domain::ports::ArtifactError),
+}
+
+impl Worker {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<dyn MetadataStore>,
+        queue: Arc<dyn JobQueue>,
+        artifacts: Arc<dyn ArtifactStore>,
+        targets: Arc<TargetSet>,
+        clock: Arc<dyn Clock>,
+        sandbox: Arc<dyn Sandbox>,
+        env: BuildEnv,
+        config: WorkerConfig,
+        name: String,
+    ) -> Self {
+        Worker { store, queue, artifacts, targets, clock, sandbox, env, config, name, seq: AtomicU64::new(0) }
+    }
+
+    /// Runs `config.concurrency` job loops until `stop` (no new jobs) and
+    /// returns when they are done. `abort` kills running builds, whose
+    /// messages and leases are then released at once.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken, abort: CancellationToken) {
+        let mut slots = Vec::new();
+        for slot in 0..self.config.concurrency.max(1) {
+            let (me, stop, abort) = (self.clone(), stop.clone(), abort.clone());
+            slots.push(tokio::spawn(async move { me.slot(slot, stop, abort).await }));
+        }
+        for s in slots {
+            let _ = s.await;
+        }
+    }
+
+    async fn slot(&self, slot: usize, stop: CancellationToken, abort: CancellationToken) {
+        while !stop.is_cancelled() {
+            let got = tokio::select! {
+                r = self.queue.receive(1, self.config.lease, self.config.poll_wait) => r,
+                _ = stop.cancelled() => break,
+            };
+            match got {
+                Ok(deliveries) => {
+                    for d in deliveries {
+                        let outcome = self.process(d, &abort).await;
+                        tracing::info!(slot, ?outcome, "job done");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = &e as &dyn std::error::Error, "receive failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.cancelled() => break,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads, applies `f`, writes conditionally; re-reads on a lost race.
+    async fn apply(
+        &self,
+        key: &BuildKey,
+        f: impl Fn(&BuildRecord) -> Result<BuildRecord, TransitionError>,
+    ) -> Result<BuildRecord, Apply> {
+        for _ in 0..8 {
+            let cur = self.store.get(key).await.map_err(Apply::Store)?.ok_or(Apply::Missing)?;
+            let next = f(&cur).map_err(Apply::Refused)?;
+            match self.store.replace(&next, cur.revision).await {
+                Ok(()) => return Ok(next),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(Apply::Store(e)),
+            }
+        }
+        Err(Apply::Store(StoreError::Conflict))
+    }
+
+    fn backoff(&self, receive_count: u32) -> Duration {
+        let exp = receive_count.saturating_sub(1).min(10);
+        (self.config.retry_backoff * 2u32.pow(exp)).min(Duration::from_secs(900))
+    }
+
+    /// Handles one delivery from start to acknowledgement.
+    pub async fn process(&self, d: Delivery, abort: &CancellationToken) -> JobOutcome {
+        let owner = format!("{}-{}", self.name, self.seq.fetch_add(1, Ordering::Relaxed));
+        let job = match Job::decode(&d.body) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!(message = %d.message_id, error = &e as &dyn std::error::Error, "unreadable job message");
+                let _ = self.queue.release(&d.receipt, self.backoff(d.receive_count)).await;
+                return JobOutcome::Unreadable;
+            }
+        };
+        let key = job.key.clone();
+        let target = match self.targets.get(&job.spec.target) {
+            Some(t) if t.hash() == job.spec.target_hash => t.clone(),
+            _ => {
+                tracing::warn!(%key, target = %job.spec.target, "this worker does not have the job's target");
+                let _ = self.queue.release(&d.receipt, self.backoff(d.receive_count)).await;
+                return JobOutcome::Released;
+            }
+        };
+        let lease = self.config.lease;
+        let claimed = self.apply(&key, |r| r.claim(&owner, self.clock.now(), lease)).await;
+        match claimed {
+            Ok(_) => {}
+            Err(Apply::Missing) => return self.drop_message(&d.receipt, "no record for this key").await,
+            Err(Apply::Refused(e)) => {
+                tracing::info!(%key, reason = %e, "dropping message");
+                return self.drop_message(&d.receipt, "already ready, failed or leased").await;
+            }
+            Err(Apply::Store(e)) => {
+                tracing::warn!(%key, error = &e as &dyn std::error::Error, "cannot claim; releasing");
+                let _ = self.queue.release(&d.receipt, self.backoff(d.receive_count)).await;
+                return JobOutcome::Released;
+            }
+        }
+        tracing::info!(%key, %owner, atom = %job.spec.portage_atom(), attempt = d.receive_count, "building");
+
+        // Heartbeat: extend the lease and the message's visibility.
+        let lost = abort.child_token();
+        let heartbeat = {
+            let (store, queue, clock, receipt, key, owner, lost) = (
+                self.store.clone(),
+                self.queue.clone(),
+                self.clock.clone(),
+                d.receipt.clone(),
+                key.clone(),
+                owner.clone(),
+                lost.clone(),
+            );
+            tokio::spawn(async move {
+                let every = lease / 3;
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = lost.cancelled() => return,
+                    }
+                    if let Err(e) = queue.extend(&receipt, lease).await {
+                        tracing::warn!(%key, error = &e as &dyn std::error::Error, "cannot extend message visibility");
+                    }
+                    let Ok(Some(cur)) = store.get(&key).await else { continue };
+                    match cur.heartbeat(&owner, clock.now(), lease) {
+                        Ok(next) => {
+                            if let Err(e) = store.replace(&next, cur.revision).await {
+                                tracing::warn!(%key, error = &e as &dyn std::error::Error, "heartbeat write failed");
+                            }
+                        }
+                        Err(_) => {
+                            tracing::warn!(%key, %owner, "lease lost; stopping the build");
+                            lost.cancel();
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+
+        let result = self.build(&job, &target, &owner, &lost).await;
+        let lease_lost = lost.is_cancelled() && !abort.is_cancelled();
+        lost.cancel();
+        let _ = heartbeat.await;
+        let _ = tokio::fs::remove_dir_all(self.env.work_root.join(&owner)).await;
+
+        match result {
+            Ok(BuildResult::Built { artifact, deps }) => {
+                let done = self.apply(&key, |r| r.complete(&owner, artifact.clone(), self.clock.now())).await;
+                match done {
+                    Ok(_) => {
+                        self.record_dependencies(&job.spec, deps).await;
+                        let _ = self.queue.ack(&d.receipt).await;
+                        JobOutcome::Ready
+                    }
+                    Err(Apply::Refused(_)) | Err(Apply::Missing) => {
+                        tracing::warn!(%key, %owner, "lost the lease before publishing; result dropped");
+                        JobOutcome::LeaseLost
+                    }
+                    Err(Apply::Store(e)) => self.infra(&d, &key, &owner, &format!("recording the result failed: {e}")).await,
+                }
+            }
+            Ok(BuildResult::Failed { class, reason, log_path, log_tail }) => {
+                let failure = FailureInfo {
+                    class,
+                    reason,
+                    log_path,
+                    log_tail: Some(log_tail),
+                    cached_until: self.clock.now().plus(self.config.failure_ttl),
+                };
+                match self.apply(&key, |r| r.fail(Some(&owner), failure.clone(), self.clock.now())).await {
+                    Ok(_) => {
+                        let _ = self.queue.ack(&d.receipt).await;
+                        JobOutcome::Failed(class)
+                    }
+                    Err(Apply::Store(e)) => self.infra(&d, &key, &owner, &format!("recording the failure failed: {e}")).await,
+                    Err(_) => JobOutcome::LeaseLost,
+                }
+            }
+            Err(Infra::Sandbox(SandboxError::Cancelled)) if lease_lost => JobOutcome::LeaseLost,
+            Err(Infra::Sandbox(SandboxError::Cancelled)) => {
+                // Shutdown or interruption: give everything back at once.
+                let _ = self.apply(&key, |r| r.release(&owner, self.clock.now())).await;
+                let _ = self.queue.release(&d.receipt, Duration::ZERO).await;
+                JobOutcome::Released
+            }
+            Err(e) => {
+                tracing::warn!(%key, error = &e as &dyn std::error::Error, "infrastructure failure");
+                self.infra(&d, &key, &owner, &e.to_string()).await
+            }
+        }
+    }
+
+    async fn drop_message(&self, receipt: &Receipt, why: &'static str) -> JobOutcome {
+        let _ = self.queue.ack(receipt).await;
+        JobOutcome::Dropped(why)
+    }
+
+    /// An infrastructure failure: retry with backoff, or after the last
+    /// attempt record `failed` and let the queue dead-letter the message.
+    async fn infra(&self, d: &Delivery, key: &BuildKey, owner: &str, reason: &str) -> JobOutcome {
+        if d.receive_count >= self.config.max_attempts {
+            let failure = FailureInfo {
+                class: FailureClass::Infrastructure,
+                reason: format!("infrastructure failure after {} attempts: {reason}", d.receive_count),
+                log_path: None,
+                log_tail: None,
+                cached_until: self.clock.now().plus(self.config.failure_ttl),
+            };
+            let _ = self.apply(key, |r| r.fail(Some(owner), failure.clone(), self.clock.now())).await;
+            // Visible again: its next receive moves it to the dead-letter queue.
+            let _ = self.queue.release(&d.receipt, Duration::ZERO).await;
+            return JobOutcome::Failed(FailureClass::Infrastructure);
+        }
+        let _ = self.apply(key, |r| r.release(owner, self.clock.now())).await;
+        let _ = self.queue.release(&d.receipt, self.backoff(d.receive_count)).await;
+        JobOutcome::Released
+    }
+
+    /// Plans, seeds, runs and publishes one build.
+    async fn build(
+        &self,
+        job: &Job,
+        target: &pacloud_domain::Target,
+        owner: &str,
+        cancel: &CancellationToken,
+    ) -> Result<BuildResult, Infra> {
+        let plan = plan::prepare(&self.env, job, target, owner)?;
+        let target_name = target.name.as_str();
+        let seeded = publish::seed(&*self.artifacts, target_name, &plan.pkgdir()).await?;
+        let outcome = self.sandbox.run(&plan, cancel.clone()).await?;
+        let log_text = tokio::fs::read(&outcome.log).await.unwrap_or_default();
+        let log_path = ArtifactPath::parse(&format!("logs/{}/{owner}.log", job.key))
+            .map_err(|_| Infra::Sandbox(SandboxError::Unavailable("bad log path".into())))?;
+        self.artifacts.put_bytes(&log_path, log_text.clone(), "text/plain").await?;
+        let log_tail = tail_lines(&String::from_utf8_lossy(&log_text), 30);
+        let log_path = Some(log_path.to_string());
+        if outcome.timed_out {
+            let reason = format!("the build exceeded its wall-clock limit of {:?}", self.env.limits.wall_clock);
+            return Ok(BuildResult::Failed { class: FailureClass::Timeout, reason, log_path, log_tail });
+        }
+        if !outcome.succeeded() {
+            let code = outcome.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "a signal".into());
+            let reason = format!("emerge {} exited with status {code}", job.spec.portage_atom());
+            return Ok(BuildResult::Failed { class: FailureClass::Build, reason, log_path, log_tail });
+        }
+        let now_secs = u64::try_from(self.clock.now().as_secs()).unwrap_or(0);
+        let published = publish::publish(&*self.artifacts, target_name, &plan.pkgdir(), &seeded, now_secs).await?;
+        let cpv = job.spec.portage_atom().trim_start_matches('=').to_owned();
+        let Some(main) = published.iter().find(|p| p.cpv == cpv) else {
+            let reason = format!("emerge succeeded but published no package for ={cpv}");
+            return Ok(BuildResult::Failed { class: FailureClass::Build, reason, log_path, log_tail });
+        };
+        let artifact = ArtifactInfo {
+            path: main.path.to_string(),
+            sha256: main.sha256.clone(),
+            size: main.size,
+            build_id: main.build_id,
+            use_recorded: main.use_flags.clone(),
+            build_seconds: outcome.duration.as_secs_f64(),
+            log_path,
+        };
+        let deps = published.into_iter().filter(|p| p.cpv != cpv).collect();
+        Ok(BuildResult::Built { artifact, deps })
+    }
+
+    /// Dependencies were built with their default USE: record them as ready
+    /// for the request that names no USE, unless a record exists already.
+    async fn record_dependencies(&self, spec: &BuildSpec, deps: Vec<publish::PublishedPackage>) {
+        for dep in deps {
+            let Ok((atom, version)) = parse_versioned_atom(&dep.cpv) else { continue };
+            let dep_spec = BuildSpec {
+                atom,
+                version,
+                use_flags: UseSet::default(),
+                target: spec.target.clone(),
+                target_hash: spec.target_hash.clone(),
+            };
+            let artifact = ArtifactInfo {
+                path: dep.path.to_string(),
+                sha256: dep.sha256,
+                size: dep.size,
+                build_id: dep.build_id,
+                use_recorded: dep.use_flags,
+                build_seconds: 0.0,
+                log_path: None,
+            };
+            let record = BuildRecord::new_ready(dep_spec, artifact, self.clock.now());
+            if let Err(e) = self.store.create(&record).await {
+                tracing::warn!(error = &e as &dyn std::error::Error, cpv = %dep.cpv, "cannot record dependency");
+            }
+        }
+    }
+}
+
+enum BuildResult {
+    Built { artifact: ArtifactInfo, deps: Vec<publish::PublishedPackage> },
+    Failed { class: FailureClass, reason: String, log_path: Option<String>, log_tail: String },
+}
