@@ -365,6 +365,43 @@ async fn serve_artifact(
     resp
 }
 
+/// Streams a stored file with its length; 404 JSON if absent.
+async fn send_file(store: &DirArtifactStore, apath: &ArtifactPath, content_type: &'static str) -> Response {
+    let file = match tokio::fs::File::open(store.file_path(apath)).await {
+        Ok(f) => f,
+        Err(_) => return refuse(StatusCode::NOT_FOUND, "not_found", "no such artifact"),
+    };
+    let len = file.metadata().await.map(|m| m.len()).ok();
+    let mut resp = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Some(len) = len {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    resp
+}
+
+/// `GET /binhost/{target}/Packages` and `/binhost/{target}/<cat>/<pn>/<file>.gpkg.tar`:
+/// the per-target PKGDIR-shaped tree, readable by portage as a binhost
+/// (`binrepos.conf` `sync-uri = <server>/binhost/<target>`). Cache reads are
+/// open (DESIGN §6); only the index and binary packages are served.
+async fn serve_binhost(State(store): State<Arc<DirArtifactStore>>, UrlPath((target, rest)): UrlPath<(String, String)>) -> Response {
+    let is_index = rest == "Packages";
+    let is_package = rest.ends_with(".gpkg.tar") && rest.split('/').count() == 3 && !rest.starts_with('.');
+    let Ok(apath) = ArtifactPath::parse(&format!("{target}/{rest}")) else {
+        return refuse(StatusCode::NOT_FOUND, "not_found", "no such file in the binhost");
+    };
+    if !(is_index || is_package) || target.starts_with('.') || target == "logs" {
+        return refuse(StatusCode::NOT_FOUND, "not_found", "no such file in the binhost");
+    }
+    send_file(&store, &apath, if is_index { "text/plain; charset=utf-8" } else { "application/x-tar" }).await
+}
+
+/// The binhost routes over `store`.
+pub fn binhost_router(store: Arc<DirArtifactStore>) -> Router {
+    Router::new().route("/binhost/{target}/{*rest}", get(serve_binhost)).with_state(store)
+}
+
 /// `GET /v1/artifacts/{*path}`: serves files of `store` behind signed URLs.
 pub fn artifact_router(store: Arc<DirArtifactStore>) -> Router {
     Router::new().route("/v1/artifacts/{*path}", get(serve_artifact)).with_state(store)

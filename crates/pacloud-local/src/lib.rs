@@ -16,7 +16,7 @@ mod db;
 mod queue;
 mod store;
 
-pub use artifacts::{DirArtifactStore, SigningKey, UrlCheck, artifact_router};
+pub use artifacts::{DirArtifactStore, SigningKey, UrlCheck, artifact_router, binhost_router};
 pub use db::{Db, DbError};
 pub use queue::{DeadLetter, SqliteQueue};
 pub use store::SqliteStore;

@@ -68,6 +68,18 @@ pub async fn seed(store: &dyn ArtifactStore, target: &str, pkgdir: &Path) -> Res
         tokio::fs::write(&dest, bytes).await.map_err(io(&dest))?;
         seeded.insert(rel.to_owned());
     }
+    // Portage finds binary packages through the index, not by scanning.
+    if !seeded.is_empty() {
+        let index = ArtifactPath::parse(&format!("{target}/Packages")).map_err(|_| PublishError::BadPath(target.into()))?;
+        match store.get(&index).await {
+            Ok(bytes) => {
+                let dest = pkgdir.join("Packages");
+                tokio::fs::write(&dest, bytes).await.map_err(io(&dest))?;
+            }
+            Err(ArtifactError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(seeded)
 }
 

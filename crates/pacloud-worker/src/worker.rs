@@ -264,7 +264,9 @@ impl Worker {
         let lease_lost = lost.is_cancelled() && !abort.is_cancelled();
         lost.cancel();
         let _ = heartbeat.await;
-        let _ = tokio::fs::remove_dir_all(self.env.work_root.join(&owner)).await;
+        if std::env::var_os("PACLOUD_KEEP_BUILD_DIRS").is_none() {
+            let _ = tokio::fs::remove_dir_all(self.env.work_root.join(&owner)).await;
+        }
 
         match result {
             Ok(BuildResult::Built { artifact, deps }) => {

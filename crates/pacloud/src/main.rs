@@ -32,6 +32,13 @@ enum Command {
         #[arg(long, env = "PACLOUD_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Run build workers only, on the same data directory as a `serve`.
+    Worker {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, env = "PACLOUD_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Request a package, wait for it, download and verify it.
     Get {
         /// category/package-version, e.g. app-misc/hello-2.12-r1
@@ -119,61 +126,100 @@ fn parse_package(package: &str, use_flags: &str) -> Result<(String, String, Vec<
     Ok((atom.to_string(), version.to_string(), flags))
 }
 
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn load_settings(config: Option<&std::path::Path>, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -> anyhow::Result<Settings> {
+    let mut settings = Settings::load(config, |k| std::env::var(k).ok()).map_err(|e| Usage(format!("{e:#}")))?;
+    if let Some(l) = listen {
+        settings.listen = l;
+    }
+    if let Some(d) = data_dir {
+        settings.data_dir = d;
+    }
+    Ok(settings)
+}
+
+/// Cancelled on SIGINT or SIGTERM.
+fn shutdown_token() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let term = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { listen, data_dir, config } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .init();
-            let mut settings =
-                Settings::load(config.as_deref(), |k| std::env::var(k).ok()).map_err(|e| Usage(format!("{e:#}")))?;
-            if let Some(l) = listen {
-                settings.listen = l;
-            }
-            if let Some(d) = data_dir {
-                settings.data_dir = d;
-            }
+            init_logging();
+            let settings = load_settings(config.as_deref(), listen, data_dir)?;
             let listener = tokio::net::TcpListener::bind(settings.listen)
                 .await
                 .with_context(|| format!("binding {}", settings.listen))?;
             let bound = listener.local_addr().context("reading the bound address")?;
             let app = pacloud::serve::build_app(&settings, &pacloud::serve::public_url(&settings, bound))?;
             if settings.tokens.is_empty() {
-                tracing::warn!(
-                    "no tokens configured: every caller may start builds (set PACLOUD_TOKENS or `tokens` to require one)"
-                );
+                tracing::warn!("no tokens configured: every caller may start builds (set PACLOUD_TOKENS or `tokens` to require one)");
             }
+            let workers = match pacloud::build::detect(&settings).await {
+                pacloud::build::Detected::Ready(backend) => {
+                    tracing::info!("build backend: {}", backend.description);
+                    Some(pacloud::build::start_workers(&app, backend, &settings, app.clock.clone()))
+                }
+                pacloud::build::Detected::Unavailable(why) => {
+                    tracing::warn!("no build backend: {why}; requests are queued until a worker runs");
+                    None
+                }
+            };
             tracing::info!(
                 listen = %bound,
                 data_dir = %settings.data_dir.display(),
                 default_target = %settings.targets.default_name(),
                 "pacloud serving"
             );
-            let shutdown = async {
-                let ctrl_c = tokio::signal::ctrl_c();
-                #[cfg(unix)]
-                {
-                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                    let term = async {
-                        match term.as_mut() {
-                            Some(t) => {
-                                t.recv().await;
-                            }
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-                }
-                #[cfg(not(unix))]
-                let _ = ctrl_c.await;
-                tracing::info!("shutting down");
+            let shutdown = shutdown_token();
+            let stopped = shutdown.clone();
+            pacloud::serve::serve(listener, app.router.clone(), async move { stopped.cancelled().await })
+                .await
+                .context("serving HTTP")?;
+            if let Some(w) = workers {
+                w.shutdown(settings.build.shutdown_grace).await;
+            }
+            Ok(())
+        }
+        Command::Worker { data_dir, config } => {
+            init_logging();
+            let settings = load_settings(config.as_deref(), None, data_dir)?;
+            let app = pacloud::serve::build_app(&settings, "http://127.0.0.1:0")?;
+            let backend = match pacloud::build::detect(&settings).await {
+                pacloud::build::Detected::Ready(b) => b,
+                pacloud::build::Detected::Unavailable(why) => return Err(anyhow::anyhow!("no build backend: {why}")),
             };
-            pacloud::serve::serve(listener, app.router, shutdown).await.context("serving HTTP")?;
+            tracing::info!("pacloud worker on {}: {}", settings.data_dir.display(), backend.description);
+            let workers = pacloud::build::start_workers(&app, backend, &settings, app.clock.clone());
+            shutdown_token().cancelled().await;
+            workers.shutdown(settings.build.shutdown_grace).await;
             Ok(())
         }
         Command::Get { package, use_flags, target, server, token, output, timeout } => {

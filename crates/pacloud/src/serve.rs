@@ -8,7 +8,7 @@ use axum::Router;
 use pacloud_api::{ApiState, Tokens};
 use pacloud_domain::service::{BuildService, ServiceConfig};
 use pacloud_domain::{Clock, SystemClock};
-use pacloud_local::{Db, DirArtifactStore, SigningKey, SqliteQueue, SqliteStore, artifact_router};
+use pacloud_local::{Db, DirArtifactStore, SigningKey, SqliteQueue, SqliteStore, artifact_router, binhost_router};
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -18,6 +18,7 @@ use crate::settings::Settings;
 /// Everything a running local deployment is made of.
 pub struct App {
     pub router: Router,
+    pub clock: Arc<dyn Clock>,
     pub service: Arc<BuildService>,
     pub store: Arc<SqliteStore>,
     pub queue: Arc<SqliteQueue>,
@@ -53,7 +54,7 @@ pub fn build_app_with_clock(settings: &Settings, public_url: &str, clock: Arc<dy
         queue.clone(),
         artifacts.clone(),
         Arc::new(settings.targets.clone()),
-        clock,
+        clock.clone(),
         config,
     ));
     let state = Arc::new(ApiState {
@@ -61,8 +62,9 @@ pub fn build_app_with_clock(settings: &Settings, public_url: &str, clock: Arc<dy
         tokens: Tokens::new(&settings.tokens),
         base_path: String::new(),
     });
-    let router = pacloud_api::router(state).merge(artifact_router(artifacts.clone()));
-    Ok(App { router, service, store, queue, artifacts })
+    let router =
+        pacloud_api::router(state).merge(artifact_router(artifacts.clone())).merge(binhost_router(artifacts.clone()));
+    Ok(App { router, clock, service, store, queue, artifacts })
 }
 
 /// Serves `router` on `listener` until `shutdown` completes.

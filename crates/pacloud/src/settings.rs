@@ -35,6 +35,8 @@ pub enum SettingsError {
     },
     #[error(transparent)]
     Target(#[from] TargetError),
+    #[error("config file: build.{key} = {value:?} is not valid: {expected}")]
+    Build { key: &'static str, value: String, expected: &'static str },
 }
 
 /// The config file's shape; every key is optional.
@@ -52,6 +54,108 @@ pub struct FileSettings {
     pub default_target: Option<String>,
     #[serde(default)]
     pub targets: BTreeMap<String, TargetSpec>,
+    /// Ebuild repositories by name: `pacloud-fixtures = "/path/to/repo"`.
+    #[serde(default)]
+    pub repositories: BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    pub build: BuildFileSettings,
+}
+
+/// The `[build]` table: how `serve` (and `worker`) build packages.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildFileSettings {
+    pub workers: Option<usize>,
+    pub backend: Option<String>,
+    pub portage_venv: Option<PathBuf>,
+    pub wall_clock_secs: Option<u64>,
+    pub memory_mb: Option<u64>,
+    pub network: Option<bool>,
+    pub lease_secs: Option<u64>,
+    pub failure_ttl_secs: Option<u64>,
+    pub retry_backoff_secs: Option<u64>,
+    pub unprivileged: Option<String>,
+    pub image: Option<String>,
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+/// Which sandbox builds run in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// bwrap when bubblewrap and portage are present, else none.
+    Auto,
+    Bwrap,
+    Docker,
+    /// No builds in this process (requests stay queued for other workers).
+    None,
+}
+
+/// Whether builds drop to uid/gid 65534.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unprivileged {
+    /// When everything a build reads is readable by nobody.
+    Auto,
+    Always,
+    Never,
+}
+
+/// Resolved `[build]` settings.
+#[derive(Debug, Clone)]
+pub struct BuildSettings {
+    pub workers: usize,
+    pub backend: BackendChoice,
+    pub portage_venv: Option<PathBuf>,
+    pub repositories: BTreeMap<String, PathBuf>,
+    pub wall_clock: Duration,
+    pub memory_bytes: Option<u64>,
+    pub network: bool,
+    pub lease: Duration,
+    pub failure_ttl: Duration,
+    pub retry_backoff: Duration,
+    pub unprivileged: Unprivileged,
+    pub image: Option<String>,
+    pub shutdown_grace: Duration,
+    pub poll_wait: Duration,
+}
+
+impl Default for BuildSettings {
+    fn default() -> Self {
+        BuildSettings {
+            workers: 1,
+            backend: BackendChoice::Auto,
+            portage_venv: None,
+            repositories: BTreeMap::new(),
+            wall_clock: Duration::from_secs(6 * 3600),
+            memory_bytes: None,
+            network: false,
+            lease: Duration::from_secs(60),
+            failure_ttl: Duration::from_secs(3600),
+            retry_backoff: Duration::from_secs(10),
+            unprivileged: Unprivileged::Auto,
+            image: None,
+            shutdown_grace: Duration::from_secs(30),
+            poll_wait: Duration::from_secs(2),
+        }
+    }
+}
+
+fn backend_choice(v: &str) -> Option<BackendChoice> {
+    match v {
+        "auto" => Some(BackendChoice::Auto),
+        "bwrap" => Some(BackendChoice::Bwrap),
+        "docker" => Some(BackendChoice::Docker),
+        "none" => Some(BackendChoice::None),
+        _ => None,
+    }
+}
+
+fn unprivileged_choice(v: &str) -> Option<Unprivileged> {
+    match v {
+        "auto" => Some(Unprivileged::Auto),
+        "true" | "yes" | "always" => Some(Unprivileged::Always),
+        "false" | "no" | "never" => Some(Unprivileged::Never),
+        _ => None,
+    }
 }
 
 /// Settings of the local server, fully resolved.
@@ -67,6 +171,7 @@ pub struct Settings {
     pub poll_after: Duration,
     pub max_receives: u32,
     pub targets: TargetSet,
+    pub build: BuildSettings,
 }
 
 /// Where data lives when nothing says otherwise.
@@ -92,6 +197,7 @@ impl Default for Settings {
             poll_after: Duration::from_secs(5),
             max_receives: 5,
             targets: TargetSet::builtin(),
+            build: BuildSettings::default(),
         }
     }
 }
@@ -136,6 +242,45 @@ impl Settings {
         }
         if let Some(v) = f.max_receives {
             self.max_receives = v;
+        }
+        let b = &mut self.build;
+        b.repositories.extend(f.repositories);
+        let fb = f.build;
+        if let Some(v) = fb.workers {
+            b.workers = v;
+        }
+        if let Some(v) = fb.backend {
+            b.backend = backend_choice(&v).ok_or(SettingsError::Build { key: "backend", value: v, expected: "auto, bwrap, docker or none" })?;
+        }
+        if fb.portage_venv.is_some() {
+            b.portage_venv = fb.portage_venv;
+        }
+        if let Some(v) = fb.wall_clock_secs {
+            b.wall_clock = Duration::from_secs(v);
+        }
+        if let Some(v) = fb.memory_mb {
+            b.memory_bytes = (v > 0).then_some(v << 20);
+        }
+        if let Some(v) = fb.network {
+            b.network = v;
+        }
+        if let Some(v) = fb.lease_secs {
+            b.lease = Duration::from_secs(v.max(3));
+        }
+        if let Some(v) = fb.failure_ttl_secs {
+            b.failure_ttl = Duration::from_secs(v);
+        }
+        if let Some(v) = fb.retry_backoff_secs {
+            b.retry_backoff = Duration::from_secs(v);
+        }
+        if let Some(v) = fb.unprivileged {
+            b.unprivileged = unprivileged_choice(&v).ok_or(SettingsError::Build { key: "unprivileged", value: v, expected: "auto, true or false" })?;
+        }
+        if fb.image.is_some() {
+            b.image = fb.image;
+        }
+        if let Some(v) = fb.shutdown_grace_secs {
+            b.shutdown_grace = Duration::from_secs(v);
         }
         if !f.targets.is_empty() || f.default_target.is_some() {
             let mut targets: Vec<Target> = TargetSet::builtin().iter().cloned().collect();
@@ -183,6 +328,21 @@ impl Settings {
         }
         if let Some(d) = secs("PACLOUD_POLL_AFTER_SECS")? {
             self.poll_after = d;
+        }
+        if let Some(v) = env("PACLOUD_WORKERS") {
+            self.build.workers = v.parse().map_err(|_| bad("PACLOUD_WORKERS", &v, "a whole number"))?;
+        }
+        if let Some(v) = env("PACLOUD_BUILD_BACKEND") {
+            self.build.backend = backend_choice(&v).ok_or_else(|| bad("PACLOUD_BUILD_BACKEND", &v, "auto, bwrap, docker or none"))?;
+        }
+        if let Some(v) = env("PACLOUD_PORTAGE_VENV") {
+            self.build.portage_venv = Some(v.into());
+        }
+        if let Some(v) = env("PACLOUD_REPOSITORIES") {
+            for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+                let (name, path) = item.split_once('=').ok_or_else(|| bad("PACLOUD_REPOSITORIES", &v, "name=path[,name=path...]"))?;
+                self.build.repositories.insert(name.to_owned(), path.into());
+            }
         }
         if let Some(v) = env("PACLOUD_MAX_RECEIVES") {
             self.max_receives = v.parse().map_err(|_| bad("PACLOUD_MAX_RECEIVES", &v, "a whole number"))?;

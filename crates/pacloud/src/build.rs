@@ -1,0 +1,197 @@
+//! Choosing and wiring the build backend: finds portage and the sandbox,
+//! decides whether builds can run unprivileged, and starts the in-process
+//! workers of `pacloud serve` (or the standalone `pacloud worker`).
+
+use pacloud_domain::{Clock, TargetSet};
+use pacloud_worker::plan::BuildEnv;
+use pacloud_worker::sandbox::bwrap::BwrapSandbox;
+use pacloud_worker::sandbox::docker::DockerSandbox;
+use pacloud_worker::sandbox::{Limits, PortageInstall, Sandbox};
+use pacloud_worker::worker::{Worker, WorkerConfig};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::serve::App;
+use crate::settings::{BackendChoice, Settings, Unprivileged};
+
+/// A usable build backend.
+pub struct Backend {
+    pub sandbox: Arc<dyn Sandbox>,
+    pub env: BuildEnv,
+    /// One line for the startup log.
+    pub description: String,
+}
+
+/// The outcome of looking for a backend.
+pub enum Detected {
+    Ready(Backend),
+    /// No builds in this process, and why.
+    Unavailable(String),
+}
+
+/// Finds portage: the configured venv, else `emerge` on PATH (inside a venv
+/// or the system's own).
+fn find_portage(configured: Option<&Path>) -> Result<PortageInstall, String> {
+    if let Some(v) = configured {
+        return if v.join("bin/emerge").is_file() {
+            Ok(PortageInstall::Venv(v.to_owned()))
+        } else {
+            Err(format!("portage venv {} has no bin/emerge", v.display()))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        if dir.join("emerge").is_file() {
+            if let Some(venv) = dir.parent().filter(|v| v.join("pyvenv.cfg").is_file()) {
+                return Ok(PortageInstall::Venv(venv.to_owned()));
+            }
+            return Ok(PortageInstall::System);
+        }
+    }
+    Err("portage (emerge) was not found: set build.portage_venv or PACLOUD_PORTAGE_VENV".into())
+}
+
+/// Whether uid 65534 can read everything a build reads.
+async fn nobody_can_build(portage: &PortageInstall, paths: &[&Path]) -> bool {
+    let mut argv: Vec<String> =
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"].iter().map(|s| s.to_string()).collect();
+    match portage {
+        PortageInstall::Venv(v) => {
+            argv.push(v.join("bin/python").to_string_lossy().into_owned());
+            argv.push("-c".into());
+            argv.push(
+                "import os, sys, portage; sys.exit(0 if all(os.access(p, os.R_OK | os.X_OK) for p in sys.argv[1:]) else 1)"
+                    .into(),
+            );
+        }
+        PortageInstall::System => argv.extend(["test".into(), "-x".into()]),
+    }
+    match portage {
+        PortageInstall::Venv(_) => argv.extend(paths.iter().map(|p| p.to_string_lossy().into_owned())),
+        PortageInstall::System => argv.push(paths.first().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default()),
+    }
+    pacloud_worker::runner::run_checked(&argv).await.is_ok()
+}
+
+/// Looks for the backend the settings ask for.
+pub async fn detect(settings: &Settings) -> Detected {
+    let b = &settings.build;
+    if b.backend == BackendChoice::None || b.workers == 0 {
+        return Detected::Unavailable("builds are turned off here (build.backend = none or build.workers = 0)".into());
+    }
+    let work_root = settings.data_dir.join("builds");
+    if let Err(e) = std::fs::create_dir_all(&work_root) {
+        return Detected::Unavailable(format!("cannot create {}: {e}", work_root.display()));
+    }
+    let mut repos = b.repositories.clone();
+    if !repos.contains_key("gentoo") && Path::new("/var/db/repos/gentoo/profiles").is_dir() {
+        repos.insert("gentoo".into(), PathBuf::from("/var/db/repos/gentoo"));
+    }
+    let limits = Limits { wall_clock: b.wall_clock, memory_bytes: b.memory_bytes };
+    let (sandbox, portage): (Arc<dyn Sandbox>, PortageInstall) = match b.backend {
+        BackendChoice::Docker => {
+            let docker = DockerSandbox::default().with_read_only_root(false);
+            if let Err(e) = docker.available().await {
+                return Detected::Unavailable(format!("docker backend: {e}"));
+            }
+            if b.image.is_none() {
+                return Detected::Unavailable("docker backend: build.image (a stage3 image pinned by digest) is not set".into());
+            }
+            match docker.cleanup_stale().await {
+                Ok(n) if n > 0 => tracing::info!(removed = n, "removed stale build containers"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = &e as &dyn std::error::Error, "cannot clean up stale containers"),
+            }
+            (Arc::new(docker), PortageInstall::System)
+        }
+        _ => {
+            let portage = match find_portage(b.portage_venv.as_deref()) {
+                Ok(p) => p,
+                Err(why) => return Detected::Unavailable(why),
+            };
+            match BwrapSandbox::detect().await {
+                Ok(s) => (Arc::new(s), portage),
+                Err(e) => return Detected::Unavailable(e.to_string()),
+            }
+        }
+    };
+    // Work directories must be traversable by the build user.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&work_root, std::fs::Permissions::from_mode(0o755));
+    }
+    let mut paths: Vec<&Path> = vec![&work_root];
+    paths.extend(repos.values().map(PathBuf::as_path));
+    let run_as = match b.unprivileged {
+        Unprivileged::Never => None,
+        Unprivileged::Always => Some((65534, 65534)),
+        Unprivileged::Auto => nobody_can_build(&portage, &paths).await.then_some((65534, 65534)),
+    };
+    let who = match run_as {
+        Some(_) => "as nobody (uid 65534)".to_owned(),
+        None => "as root with every capability dropped (nobody cannot read the venv, repositories or data dir)".to_owned(),
+    };
+    let what = match &portage {
+        PortageInstall::Venv(v) => format!("portage from {}", v.display()),
+        PortageInstall::System => "the system's portage".to_owned(),
+    };
+    let description = format!(
+        "{} sandbox, {what}, {} worker(s), builds run {who}, repositories: {}",
+        sandbox.name(),
+        b.workers,
+        if repos.is_empty() { "none".to_owned() } else { repos.keys().cloned().collect::<Vec<_>>().join(", ") }
+    );
+    let env = BuildEnv { work_root, portage, repos, limits, network: b.network, run_as, image: b.image.clone() };
+    Detected::Ready(Backend { sandbox, env, description })
+}
+
+/// Running workers, and how to stop them.
+pub struct Workers {
+    stop: CancellationToken,
+    abort: CancellationToken,
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl Workers {
+    /// Stops taking jobs, lets running builds finish within `grace`, then
+    /// aborts the rest (their messages and leases are released at once).
+    pub async fn shutdown(self, grace: Duration) {
+        self.stop.cancel();
+        let mut join = self.join;
+        if tokio::time::timeout(grace, &mut join).await.is_err() {
+            tracing::warn!("builds still running after the grace period; aborting them");
+            self.abort.cancel();
+            let _ = join.await;
+        }
+    }
+}
+
+/// Starts `settings.build.workers` workers over the app's ports.
+pub fn start_workers(app: &App, backend: Backend, settings: &Settings, clock: Arc<dyn Clock>) -> Workers {
+    let b = &settings.build;
+    let config = WorkerConfig {
+        concurrency: b.workers.max(1),
+        lease: b.lease,
+        poll_wait: b.poll_wait,
+        max_attempts: settings.max_receives,
+        failure_ttl: b.failure_ttl,
+        retry_backoff: b.retry_backoff,
+    };
+    let worker = Arc::new(Worker::new(
+        app.store.clone(),
+        app.queue.clone(),
+        app.artifacts.clone(),
+        Arc::new(TargetSet::clone(&settings.targets)),
+        clock,
+        backend.sandbox,
+        backend.env,
+        config,
+        format!("w{}", std::process::id()),
+    ));
+    let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
+    let join = tokio::spawn(worker.run(stop.clone(), abort.clone()));
+    Workers { stop, abort, join }
+}
