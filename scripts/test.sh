@@ -12,6 +12,8 @@ log() { printf '== %s\n' "$*" >&2; }
 need=()
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
 command -v zstd >/dev/null 2>&1 || need+=(zstd)
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+[ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3 python3-venv)
 if ((${#need[@]})); then
   log "installing ${need[*]}"
   SUDO=""
@@ -20,10 +22,12 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-# The test venv: pinned versions from tests/requirements.txt.
+# The test venv: pinned versions from tests/requirements.txt. Made from
+# Debian's python3 so that builds can run as nobody (a python under a
+# private home directory is not reachable from uid 65534).
 if [ ! -x .venv/bin/python ]; then
   log "creating .venv"
-  python3 -m venv .venv
+  /usr/bin/python3 -m venv .venv
 fi
 log "installing tests/requirements.txt into .venv"
 .venv/bin/python -m pip install --disable-pip-version-check -q -r tests/requirements.txt

@@ -53,25 +53,38 @@ fn find_portage(configured: Option<&Path>) -> Result<PortageInstall, String> {
     Err("portage (emerge) was not found: set build.portage_venv or PACLOUD_PORTAGE_VENV".into())
 }
 
-/// Whether uid 65534 can read everything a build reads.
+/// Whether uid 65534 can run portage and read everything a build reads,
+/// checked the way builds run: through setpriv and bubblewrap.
 async fn nobody_can_build(portage: &PortageInstall, paths: &[&Path]) -> bool {
-    let mut argv: Vec<String> =
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"].iter().map(|s| s.to_string()).collect();
+    let mut argv: Vec<String> = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "bwrap",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--cap-drop",
+        "ALL",
+        "--",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     match portage {
-        PortageInstall::Venv(v) => {
-            argv.push(v.join("bin/python").to_string_lossy().into_owned());
-            argv.push("-c".into());
-            argv.push(
-                "import os, sys, portage; sys.exit(0 if all(os.access(p, os.R_OK | os.X_OK) for p in sys.argv[1:]) else 1)"
-                    .into(),
-            );
-        }
-        PortageInstall::System => argv.extend(["test".into(), "-x".into()]),
+        PortageInstall::Venv(v) => argv.push(v.join("bin/python").to_string_lossy().into_owned()),
+        PortageInstall::System => argv.push("python3".into()),
     }
-    match portage {
-        PortageInstall::Venv(_) => argv.extend(paths.iter().map(|p| p.to_string_lossy().into_owned())),
-        PortageInstall::System => argv.push(paths.first().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default()),
-    }
+    argv.push("-c".into());
+    argv.push(
+        "import os, sys, portage; sys.exit(0 if all(os.access(p, os.R_OK | os.X_OK) for p in sys.argv[1:]) else 1)".into(),
+    );
+    argv.extend(paths.iter().map(|p| p.to_string_lossy().into_owned()));
     pacloud_worker::runner::run_checked(&argv).await.is_ok()
 }
 
@@ -156,6 +169,12 @@ pub struct Workers {
 }
 
 impl Workers {
+    /// Stops taking jobs and kills running builds at once (no waiting).
+    pub fn abort_now(&self) {
+        self.stop.cancel();
+        self.abort.cancel();
+    }
+
     /// Stops taking jobs, lets running builds finish within `grace`, then
     /// aborts the rest (their messages and leases are released at once).
     pub async fn shutdown(self, grace: Duration) {

@@ -34,11 +34,16 @@ pub struct TestApp {
     pub clock: Arc<TestClock>,
     pub http: reqwest::Client,
     pub dir: tempfile::TempDir,
+    pub workers: Option<pacloud::build::Workers>,
+    pub settings: Settings,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        if let Some(w) = &self.workers {
+            w.abort_now();
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -53,14 +58,25 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(f: impl FnOnce(&mut Settings)) -> TestApp {
     pacloud::client::init_tls();
     let dir = tempfile::tempdir().expect("tempdir");
+    // Traversable by the unprivileged build user (builds run as nobody when they can).
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     let mut settings =
         Settings { data_dir: dir.path().join("data"), poll_after: Duration::from_secs(1), ..Settings::default() };
+    settings.build.workers = 0; // API tests run no builds; spawn_builder turns them on.
     f(&mut settings);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let clock = Arc::new(TestClock(AtomicI64::new(SystemClock.now().0)));
     let base = format!("http://{addr}");
     let app = build_app_with_clock(&settings, &base, clock.clone()).expect("build app");
+    let workers = if settings.build.workers > 0 {
+        match pacloud::build::detect(&settings).await {
+            pacloud::build::Detected::Ready(b) => Some(pacloud::build::start_workers(&app, b, &settings, clock.clone())),
+            pacloud::build::Detected::Unavailable(why) => panic!("no build backend for the test: {why}"),
+        }
+    } else {
+        None
+    };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let router = app.router.clone();
     tokio::spawn(async move {
@@ -70,7 +86,7 @@ pub async fn spawn_app_with(f: impl FnOnce(&mut Settings)) -> TestApp {
         .await
         .expect("serve");
     });
-    TestApp { base, app, clock, http: reqwest::Client::new(), dir, shutdown: Some(tx) }
+    TestApp { base, app, clock, http: reqwest::Client::new(), dir, workers, settings, shutdown: Some(tx) }
 }
 
 pub fn hello(use_flags: &[&str]) -> Value {
@@ -213,4 +229,119 @@ pub fn venv_python() -> std::path::PathBuf {
         return p.into();
     }
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
+}
+
+/// The workspace root.
+pub fn workspace() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+/// The settings file fragment that defines the fixture target and its
+/// repository (shared by in-process and `pacloud worker` process tests).
+pub fn fixture_config_toml() -> String {
+    let ws = workspace();
+    format!(
+        r#"default_target = "fixtures"
+poll_after_secs = 1
+[repositories]
+pacloud-fixtures = "{repo}"
+[targets.fixtures]
+profile = "default"
+chost = "x86_64-pc-linux-gnu"
+cflags = "-O2 -pipe"
+repository = "pacloud-fixtures"
+snapshot = "1"
+builder = "host"
+"#,
+        repo = ws.join("tests/fixtures/repo").display()
+    )
+}
+
+/// Applies the fixture target, real portage from the test venv and the
+/// bubblewrap backend to `s`.
+pub fn use_fixtures(s: &mut Settings) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("fixtures.toml");
+    std::fs::write(&file, fixture_config_toml()).expect("write config");
+    let f = Settings::load(Some(&file), |_| None).expect("fixture settings");
+    s.targets = f.targets;
+    s.build.repositories = f.build.repositories;
+    s.build.portage_venv = Some(workspace().join(".venv"));
+    s.build.backend = pacloud::settings::BackendChoice::Bwrap;
+    s.build.workers = 2;
+    s.build.poll_wait = Duration::from_millis(500);
+    s.build.wall_clock = Duration::from_secs(120);
+}
+
+/// A server with real builds: fixture repository, portage, bubblewrap.
+pub async fn spawn_builder() -> TestApp {
+    spawn_builder_with(|_| {}).await
+}
+
+pub async fn spawn_builder_with(f: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_with(|s| {
+        use_fixtures(s);
+        f(s);
+    })
+    .await
+}
+
+impl TestApp {
+    /// Polls a key until it is no longer queued/building (at most `limit`).
+    pub async fn wait_done(&self, key: &str, limit: Duration) -> (u16, Value) {
+        let start = std::time::Instant::now();
+        loop {
+            let (status, body) = self.get_build(key).await;
+            if status != 202 {
+                return (status, body);
+            }
+            assert!(start.elapsed() < limit, "build {key} not done after {limit:?}: {body}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// POSTs a request and waits for its outcome.
+    pub async fn build(&self, body: &Value) -> (String, Value) {
+        let (status, first) = self.post_build(body).await;
+        assert!(status == 202 || status == 200, "{status}: {first}");
+        let key = first["key"].as_str().expect("key").to_owned();
+        let (status, done) = self.wait_done(&key, Duration::from_secs(120)).await;
+        assert_eq!(status, 200, "{done}");
+        (key, done)
+    }
+
+    /// The build logs stored for a key.
+    pub fn logs(&self, key: &str) -> Vec<String> {
+        let dir = self.dir.path().join("data/artifacts/logs").join(key);
+        let mut out: Vec<String> = std::fs::read_dir(&dir)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| std::fs::read_to_string(e.path()).unwrap_or_default()).collect())
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+}
+
+/// Reads one member of a tar archive (argv, no shell).
+pub fn tar_member(archive: &std::path::Path, member: &str) -> Vec<u8> {
+    let out = std::process::Command::new("tar").arg("-xOf").arg(archive).arg(member).output().expect("tar runs");
+    assert!(out.status.success(), "tar -xOf {} {member}: {}", archive.display(), String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// Lists a tar archive given as bytes compressed with zstd.
+pub fn zstd_tar_list(bytes: &[u8], dir: &std::path::Path) -> Vec<String> {
+    let file = dir.join("member.tar.zst");
+    std::fs::write(&file, bytes).expect("write");
+    let out = std::process::Command::new("tar").arg("--zstd").arg("-tf").arg(&file).output().expect("tar runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
+
+/// Reads one member of a zstd-compressed tar given as bytes.
+pub fn zstd_tar_member(bytes: &[u8], member: &str, dir: &std::path::Path) -> String {
+    let file = dir.join("member2.tar.zst");
+    std::fs::write(&file, bytes).expect("write");
+    let out = std::process::Command::new("tar").arg("--zstd").arg("-xOf").arg(&file).arg(member).output().expect("tar runs");
+    assert!(out.status.success(), "{member}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -3,6 +3,7 @@
 //! SQLite store and queue, signed artifact URLs, and the CLI binary.
 
 mod api;
+mod builds;
 mod cli;
 mod helpers;
 mod key_vectors;

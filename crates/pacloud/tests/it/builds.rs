@@ -1,0 +1,186 @@
+//! The build path on real parts: `pacloud serve`'s router with in-process
+//! workers, real `emerge` (portage from PyPI in the test venv) on the
+//! fixture repository, in bubblewrap. Requests go over a real socket.
+
+use crate::helpers::*;
+use pacloud_domain::ports::{JobQueue, MetadataStore};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+fn req(atom: &str, version: &str, use_flags: &[&str]) -> Value {
+    json!({"atom": atom, "version": version, "use": use_flags})
+}
+
+/// Downloads a ready build and returns the file.
+async fn download(app: &TestApp, ready: &Value, dir: &std::path::Path) -> std::path::PathBuf {
+    let bytes = app.http.get(ready["url"].as_str().unwrap()).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(sha256(&bytes), ready["sha256"].as_str().unwrap(), "downloaded bytes match the record");
+    let name = ready["url"].as_str().unwrap().split('?').next().unwrap().rsplit('/').next().unwrap().to_owned();
+    let path = dir.join(name);
+    std::fs::write(&path, &bytes).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_builds_a_real_gpkg_with_the_requested_use() {
+    let app = spawn_builder().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (status, first) = app.post_build(&req("app-misc/hello", "2.12-r1", &["foo", "-bar"])).await;
+    assert_eq!(status, 202, "{first}");
+    let key = first["key"].as_str().unwrap().to_owned();
+    let (_, ready) = app.wait_done(&key, Duration::from_secs(120)).await;
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert!(ready["use"].as_array().unwrap().contains(&json!("foo")), "{ready}");
+    assert!(!ready["use"].as_array().unwrap().contains(&json!("bar")), "{ready}");
+    let pkg = download(&app, &ready, tmp.path()).await;
+    assert_eq!(pkg.file_name().unwrap(), "hello-2.12-r1-1.gpkg.tar");
+    // A valid GPKG whose metadata records USE=foo and whose image has the
+    // file only USE=foo installs.
+    let metadata = tar_member(&pkg, "hello-2.12-r1-1/metadata.tar.zst");
+    let recorded_use = zstd_tar_member(&metadata, "metadata/USE", tmp.path());
+    assert!(recorded_use.split_whitespace().any(|f| f == "foo"), "metadata/USE = {recorded_use:?}");
+    assert!(!recorded_use.split_whitespace().any(|f| f == "bar"), "metadata/USE = {recorded_use:?}");
+    let image = zstd_tar_list(&tar_member(&pkg, "hello-2.12-r1-1/image.tar.zst"), tmp.path());
+    assert!(image.iter().any(|f| f == "image/usr/share/hello/foo-enabled"), "{image:?}");
+
+    // The same request again: 200 at once, no new build.
+    let (status, again) = app.post_build(&req("app-misc/hello", "2.12-r1", &["-bar", "foo"])).await;
+    assert_eq!((status, again["sha256"].clone()), (200, ready["sha256"].clone()));
+    assert_eq!(app.logs(&key).len(), 1, "built once");
+    let depth = app.depth().await;
+    assert_eq!((depth.visible, depth.in_flight), (0, 0), "nothing queued");
+
+    // Different USE: a different key and a different binary.
+    let (key2, other) = app.build(&req("app-misc/hello", "2.12-r1", &["-foo"])).await;
+    assert_ne!(key2, key);
+    assert_eq!(other["status"], "ready");
+    assert_ne!(other["sha256"], ready["sha256"]);
+    let pkg2 = download(&app, &other, tmp.path()).await;
+    let image2 = zstd_tar_list(&tar_member(&pkg2, "hello-2.12-r1-2/image.tar.zst"), tmp.path());
+    assert!(!image2.iter().any(|f| f.ends_with("foo-enabled")), "{image2:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_package_is_failed_with_its_log() {
+    let app = spawn_builder().await;
+    let (key, failed) = app.build(&req("app-misc/dies", "1.0", &[])).await;
+    assert_eq!((failed["status"].as_str(), failed["class"].as_str()), (Some("failed"), Some("build")), "{failed}");
+    assert!(failed["log_tail"].as_str().unwrap().contains("pacloud-fixture: intentional failure in src_compile"), "{failed}");
+    let log = app.http.get(app.url(&format!("/v1/builds/{key}/log"))).send().await.unwrap().text().await.unwrap();
+    assert!(log.contains("pacloud-fixture: intentional failure in src_compile"), "{log}");
+    assert!(!app.dir.path().join("data/artifacts/fixtures/app-misc/dies").exists(), "no artifact for a failed build");
+    // Cached: asking again does not build again.
+    let (status, again) = app.post_build(&req("app-misc/dies", "1.0", &[])).await;
+    assert_eq!((status, again["status"].as_str()), (200, Some("failed")));
+    // Retry on request builds again (and fails again).
+    let resp = app.http.post(app.url(&format!("/v1/builds/{key}/retry"))).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    let (_, failed2) = app.wait_done(&key, Duration::from_secs(120)).await;
+    assert_eq!(failed2["status"], "failed");
+    assert_eq!(app.logs(&key).len(), 2, "the retry ran a second build");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_are_isolated_from_each_other_and_the_host() {
+    for marker in ["/tmp/pacloud-escape-marker", "/pacloud-escape-marker", "/var/tmp/pacloud-escape-marker"] {
+        let _ = std::fs::remove_file(marker);
+    }
+    let app = spawn_builder_with(|s| s.build.workers = 1).await;
+    let (_, escaped) = app.build(&req("app-misc/escape", "1.0", &[])).await;
+    assert_eq!(escaped["status"], "ready", "{escaped}");
+    for marker in ["/tmp/pacloud-escape-marker", "/pacloud-escape-marker", "/var/tmp/pacloud-escape-marker"] {
+        assert!(!std::path::Path::new(marker).exists(), "the build wrote {marker} on the host");
+    }
+    // Build 2 sees nothing build 1 wrote outside its PKGDIR.
+    let (_, clean) = app.build(&req("app-misc/leakcheck", "1.0", &[])).await;
+    assert_eq!(clean["status"], "ready", "{clean}");
+    // No network inside the sandbox.
+    let (_, net) = app.build(&req("app-misc/net", "1.0", &[])).await;
+    assert_eq!((net["status"].as_str(), net["class"].as_str()), (Some("failed"), Some("build")), "{net}");
+    assert!(net["log_tail"].as_str().unwrap().contains("pacloud-fixture: network unreachable"), "{net}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_dependencies_are_reused_not_rebuilt() {
+    let app = spawn_builder().await;
+    let (dep_key, dep) = app.build(&req("dev-libs/libfoo", "1.0", &[])).await;
+    assert_eq!(dep["status"], "ready");
+    let (key, built) = app.build(&req("app-misc/uses-libfoo", "1.0", &[])).await;
+    assert_eq!(built["status"], "ready", "{built}");
+    let log = app.logs(&key).concat();
+    assert!(log.contains(">>> Emerging binary (1 of 2) dev-libs/libfoo-1.0"), "libfoo came from the cache:\n{log}");
+    assert!(!log.contains(">>> Emerging (1 of 2) dev-libs/libfoo-1.0"), "libfoo was compiled again:\n{log}");
+    assert_eq!(log.matches(">>> Compiling source").count(), 1, "exactly one compile (uses-libfoo itself)");
+    assert_eq!(app.logs(&dep_key).len(), 1);
+
+    // A dependency built as a side effect is itself a cache hit afterwards.
+    let fresh = spawn_builder().await;
+    let (_, built) = fresh.build(&req("app-misc/uses-libfoo", "1.0", &[])).await;
+    assert_eq!(built["status"], "ready");
+    let (status, dep) = fresh.post_build(&req("dev-libs/libfoo", "1.0", &[])).await;
+    assert_eq!((status, dep["status"].as_str()), (200, Some("ready")), "{dep}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portage_reads_the_binhost_index() {
+    let app = spawn_builder().await;
+    app.build(&req("app-misc/hello", "2.12-r1", &["foo"])).await;
+    app.build(&req("app-misc/uses-libfoo", "1.0", &[])).await;
+    let out = std::process::Command::new(venv_python())
+        .arg(workspace().join("tests/oracle/binhost_client.py"))
+        .arg(app.url("/binhost/fixtures"))
+        .arg(workspace().join("tests/fixtures/repo"))
+        .output()
+        .expect("python runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seen: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let cpvs: Vec<&str> = seen.iter().map(|v| v["cpv"].as_str().unwrap()).collect();
+    assert_eq!(cpvs, vec!["app-misc/hello-2.12-r1", "app-misc/uses-libfoo-1.0", "dev-libs/libfoo-1.0"], "{seen:?}");
+    assert!(seen[0]["use"].as_str().unwrap().split_whitespace().any(|f| f == "foo"));
+    // Every PATH portage will fetch is served.
+    for v in &seen {
+        let url = app.url(&format!("/binhost/fixtures/{}", v["path"].as_str().unwrap()));
+        assert_eq!(app.http.get(&url).send().await.unwrap().status(), 200, "{url}");
+    }
+    for hidden in ["/binhost/fixtures/.pkgindex/app-misc/hello/hello-2.12-r1-1.gpkg.tar.entry", "/binhost/logs/x/y"] {
+        assert_eq!(app.http.get(app.url(hidden)).send().await.unwrap().status(), 404, "{hidden}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wall_clock_limit_fails_a_build_as_timeout() {
+    let app = spawn_builder_with(|s| s.build.wall_clock = Duration::from_secs(2)).await;
+    let (_, failed) = app.build(&req("app-misc/slow", "1.0", &[])).await;
+    assert_eq!((failed["status"].as_str(), failed["class"].as_str()), (Some("failed"), Some("timeout")), "{failed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_infrastructure_failures_dead_letter_and_fail() {
+    // A target whose repository this worker does not have: every attempt is
+    // an infrastructure failure (the sandbox never starts).
+    let app = spawn_builder_with(|s| {
+        s.max_receives = 2;
+        s.build.retry_backoff = Duration::ZERO;
+        s.build.repositories.clear();
+    })
+    .await;
+    let (status, first) = app.post_build(&req("app-misc/hello", "2.12-r1", &[])).await;
+    assert_eq!(status, 202);
+    let key = first["key"].as_str().unwrap().to_owned();
+    let (_, failed) = app.wait_done(&key, Duration::from_secs(60)).await;
+    assert_eq!((failed["status"].as_str(), failed["class"].as_str()), (Some("failed"), Some("infrastructure")), "{failed}");
+    assert!(failed["reason"].as_str().unwrap().contains("after 2 attempts"), "{failed}");
+    // The message reaches the dead-letter queue (on the next receive).
+    let start = std::time::Instant::now();
+    loop {
+        if app.app.queue.dead_letters().await.unwrap().len() == 1 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "message not dead-lettered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(app.app.queue.depth().await.unwrap().visible, 0);
+    let record = app.app.store.get(&key.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(record.attempts, 2);
+}
