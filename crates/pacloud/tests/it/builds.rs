@@ -184,3 +184,101 @@ async fn repeated_infrastructure_failures_dead_letter_and_fail() {
     let record = app.app.store.get(&key.parse().unwrap()).await.unwrap().unwrap();
     assert_eq!(record.attempts, 2);
 }
+
+/// Starts `pacloud worker` as a process on `app`'s data directory.
+fn worker_process(app: &TestApp, extra: &str) -> std::process::Child {
+    let config = app.dir.path().join(format!("worker-{}.toml", std::process::id()));
+    let toml = format!(
+        "{}\n[build]\nbackend = \"bwrap\"\nworkers = 1\nlease_secs = 4\nportage_venv = \"{}\"\n{extra}\n",
+        fixture_config_toml(),
+        workspace().join(".venv").display()
+    );
+    std::fs::write(&config, toml).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_pacloud"))
+        .args(["worker", "--data-dir"])
+        .arg(app.dir.path().join("data"))
+        .arg("--config")
+        .arg(&config)
+        .env_remove("PACLOUD_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start pacloud worker")
+}
+
+async fn wait_status(app: &TestApp, key: &str, status: pacloud_domain::Status) {
+    let key: pacloud_domain::BuildKey = key.parse().unwrap();
+    let start = std::time::Instant::now();
+    while app.app.store.get(&key).await.unwrap().map(|r| r.status) != Some(status) {
+        assert!(start.elapsed() < Duration::from_secs(60), "never reached {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_build_is_replaced_and_the_build_completes_once() {
+    let app = spawn_builder_with(|s| s.build.workers = 0).await;
+    let (status, first) = app.post_build(&req("app-misc/slow", "1.0", &[])).await;
+    assert_eq!(status, 202);
+    let key = first["key"].as_str().unwrap().to_owned();
+    let mut a = worker_process(&app, "");
+    wait_status(&app, &key, pacloud_domain::Status::Building).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // well inside the 8 s compile
+    a.kill().unwrap(); // SIGKILL
+    a.wait().unwrap();
+    let mut b = worker_process(&app, "");
+    let (_, ready) = app.wait_done(&key, Duration::from_secs(90)).await;
+    b.kill().unwrap();
+    b.wait().unwrap();
+    assert_eq!(ready["status"], "ready", "{ready}");
+    let record = app.app.store.get(&key.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(record.attempts, 2, "delivered again and claimed by the second worker");
+    let published: Vec<_> = std::fs::read_dir(app.dir.path().join("data/artifacts/fixtures/app-misc/slow"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(published, vec!["slow-1.0-1.gpkg.tar"], "exactly one artifact");
+    let tmp: Vec<_> = std::fs::read_dir(app.dir.path().join("data/artifacts/.tmp")).unwrap().collect();
+    assert!(tmp.is_empty(), "no partial artifact left behind");
+    let depth = app.depth().await;
+    assert_eq!((depth.visible, depth.in_flight), (0, 0), "the message was deleted");
+    let index = std::fs::read_to_string(app.dir.path().join("data/artifacts/fixtures/Packages")).unwrap();
+    assert_eq!(index.matches("CPV: app-misc/slow-1.0").count(), 1, "{index}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_past_the_grace_period_releases_the_job_at_once() {
+    let app = spawn_builder_with(|s| s.build.workers = 0).await;
+    let (_, first) = app.post_build(&req("app-misc/slow", "1.0", &[])).await;
+    let key = first["key"].as_str().unwrap().to_owned();
+    let mut w = worker_process(&app, "shutdown_grace_secs = 1");
+    wait_status(&app, &key, pacloud_domain::Status::Building).await;
+    let started = std::time::Instant::now();
+    std::process::Command::new("kill").args(["-TERM", &w.id().to_string()]).status().unwrap();
+    let status = w.wait().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    assert!(started.elapsed() < Duration::from_secs(7), "did not wait for the 8 s build: {:?}", started.elapsed());
+    let record = app.app.store.get(&key.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!((record.status, record.lease.clone()), (pacloud_domain::Status::Queued, None), "lease given up");
+    // The worker process stamps times with the system clock (the test app's clock is frozen).
+    let db = pacloud_local::Db::open(&app.dir.path().join("data/pacloud.db")).unwrap();
+    let queue = pacloud_local::SqliteQueue::new(db, std::sync::Arc::new(pacloud_domain::SystemClock), 5);
+    assert_eq!(queue.depth().await.unwrap().visible, 1, "the message is visible again at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pacloud_get_downloads_and_verifies_a_real_build() {
+    let app = spawn_builder().await;
+    let out = tempfile::tempdir().unwrap();
+    let result = tokio::process::Command::new(env!("CARGO_BIN_EXE_pacloud"))
+        .args(["get", "dev-libs/libfoo-1.0", "--use", "foo", "--server", &app.base, "-o"])
+        .arg(out.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let path = std::path::PathBuf::from(String::from_utf8_lossy(&result.stdout).trim());
+    assert_eq!(path.file_name().unwrap(), "libfoo-1.0-1.gpkg.tar");
+    let image = zstd_tar_list(&tar_member(&path, "libfoo-1.0-1/image.tar.zst"), out.path());
+    assert!(image.iter().any(|f| f == "image/usr/lib/libfoo-foo.txt"), "{image:?}");
+}
