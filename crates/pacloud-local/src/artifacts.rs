@@ -257,7 +257,10 @@ impl ArtifactStore for DirArtifactStore {
                     let Ok(rel) = path.strip_prefix(&root) else { continue };
                     let rel = rel.to_string_lossy().into_owned();
                     let ty = e.file_type()?;
-                    if ty.is_dir() && rel != ".tmp" && (prefix.starts_with(&format!("{rel}/")) || rel.starts_with(&prefix)) {
+                    if ty.is_dir()
+                        && rel != ".tmp"
+                        && (prefix.starts_with(&format!("{rel}/")) || rel.starts_with(&prefix))
+                    {
                         stack.push(path);
                     } else if ty.is_file()
                         && rel.starts_with(&prefix)
@@ -385,7 +388,10 @@ async fn send_file(store: &DirArtifactStore, apath: &ArtifactPath, content_type:
 /// the per-target PKGDIR-shaped tree, readable by portage as a binhost
 /// (`binrepos.conf` `sync-uri = <server>/binhost/<target>`). Cache reads are
 /// open (DESIGN §6); only the index and binary packages are served.
-async fn serve_binhost(State(store): State<Arc<DirArtifactStore>>, UrlPath((target, rest)): UrlPath<(String, String)>) -> Response {
+async fn serve_binhost(
+    State(store): State<Arc<DirArtifactStore>>,
+    UrlPath((target, rest)): UrlPath<(String, String)>,
+) -> Response {
     let is_index = rest == "Packages";
     let is_package = rest.ends_with(".gpkg.tar") && rest.split('/').count() == 3 && !rest.starts_with('.');
     let Ok(apath) = ArtifactPath::parse(&format!("{target}/{rest}")) else {

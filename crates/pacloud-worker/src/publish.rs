@@ -37,7 +37,11 @@ pub enum PublishError {
     #[error("the build's Packages index is unreadable")]
     Index(#[from] IndexError),
     #[error("cannot read {path}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the build's index lists an unacceptable package path {0:?}")]
     BadPath(String),
     #[error("{0} is already published with other content (BUILD_ID collision); retrying allocates a new id")]
@@ -70,7 +74,8 @@ pub async fn seed(store: &dyn ArtifactStore, target: &str, pkgdir: &Path) -> Res
     }
     // Portage finds binary packages through the index, not by scanning.
     if !seeded.is_empty() {
-        let index = ArtifactPath::parse(&format!("{target}/Packages")).map_err(|_| PublishError::BadPath(target.into()))?;
+        let index =
+            ArtifactPath::parse(&format!("{target}/Packages")).map_err(|_| PublishError::BadPath(target.into()))?;
         match store.get(&index).await {
             Ok(bytes) => {
                 let dest = pkgdir.join("Packages");
@@ -186,7 +191,8 @@ pub async fn rebuild_index(store: &dyn ArtifactStore, target: &str, now_secs: u6
         }
         index.merge(entries);
         index.set_timestamp(now_secs);
-        let path = ArtifactPath::parse(&format!("{target}/Packages")).map_err(|_| PublishError::BadPath(target.into()))?;
+        let path =
+            ArtifactPath::parse(&format!("{target}/Packages")).map_err(|_| PublishError::BadPath(target.into()))?;
         store.put_bytes(&path, index.render()?.into_bytes(), "text/plain").await?;
         written = Some(listed);
     }

@@ -281,7 +281,9 @@ impl Worker {
                         tracing::warn!(%key, %owner, "lost the lease before publishing; result dropped");
                         JobOutcome::LeaseLost
                     }
-                    Err(Apply::Store(e)) => self.infra(&d, &key, &owner, &format!("recording the result failed: {e}")).await,
+                    Err(Apply::Store(e)) => {
+                        self.infra(&d, &key, &owner, &format!("recording the result failed: {e}")).await
+                    }
                 }
             }
             Ok(BuildResult::Failed { class, reason, log_path, log_tail }) => {
@@ -297,7 +299,9 @@ impl Worker {
                         let _ = self.queue.ack(&d.receipt).await;
                         JobOutcome::Failed(class)
                     }
-                    Err(Apply::Store(e)) => self.infra(&d, &key, &owner, &format!("recording the failure failed: {e}")).await,
+                    Err(Apply::Store(e)) => {
+                        self.infra(&d, &key, &owner, &format!("recording the failure failed: {e}")).await
+                    }
                     Err(_) => JobOutcome::LeaseLost,
                 }
             }

@@ -82,7 +82,8 @@ async fn nobody_can_build(portage: &PortageInstall, paths: &[&Path]) -> bool {
     }
     argv.push("-c".into());
     argv.push(
-        "import os, sys, portage; sys.exit(0 if all(os.access(p, os.R_OK | os.X_OK) for p in sys.argv[1:]) else 1)".into(),
+        "import os, sys, portage; sys.exit(0 if all(os.access(p, os.R_OK | os.X_OK) for p in sys.argv[1:]) else 1)"
+            .into(),
     );
     argv.extend(paths.iter().map(|p| p.to_string_lossy().into_owned()));
     pacloud_worker::runner::run_checked(&argv).await.is_ok()
@@ -110,7 +111,9 @@ pub async fn detect(settings: &Settings) -> Detected {
                 return Detected::Unavailable(format!("docker backend: {e}"));
             }
             if b.image.is_none() {
-                return Detected::Unavailable("docker backend: build.image (a stage3 image pinned by digest) is not set".into());
+                return Detected::Unavailable(
+                    "docker backend: build.image (a stage3 image pinned by digest) is not set".into(),
+                );
             }
             match docker.cleanup_stale().await {
                 Ok(n) if n > 0 => tracing::info!(removed = n, "removed stale build containers"),
@@ -145,7 +148,9 @@ pub async fn detect(settings: &Settings) -> Detected {
     };
     let who = match run_as {
         Some(_) => "as nobody (uid 65534)".to_owned(),
-        None => "as root with every capability dropped (nobody cannot read the venv, repositories or data dir)".to_owned(),
+        None => {
+            "as root with every capability dropped (nobody cannot read the venv, repositories or data dir)".to_owned()
+        }
     };
     let what = match &portage {
         PortageInstall::Venv(v) => format!("portage from {}", v.display()),

@@ -129,14 +129,19 @@ fn parse_package(package: &str, use_flags: &str) -> Result<(String, String, Vec<
 fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
-fn load_settings(config: Option<&std::path::Path>, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -> anyhow::Result<Settings> {
+fn load_settings(
+    config: Option<&std::path::Path>,
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<Settings> {
     let mut settings = Settings::load(config, |k| std::env::var(k).ok()).map_err(|e| Usage(format!("{e:#}")))?;
     if let Some(l) = listen {
         settings.listen = l;
@@ -180,7 +185,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let bound = listener.local_addr().context("reading the bound address")?;
             let app = pacloud::serve::build_app(&settings, &pacloud::serve::public_url(&settings, bound))?;
             if settings.tokens.is_empty() {
-                tracing::warn!("no tokens configured: every caller may start builds (set PACLOUD_TOKENS or `tokens` to require one)");
+                tracing::warn!(
+                    "no tokens configured: every caller may start builds (set PACLOUD_TOKENS or `tokens` to require one)"
+                );
             }
             let workers = match pacloud::build::detect(&settings).await {
                 pacloud::build::Detected::Ready(backend) => {

@@ -250,7 +250,11 @@ impl Settings {
             b.workers = v;
         }
         if let Some(v) = fb.backend {
-            b.backend = backend_choice(&v).ok_or(SettingsError::Build { key: "backend", value: v, expected: "auto, bwrap, docker or none" })?;
+            b.backend = backend_choice(&v).ok_or(SettingsError::Build {
+                key: "backend",
+                value: v,
+                expected: "auto, bwrap, docker or none",
+            })?;
         }
         if fb.portage_venv.is_some() {
             b.portage_venv = fb.portage_venv;
@@ -274,7 +278,11 @@ impl Settings {
             b.retry_backoff = Duration::from_secs(v);
         }
         if let Some(v) = fb.unprivileged {
-            b.unprivileged = unprivileged_choice(&v).ok_or(SettingsError::Build { key: "unprivileged", value: v, expected: "auto, true or false" })?;
+            b.unprivileged = unprivileged_choice(&v).ok_or(SettingsError::Build {
+                key: "unprivileged",
+                value: v,
+                expected: "auto, true or false",
+            })?;
         }
         if fb.image.is_some() {
             b.image = fb.image;
@@ -333,14 +341,16 @@ impl Settings {
             self.build.workers = v.parse().map_err(|_| bad("PACLOUD_WORKERS", &v, "a whole number"))?;
         }
         if let Some(v) = env("PACLOUD_BUILD_BACKEND") {
-            self.build.backend = backend_choice(&v).ok_or_else(|| bad("PACLOUD_BUILD_BACKEND", &v, "auto, bwrap, docker or none"))?;
+            self.build.backend =
+                backend_choice(&v).ok_or_else(|| bad("PACLOUD_BUILD_BACKEND", &v, "auto, bwrap, docker or none"))?;
         }
         if let Some(v) = env("PACLOUD_PORTAGE_VENV") {
             self.build.portage_venv = Some(v.into());
         }
         if let Some(v) = env("PACLOUD_REPOSITORIES") {
             for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-                let (name, path) = item.split_once('=').ok_or_else(|| bad("PACLOUD_REPOSITORIES", &v, "name=path[,name=path...]"))?;
+                let (name, path) =
+                    item.split_once('=').ok_or_else(|| bad("PACLOUD_REPOSITORIES", &v, "name=path[,name=path...]"))?;
                 self.build.repositories.insert(name.to_owned(), path.into());
             }
         }

@@ -65,7 +65,10 @@ async fn a_failing_package_is_failed_with_its_log() {
     let app = spawn_builder().await;
     let (key, failed) = app.build(&req("app-misc/dies", "1.0", &[])).await;
     assert_eq!((failed["status"].as_str(), failed["class"].as_str()), (Some("failed"), Some("build")), "{failed}");
-    assert!(failed["log_tail"].as_str().unwrap().contains("pacloud-fixture: intentional failure in src_compile"), "{failed}");
+    assert!(
+        failed["log_tail"].as_str().unwrap().contains("pacloud-fixture: intentional failure in src_compile"),
+        "{failed}"
+    );
     let log = app.http.get(app.url(&format!("/v1/builds/{key}/log"))).send().await.unwrap().text().await.unwrap();
     assert!(log.contains("pacloud-fixture: intentional failure in src_compile"), "{log}");
     assert!(!app.dir.path().join("data/artifacts/fixtures/app-misc/dies").exists(), "no artifact for a failed build");
@@ -169,7 +172,11 @@ async fn repeated_infrastructure_failures_dead_letter_and_fail() {
     assert_eq!(status, 202);
     let key = first["key"].as_str().unwrap().to_owned();
     let (_, failed) = app.wait_done(&key, Duration::from_secs(60)).await;
-    assert_eq!((failed["status"].as_str(), failed["class"].as_str()), (Some("failed"), Some("infrastructure")), "{failed}");
+    assert_eq!(
+        (failed["status"].as_str(), failed["class"].as_str()),
+        (Some("failed"), Some("infrastructure")),
+        "{failed}"
+    );
     assert!(failed["reason"].as_str().unwrap().contains("after 2 attempts"), "{failed}");
     // The message reaches the dead-letter queue (on the next receive).
     let start = std::time::Instant::now();

@@ -71,7 +71,9 @@ pub async fn spawn_app_with(f: impl FnOnce(&mut Settings)) -> TestApp {
     let app = build_app_with_clock(&settings, &base, clock.clone()).expect("build app");
     let workers = if settings.build.workers > 0 {
         match pacloud::build::detect(&settings).await {
-            pacloud::build::Detected::Ready(b) => Some(pacloud::build::start_workers(&app, b, &settings, clock.clone())),
+            pacloud::build::Detected::Ready(b) => {
+                Some(pacloud::build::start_workers(&app, b, &settings, clock.clone()))
+            }
             pacloud::build::Detected::Unavailable(why) => panic!("no build backend for the test: {why}"),
         }
     } else {
@@ -341,7 +343,8 @@ pub fn zstd_tar_list(bytes: &[u8], dir: &std::path::Path) -> Vec<String> {
 pub fn zstd_tar_member(bytes: &[u8], member: &str, dir: &std::path::Path) -> String {
     let file = dir.join("member2.tar.zst");
     std::fs::write(&file, bytes).expect("write");
-    let out = std::process::Command::new("tar").arg("--zstd").arg("-xOf").arg(&file).arg(member).output().expect("tar runs");
+    let out =
+        std::process::Command::new("tar").arg("--zstd").arg("-xOf").arg(&file).arg(member).output().expect("tar runs");
     assert!(out.status.success(), "{member}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

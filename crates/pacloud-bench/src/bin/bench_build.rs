@@ -1,0 +1,220 @@
+//! bench-build: figures for the build path with real portage and
+//! bubblewrap on the fixture repository, printed (no assertions).
+//!
+//! 1. worker overhead per build: request-to-ready time minus the time the
+//!    sandboxed emerge ran, over several builds of the leaf package;
+//! 2. enqueue -> emerge-start latency: from the POST to the sandbox process
+//!    being spawned;
+//! 3. the 5-package chain (chain-e <- ... <- chain-a) requested leaf first
+//!    from the service (published dependencies reused), versus the seed's
+//!    approach (each request in a fresh service and sandbox, every dependency
+//!    compiled from source again): compiles and wall time, as ratios.
+//!
+//! The real bwrap sandbox is wrapped by a timing decorator; nothing else is
+//! changed. Usage: bench-build [--repeat N]   (scripts/bench-build.sh)
+
+use anyhow::{Context, bail};
+use async_trait::async_trait;
+use pacloud::serve::{App, build_app};
+use pacloud::settings::Settings;
+use pacloud_domain::BuildRequest;
+use pacloud_domain::service::Outcome;
+use pacloud_worker::sandbox::{BuildPlan, Sandbox, SandboxError, SandboxOutcome};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Records when each sandboxed build started and how long it ran.
+struct Timing {
+    inner: Arc<dyn Sandbox>,
+    runs: Mutex<Vec<(Instant, Duration)>>,
+}
+
+#[async_trait]
+impl Sandbox for Timing {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn run(&self, plan: &BuildPlan, cancel: CancellationToken) -> Result<SandboxOutcome, SandboxError> {
+        let start = Instant::now();
+        let out = self.inner.run(plan, cancel).await;
+        if let Ok(mut runs) = self.runs.lock() {
+            runs.push((start, start.elapsed()));
+        }
+        out
+    }
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn settings(dir: &Path) -> anyhow::Result<Settings> {
+    let ws = workspace().canonicalize()?;
+    let toml = format!(
+        r#"default_target = "fixtures"
+[repositories]
+pacloud-fixtures = "{repo}"
+[build]
+backend = "bwrap"
+workers = 1
+portage_venv = "{venv}"
+[targets.fixtures]
+profile = "default"
+chost = "x86_64-pc-linux-gnu"
+cflags = "-O2 -pipe"
+repository = "pacloud-fixtures"
+snapshot = "1"
+builder = "host"
+"#,
+        repo = ws.join("tests/fixtures/repo").display(),
+        venv = ws.join(".venv").display()
+    );
+    let file = dir.join("bench.toml");
+    std::fs::write(&file, toml)?;
+    let mut s = Settings::load(Some(&file), |_| None)?;
+    s.data_dir = dir.join("data");
+    s.build.poll_wait = Duration::from_secs(20);
+    Ok(s)
+}
+
+struct Service {
+    app: App,
+    timing: Arc<Timing>,
+    _workers: pacloud::build::Workers,
+    _dir: tempfile::TempDir,
+}
+
+async fn service() -> anyhow::Result<Service> {
+    let dir = tempfile::tempdir()?;
+    #[cfg(unix)]
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let s = settings(dir.path())?;
+    let app = build_app(&s, "http://127.0.0.1:0")?;
+    let mut backend = match pacloud::build::detect(&s).await {
+        pacloud::build::Detected::Ready(b) => b,
+        pacloud::build::Detected::Unavailable(why) => bail!("no build backend: {why}"),
+    };
+    let timing = Arc::new(Timing { inner: backend.sandbox.clone(), runs: Mutex::new(Vec::new()) });
+    backend.sandbox = timing.clone();
+    let workers = pacloud::build::start_workers(&app, backend, &s, app.clock.clone());
+    Ok(Service { app, timing, _workers: workers, _dir: dir })
+}
+
+/// Requests a build through the service and waits until it is ready.
+async fn build(
+    svc: &Service,
+    atom: &str,
+    version: &str,
+    use_flags: &[&str],
+) -> anyhow::Result<(Duration, Duration, Duration)> {
+    let req = BuildRequest {
+        atom: atom.into(),
+        version: version.into(),
+        use_flags: use_flags.iter().map(|s| s.to_string()).collect(),
+        target: None,
+    };
+    let runs_before = svc.timing.runs.lock().map(|r| r.len()).unwrap_or(0);
+    let t0 = Instant::now();
+    let mut outcome = svc.app.service.request(&req, true).await?;
+    let key = outcome.record().key.clone();
+    loop {
+        match outcome {
+            Outcome::Ready { .. } => break,
+            Outcome::Failed { record, .. } => bail!("{atom} failed: {:?}", record.failure),
+            Outcome::Pending { .. } => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                outcome = svc.app.service.status(&key).await?;
+            }
+        }
+    }
+    let total = t0.elapsed();
+    let runs = svc.timing.runs.lock().map(|r| r.clone()).unwrap_or_default();
+    let Some((start, ran)) = runs.get(runs_before).copied() else { bail!("no sandbox run recorded") };
+    Ok((total, start.duration_since(t0), ran))
+}
+
+fn compiles(svc: &Service) -> usize {
+    let logs = svc._dir.path().join("data/artifacts/logs");
+    let mut n = 0;
+    for key in std::fs::read_dir(logs).into_iter().flatten().flatten() {
+        for log in std::fs::read_dir(key.path()).into_iter().flatten().flatten() {
+            let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+            n += text.lines().filter(|l| l.starts_with(">>> Emerging (")).count();
+        }
+    }
+    n
+}
+
+fn stats(xs: &mut [f64]) -> (f64, f64, f64) {
+    xs.sort_by(f64::total_cmp);
+    let mean = xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+    (mean, xs[xs.len() / 2], xs[xs.len() - 1])
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut repeat = 7usize;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--repeat" => repeat = args.next().context("--repeat N")?.parse()?,
+            other => bail!("unknown argument {other:?}; usage: bench-build [--repeat N]"),
+        }
+    }
+
+    // 1 + 2: overhead and enqueue -> start, over `repeat` distinct leaf builds.
+    let svc = service().await?;
+    let flags = [&["foo"][..], &["bar"], &["-foo"], &["foo", "bar"], &["-bar"], &["-foo", "-bar"], &["+foo", "-bar"]];
+    let (mut over, mut start, mut emerge, mut total) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for f in flags.iter().take(repeat.clamp(1, flags.len())) {
+        let (t, s, e) = build(&svc, "app-misc/hello", "2.12-r1", f).await?;
+        over.push((t - e).as_secs_f64() * 1000.0);
+        start.push(s.as_secs_f64() * 1000.0);
+        emerge.push(e.as_secs_f64() * 1000.0);
+        total.push(t.as_secs_f64() * 1000.0);
+    }
+    let n = over.len();
+    let (om, op50, omax) = stats(&mut over);
+    let (sm, sp50, smax) = stats(&mut start);
+    let (em, _, _) = stats(&mut emerge);
+    let (tm, _, _) = stats(&mut total);
+    println!("leaf builds (app-misc/hello, {n} distinct USE sets, 1 worker):");
+    println!("  request -> ready: mean {tm:.0} ms; sandboxed emerge: mean {em:.0} ms");
+    println!(
+        "  worker overhead (request->ready minus sandboxed emerge): mean {om:.0} ms, p50 {op50:.0} ms, max {omax:.0} ms"
+    );
+    println!("  enqueue -> emerge start: mean {sm:.1} ms, p50 {sp50:.1} ms, max {smax:.1} ms");
+
+    // 3: the chain, leaf first, through one service.
+    let chain = ["chain-e", "chain-d", "chain-c", "chain-b", "chain-a"];
+    let svc = service().await?;
+    let t = Instant::now();
+    for p in chain {
+        build(&svc, &format!("app-misc/{p}"), "1.0", &[]).await?;
+    }
+    let ours = t.elapsed();
+    let our_compiles = compiles(&svc);
+    // The seed's approach: every request in a fresh service, nothing reused.
+    let t = Instant::now();
+    let mut seed_compiles = 0;
+    for p in chain {
+        let fresh = service().await?;
+        build(&fresh, &format!("app-misc/{p}"), "1.0", &[]).await?;
+        seed_compiles += compiles(&fresh);
+    }
+    let seed = t.elapsed();
+    println!("chain of 5 (chain-e, then d, c, b, a):");
+    println!("  service (published dependencies reused): {our_compiles} compiles, {:.1} s", ours.as_secs_f64());
+    println!(
+        "  seed's approach (fresh sandbox, all dependencies from source): {seed_compiles} compiles, {:.1} s",
+        seed.as_secs_f64()
+    );
+    println!(
+        "  ratio: {:.2}x fewer compiles, {:.2}x less wall time",
+        seed_compiles as f64 / our_compiles.max(1) as f64,
+        seed.as_secs_f64() / ours.as_secs_f64()
+    );
+    Ok(())
+}
