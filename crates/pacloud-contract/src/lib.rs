@@ -26,16 +26,13 @@ pub fn record(name: &str) -> BuildRecord {
     BuildRecord::new_queued(spec, SystemClock.now())
 }
 
-/// Reads, applies `f`, writes conditionally; returns the conflict if any.
+/// Applies a transition through the store (the domain's conditional write).
 pub async fn apply(
     store: &dyn MetadataStore,
     key: &pacloud_domain::BuildKey,
-    f: impl FnOnce(&BuildRecord) -> Result<BuildRecord, pacloud_domain::TransitionError>,
+    f: impl Fn(&BuildRecord) -> Result<BuildRecord, pacloud_domain::TransitionError>,
 ) -> Result<BuildRecord, String> {
-    let cur = store.get(key).await.expect("get").expect("record exists");
-    let next = f(&cur).map_err(|e| e.to_string())?;
-    store.replace(&next, cur.revision).await.map_err(|e| e.to_string())?;
-    Ok(next)
+    pacloud_domain::ports::apply(store, key, f).await.map_err(|e| e.to_string())
 }
 
 /// Metadata store: create-if-absent, conditional replace, races, leases.

@@ -59,6 +59,37 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn replace(&self, record: &BuildRecord, expected_revision: u64) -> Result<(), StoreError>;
 }
 
+/// Why [`apply`] did not write.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("no record for this key")]
+    Missing,
+    #[error(transparent)]
+    Refused(#[from] crate::record::TransitionError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Applies a transition with a conditional write: reads the record, computes
+/// the next one with `f`, writes it only if nobody wrote in between, and
+/// re-reads and decides again when somebody did.
+pub async fn apply(
+    store: &dyn MetadataStore,
+    key: &BuildKey,
+    f: impl Fn(&BuildRecord) -> Result<BuildRecord, crate::record::TransitionError>,
+) -> Result<BuildRecord, ApplyError> {
+    for _ in 0..8 {
+        let cur = store.get(key).await?.ok_or(ApplyError::Missing)?;
+        let next = f(&cur)?;
+        match store.replace(&next, cur.revision).await {
+            Ok(()) => return Ok(next),
+            Err(StoreError::Conflict) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(StoreError::Conflict.into())
+}
+
 // ------------------------------------------------------------------- queue
 
 /// The body of a queue message: versioned JSON.

@@ -88,6 +88,22 @@ pub struct TargetSpec {
     pub env: BTreeMap<String, String>,
 }
 
+impl TargetSpec {
+    /// The single-valued fields, in canonical-encoding order.
+    pub fn fields(&self) -> [(&'static str, &str); 8] {
+        [
+            ("profile", &self.profile),
+            ("chost", &self.chost),
+            ("cflags", &self.cflags),
+            ("cxxflags", &self.cxxflags),
+            ("ldflags", &self.ldflags),
+            ("repository", &self.repository),
+            ("snapshot", &self.snapshot),
+            ("builder", &self.builder),
+        ]
+    }
+}
+
 /// Why a target's content is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TargetError {
@@ -111,16 +127,7 @@ impl Target {
     pub fn new(name: TargetName, spec: TargetSpec) -> Result<Self, TargetError> {
         let bad = |field: &str| TargetError::BadValue { target: name.to_string(), field: field.to_owned() };
         let printable = |s: &str| s.bytes().all(|b| (0x20..0x7f).contains(&b));
-        for (field, v) in [
-            ("profile", &spec.profile),
-            ("chost", &spec.chost),
-            ("cflags", &spec.cflags),
-            ("cxxflags", &spec.cxxflags),
-            ("ldflags", &spec.ldflags),
-            ("repository", &spec.repository),
-            ("snapshot", &spec.snapshot),
-            ("builder", &spec.builder),
-        ] {
+        for (field, v) in spec.fields() {
             if !printable(v) {
                 return Err(bad(field));
             }
@@ -143,16 +150,7 @@ impl Target {
     /// The bytes hashed to give the target's identity (see docs/key.md).
     pub fn canonical_encoding(spec: &TargetSpec) -> Vec<u8> {
         let mut s = String::from("pacloud-target-v1\n");
-        for (k, v) in [
-            ("profile", &spec.profile),
-            ("chost", &spec.chost),
-            ("cflags", &spec.cflags),
-            ("cxxflags", &spec.cxxflags),
-            ("ldflags", &spec.ldflags),
-            ("repository", &spec.repository),
-            ("snapshot", &spec.snapshot),
-            ("builder", &spec.builder),
-        ] {
+        for (k, v) in spec.fields() {
             s.push_str(k);
             s.push(':');
             s.push_str(v);

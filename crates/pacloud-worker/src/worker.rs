@@ -10,7 +10,7 @@
 //! queue's redrive into the dead-letter queue.
 
 use pacloud_domain::grammar::parse_versioned_atom;
-use pacloud_domain::ports::{ArtifactPath, ArtifactStore, Delivery, Job, JobQueue, MetadataStore, Receipt, StoreError};
+use pacloud_domain::ports::{ArtifactPath, ArtifactStore, Delivery, Job, JobQueue, MetadataStore, Receipt};
 use pacloud_domain::request::BuildSpec;
 use pacloud_domain::{
     ArtifactInfo, BuildKey, BuildRecord, Clock, FailureClass, FailureInfo, TargetSet, TransitionError, UseSet,
@@ -87,12 +87,7 @@ pub struct Worker {
     seq: AtomicU64,
 }
 
-#[derive(Debug)]
-enum Apply {
-    Missing,
-    Refused(TransitionError),
-    Store(StoreError),
-}
+use pacloud_domain::ports::ApplyError as Apply;
 
 /// Why an attempt ended without a package outcome.
 #[derive(Debug, thiserror::Error)]
@@ -161,22 +156,12 @@ impl Worker {
         }
     }
 
-    /// Reads, applies `f`, writes conditionally; re-reads on a lost race.
     async fn apply(
         &self,
         key: &BuildKey,
         f: impl Fn(&BuildRecord) -> Result<BuildRecord, TransitionError>,
     ) -> Result<BuildRecord, Apply> {
-        for _ in 0..8 {
-            let cur = self.store.get(key).await.map_err(Apply::Store)?.ok_or(Apply::Missing)?;
-            let next = f(&cur).map_err(Apply::Refused)?;
-            match self.store.replace(&next, cur.revision).await {
-                Ok(()) => return Ok(next),
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(Apply::Store(e)),
-            }
-        }
-        Err(Apply::Store(StoreError::Conflict))
+        pacloud_domain::ports::apply(&*self.store, key, f).await
     }
 
     fn backoff(&self, receive_count: u32) -> Duration {
