@@ -162,6 +162,15 @@ pub async fn detect(settings: &Settings) -> Detected {
         b.workers,
         if repos.is_empty() { "none".to_owned() } else { repos.keys().cloned().collect::<Vec<_>>().join(", ") }
     );
+    for t in settings.targets.iter() {
+        if !repos.contains_key(&t.spec.repository) {
+            tracing::warn!(
+                target = %t.name,
+                repository = %t.spec.repository,
+                "this worker has no such repository (set [repositories]); builds for this target will fail as infrastructure failures"
+            );
+        }
+    }
     let env = BuildEnv { work_root, portage, repos, limits, network: b.network, run_as, image: b.image.clone() };
     Detected::Ready(Backend { sandbox, env, description })
 }

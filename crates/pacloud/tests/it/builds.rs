@@ -88,7 +88,11 @@ async fn builds_are_isolated_from_each_other_and_the_host() {
     for marker in ["/tmp/pacloud-escape-marker", "/pacloud-escape-marker", "/var/tmp/pacloud-escape-marker"] {
         let _ = std::fs::remove_file(marker);
     }
-    let app = spawn_builder_with(|s| s.build.workers = 1).await;
+    let app = spawn_builder_with(|s| {
+        s.build.workers = 1;
+        s.build.memory_bytes = Some(4 << 30); // exercises the prlimit address-space limit
+    })
+    .await;
     let (_, escaped) = app.build(&req("app-misc/escape", "1.0", &[])).await;
     assert_eq!(escaped["status"], "ready", "{escaped}");
     for marker in ["/tmp/pacloud-escape-marker", "/pacloud-escape-marker", "/var/tmp/pacloud-escape-marker"] {
