@@ -242,7 +242,7 @@ pub async fn artifact_store(store: Arc<dyn ArtifactStore>) {
     assert_eq!(store.list("contract/").await.unwrap().len(), 3, "Packages and both packages");
 
     let now = Millis(1_900_000_000_000);
-    let url = store.signed_url(&p, now, 600 * SEC).unwrap();
+    let url = store.signed_url(&p, now, 600 * SEC).await.unwrap();
     assert!(url.expires_at >= now.plus(600 * SEC), "URL lives at least as long as asked");
     assert!(url.expires_at <= now.plus(602 * SEC), "URL does not live much longer than asked");
     assert!(url.url.contains("x-1.0-1.gpkg.tar"), "URL names the object: {}", url.url);

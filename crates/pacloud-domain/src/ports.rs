@@ -280,7 +280,7 @@ pub trait ArtifactStore: Send + Sync + 'static {
     async fn head(&self, path: &ArtifactPath) -> Result<Option<StoredObject>, ArtifactError>;
     async fn get(&self, path: &ArtifactPath) -> Result<Vec<u8>, ArtifactError>;
     /// A URL that lets anyone holding it GET the object until `expires_at`.
-    fn signed_url(&self, path: &ArtifactPath, now: Millis, ttl: Duration) -> Result<SignedUrl, ArtifactError>;
+    async fn signed_url(&self, path: &ArtifactPath, now: Millis, ttl: Duration) -> Result<SignedUrl, ArtifactError>;
 }
 
 #[cfg(test)]

@@ -135,7 +135,7 @@ impl BuildService {
     pub async fn request(&self, req: &BuildRequest, may_build: bool) -> Result<Outcome, ServiceError> {
         let spec = req.validate(&self.targets)?;
         let key = spec.key();
-        if let Some(hit) = self.cached_ready(&key)? {
+        if let Some(hit) = self.cached_ready(&key).await? {
             return Ok(hit);
         }
         for _ in 0..MAX_CAS_ROUNDS {
@@ -168,14 +168,14 @@ impl BuildService {
     /// Answers a poll by key. Never causes a new build, but re-sends the
     /// message of a stale `queued` record (that build was already asked for).
     pub async fn status(&self, key: &BuildKey) -> Result<Outcome, ServiceError> {
-        if let Some(hit) = self.cached_ready(key)? {
+        if let Some(hit) = self.cached_ready(key).await? {
             return Ok(hit);
         }
         let record = self.store.get(key).await?.ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
         match self.resolve(record, false).await {
             Err(ServiceError::Store(StoreError::Conflict)) => {
                 let record = self.store.get(key).await?.ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
-                self.outcome(record)
+                self.outcome(record).await
             }
             other => other,
         }
@@ -187,7 +187,7 @@ impl BuildService {
             let record = self.store.get(key).await?.ok_or_else(|| ServiceError::UnknownKey(key.to_string()))?;
             match record.status {
                 Status::Failed => {}
-                Status::Queued | Status::Building => return self.outcome(record),
+                Status::Queued | Status::Building => return self.outcome(record).await,
                 Status::Ready => return Err(ServiceError::NotRetryable(key.to_string())),
             }
             match self.requeue(&record, |r, now| r.retry(now)).await {
@@ -207,7 +207,7 @@ impl BuildService {
             .and_then(|f| f.log_path.as_deref())
             .or_else(|| record.artifact.as_ref().and_then(|a| a.log_path.as_deref()));
         match path.map(ArtifactPath::parse) {
-            Some(Ok(p)) => Ok(Some(self.artifacts.signed_url(&p, self.clock.now(), self.config.url_ttl)?)),
+            Some(Ok(p)) => Ok(Some(self.artifacts.signed_url(&p, self.clock.now(), self.config.url_ttl).await?)),
             _ => Ok(None),
         }
     }
@@ -223,7 +223,7 @@ impl BuildService {
             Status::Failed if may_build && record.failure.as_ref().is_some_and(|f| f.cached_until <= now) => {
                 self.requeue(&record, |r, now| r.retry(now)).await
             }
-            _ => self.outcome(record),
+            _ => self.outcome(record).await,
         }
     }
 
@@ -236,7 +236,7 @@ impl BuildService {
     ) -> Result<Outcome, ServiceError> {
         let next = match f(record, self.clock.now()) {
             Ok(next) => next,
-            Err(_) => return self.outcome(record.clone()),
+            Err(_) => return self.outcome(record.clone()).await,
         };
         self.store.replace(&next, record.revision).await?;
         self.send(&next).await?;
@@ -258,34 +258,34 @@ impl BuildService {
         Ok(())
     }
 
-    fn cached_ready(&self, key: &BuildKey) -> Result<Option<Outcome>, ServiceError> {
+    async fn cached_ready(&self, key: &BuildKey) -> Result<Option<Outcome>, ServiceError> {
         if self.config.ready_cache_entries == 0 {
             return Ok(None);
         }
         let hit = self.ready.read().ok().and_then(|m| m.get(key).cloned());
         match hit {
-            Some(record) => Ok(Some(self.ready_outcome(record)?)),
+            Some(record) => Ok(Some(self.ready_outcome(record).await?)),
             None => Ok(None),
         }
     }
 
-    fn ready_outcome(&self, record: Arc<BuildRecord>) -> Result<Outcome, ServiceError> {
+    async fn ready_outcome(&self, record: Arc<BuildRecord>) -> Result<Outcome, ServiceError> {
         let artifact = record.artifact.as_ref().ok_or_else(|| ServiceError::Inconsistent {
             key: record.key.to_string(),
             source: "ready record without artifact".into(),
         })?;
         let path = ArtifactPath::parse(&artifact.path)
             .map_err(|e| ServiceError::Inconsistent { key: record.key.to_string(), source: Box::new(e) })?;
-        let url = self.artifacts.signed_url(&path, self.clock.now(), self.config.url_ttl)?;
+        let url = self.artifacts.signed_url(&path, self.clock.now(), self.config.url_ttl).await?;
         Ok(Outcome::Ready { record, url })
     }
 
     /// Turns a record into the answer for a client.
-    fn outcome(&self, record: BuildRecord) -> Result<Outcome, ServiceError> {
+    async fn outcome(&self, record: BuildRecord) -> Result<Outcome, ServiceError> {
         match record.status {
             Status::Ready => {
                 let record = Arc::new(record);
-                let outcome = self.ready_outcome(record.clone())?;
+                let outcome = self.ready_outcome(record.clone()).await?;
                 if self.config.ready_cache_entries > 0
                     && let Ok(mut m) = self.ready.write()
                 {
@@ -300,7 +300,9 @@ impl BuildService {
             Status::Failed => {
                 let log_url = match record.failure.as_ref().and_then(|f| f.log_path.as_deref()) {
                     Some(p) => match ArtifactPath::parse(p) {
-                        Ok(path) => Some(self.artifacts.signed_url(&path, self.clock.now(), self.config.url_ttl)?),
+                        Ok(path) => {
+                            Some(self.artifacts.signed_url(&path, self.clock.now(), self.config.url_ttl).await?)
+                        }
                         Err(_) => None,
                     },
                     None => None,

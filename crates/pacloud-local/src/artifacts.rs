@@ -295,7 +295,7 @@ impl ArtifactStore for DirArtifactStore {
         }
     }
 
-    fn signed_url(&self, path: &ArtifactPath, now: Millis, ttl: Duration) -> Result<SignedUrl, ArtifactError> {
+    async fn signed_url(&self, path: &ArtifactPath, now: Millis, ttl: Duration) -> Result<SignedUrl, ArtifactError> {
         // Round the expiry up to whole seconds so the URL is never shorter-lived than asked.
         let expires = now.plus(ttl).0.div_euclid(1000) + 1;
         let sig = self.key.sign(path.as_str(), expires);
