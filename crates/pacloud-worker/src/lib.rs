@@ -12,4 +12,5 @@ pub mod plan;
 pub mod publish;
 pub mod runner;
 pub mod sandbox;
+pub mod spot;
 pub mod worker;
