@@ -29,6 +29,27 @@ impl SqsQueue {
         SqsQueue { client, url, dlq_url }
     }
 
+    /// The queue's redrive `maxReceiveCount`, if it has a redrive policy.
+    pub async fn max_receive_count(&self) -> Result<Option<u32>, QueueError> {
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::RedrivePolicy)
+            .send()
+            .await
+            .map_err(|e| QueueError::Unavailable(boxed(e)))?;
+        let policy = out.attributes.unwrap_or_default().get(&QueueAttributeName::RedrivePolicy).cloned();
+        Ok(policy
+            .and_then(|p| serde_json::from_str::<serde_json::Value>(&p).ok())
+            .and_then(|v| match &v["maxReceiveCount"] {
+                serde_json::Value::Number(n) => n.as_u64(),
+                serde_json::Value::String(s) => s.parse().ok(),
+                _ => None,
+            })
+            .and_then(|n| u32::try_from(n).ok()))
+    }
+
     async fn counts(&self, url: &str) -> Result<(u64, u64, u64), QueueError> {
         let out = self
             .client

@@ -84,6 +84,9 @@ pub struct Worker {
     pub config: WorkerConfig,
     /// Prefix of lease owner names, unique per process.
     pub name: String,
+    /// Notified after a resume from hibernation: every running job re-checks
+    /// its lease at once (see [`crate::spot`]).
+    pub recheck: Arc<tokio::sync::Notify>,
     seq: AtomicU64,
 }
 
@@ -115,7 +118,19 @@ impl Worker {
         config: WorkerConfig,
         name: String,
     ) -> Self {
-        Worker { store, queue, artifacts, targets, clock, sandbox, env, config, name, seq: AtomicU64::new(0) }
+        Worker {
+            store,
+            queue,
+            artifacts,
+            targets,
+            clock,
+            sandbox,
+            env,
+            config,
+            name,
+            recheck: Arc::new(tokio::sync::Notify::new()),
+            seq: AtomicU64::new(0),
+        }
     }
 
     /// Runs `config.concurrency` job loops until `stop` (no new jobs) and
@@ -209,6 +224,7 @@ impl Worker {
         // Heartbeat: extend the lease and the message's visibility.
         let lost = abort.child_token();
         let heartbeat = {
+            let recheck = self.recheck.clone();
             let (store, queue, clock, receipt, key, owner, lost) = (
                 self.store.clone(),
                 self.queue.clone(),
@@ -223,6 +239,7 @@ impl Worker {
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep(every) => {}
+                        _ = recheck.notified() => tracing::info!(%key, "re-checking the lease after a resume"),
                         _ = lost.cancelled() => return,
                     }
                     if let Err(e) = queue.extend(&receipt, lease).await {
@@ -270,6 +287,10 @@ impl Worker {
                         self.infra(&d, &key, &owner, &format!("recording the result failed: {e}")).await
                     }
                 }
+            }
+            Ok(BuildResult::LeaseLost) => {
+                tracing::warn!(%key, %owner, "lease lost before publishing; result dropped");
+                JobOutcome::LeaseLost
             }
             Ok(BuildResult::Failed { class, reason, log_path, log_tail }) => {
                 let failure = FailureInfo {
@@ -357,6 +378,16 @@ impl Worker {
             let reason = format!("emerge {} exited with status {code}", job.spec.portage_atom());
             return Ok(BuildResult::Failed { class: FailureClass::Build, reason, log_path, log_tail });
         }
+        // Publish only while still holding the lease (a resume after
+        // hibernation may find that another worker took the key over).
+        let holds = matches!(
+            self.store.get(&job.key).await,
+            Ok(Some(r)) if r.status == pacloud_domain::Status::Building
+                && r.lease.as_ref().is_some_and(|l| l.owner == owner)
+        );
+        if !holds {
+            return Ok(BuildResult::LeaseLost);
+        }
         let now_secs = u64::try_from(self.clock.now().as_secs()).unwrap_or(0);
         let published = publish::publish(&*self.artifacts, target_name, &plan.pkgdir(), &seeded, now_secs).await?;
         let cpv = job.spec.portage_atom().trim_start_matches('=').to_owned();
@@ -407,6 +438,16 @@ impl Worker {
 }
 
 enum BuildResult {
-    Built { artifact: ArtifactInfo, deps: Vec<publish::PublishedPackage> },
-    Failed { class: FailureClass, reason: String, log_path: Option<String>, log_tail: String },
+    Built {
+        artifact: ArtifactInfo,
+        deps: Vec<publish::PublishedPackage>,
+    },
+    /// Another worker holds the key now: nothing was published.
+    LeaseLost,
+    Failed {
+        class: FailureClass,
+        reason: String,
+        log_path: Option<String>,
+        log_tail: String,
+    },
 }

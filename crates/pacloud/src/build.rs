@@ -2,6 +2,7 @@
 //! decides whether builds can run unprivileged, and starts the in-process
 //! workers of `pacloud serve` (or the standalone `pacloud worker`).
 
+use pacloud_domain::ports::{ArtifactStore, JobQueue, MetadataStore};
 use pacloud_domain::{Clock, TargetSet};
 use pacloud_worker::plan::BuildEnv;
 use pacloud_worker::sandbox::bwrap::BwrapSandbox;
@@ -177,8 +178,12 @@ pub async fn detect(settings: &Settings) -> Detected {
 
 /// Running workers, and how to stop them.
 pub struct Workers {
-    stop: CancellationToken,
-    abort: CancellationToken,
+    /// Cancelled: take no new jobs.
+    pub stop: CancellationToken,
+    /// Cancelled: kill running builds, release their messages and leases.
+    pub abort: CancellationToken,
+    /// Notified: running jobs re-check their leases (after a resume).
+    pub recheck: Arc<tokio::sync::Notify>,
     join: tokio::task::JoinHandle<()>,
 }
 
@@ -202,8 +207,20 @@ impl Workers {
     }
 }
 
-/// Starts `settings.build.workers` workers over the app's ports.
+/// Starts `settings.build.workers` workers over the local app's ports.
 pub fn start_workers(app: &App, backend: Backend, settings: &Settings, clock: Arc<dyn Clock>) -> Workers {
+    start_workers_on(app.store.clone(), app.queue.clone(), app.artifacts.clone(), backend, settings, clock)
+}
+
+/// Starts `settings.build.workers` workers over any three ports.
+pub fn start_workers_on(
+    store: Arc<dyn MetadataStore>,
+    queue: Arc<dyn JobQueue>,
+    artifacts: Arc<dyn ArtifactStore>,
+    backend: Backend,
+    settings: &Settings,
+    clock: Arc<dyn Clock>,
+) -> Workers {
     let b = &settings.build;
     let config = WorkerConfig {
         concurrency: b.workers.max(1),
@@ -214,9 +231,9 @@ pub fn start_workers(app: &App, backend: Backend, settings: &Settings, clock: Ar
         retry_backoff: b.retry_backoff,
     };
     let worker = Arc::new(Worker::new(
-        app.store.clone(),
-        app.queue.clone(),
-        app.artifacts.clone(),
+        store,
+        queue,
+        artifacts,
         Arc::new(TargetSet::clone(&settings.targets)),
         clock,
         backend.sandbox,
@@ -224,7 +241,8 @@ pub fn start_workers(app: &App, backend: Backend, settings: &Settings, clock: Ar
         config,
         format!("w{}", std::process::id()),
     ));
+    let recheck = worker.recheck.clone();
     let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
     let join = tokio::spawn(worker.run(stop.clone(), abort.clone()));
-    Workers { stop, abort, join }
+    Workers { stop, abort, recheck, join }
 }

@@ -2,6 +2,7 @@
 //! (`serve`: API + embedded store, queue and artifacts), and the client
 //! (`get`, `status`, `key`). `main.rs` only parses arguments and calls in.
 
+pub mod aws_worker;
 pub mod build;
 pub mod client;
 pub mod serve;

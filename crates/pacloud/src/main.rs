@@ -34,6 +34,11 @@ enum Command {
     },
     /// Run build workers only, on the same data directory as a `serve`.
     Worker {
+        /// Where jobs come from: `local` (the data directory's SQLite queue)
+        /// or `aws` (SQS, DynamoDB, S3 from `[aws]` / PACLOUD_AWS_*).
+        #[arg(long, value_enum, default_value = "local")]
+        backend: WorkerBackend,
+        /// Build directories (and, for `local`, the queue and store).
         #[arg(long)]
         data_dir: Option<PathBuf>,
         #[arg(long, env = "PACLOUD_CONFIG")]
@@ -83,6 +88,12 @@ enum Command {
 // (docs/benchmarks.md has the before/after figures).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum WorkerBackend {
+    Local,
+    Aws,
+}
 
 /// A mistake in what was asked: printed as one line, exit status 2.
 #[derive(Debug, thiserror::Error)]
@@ -215,7 +226,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Worker { data_dir, config } => {
+        Command::Worker { backend: WorkerBackend::Aws, data_dir, config } => {
+            init_logging();
+            let settings = load_settings(config.as_deref(), None, data_dir)?;
+            pacloud::aws_worker::aws_config(&settings).map_err(|e| Usage(format!("{e:#}")))?;
+            pacloud::aws_worker::run(&settings, shutdown_token()).await
+        }
+        Command::Worker { backend: WorkerBackend::Local, data_dir, config } => {
             init_logging();
             let settings = load_settings(config.as_deref(), None, data_dir)?;
             let app = pacloud::serve::build_app(&settings, "http://127.0.0.1:0")?;

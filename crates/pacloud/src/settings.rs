@@ -59,6 +59,27 @@ pub struct FileSettings {
     pub repositories: BTreeMap<String, PathBuf>,
     #[serde(default)]
     pub build: BuildFileSettings,
+    #[serde(default)]
+    pub aws: AwsFileSettings,
+}
+
+/// The `[aws]` table: where `pacloud worker --backend aws` finds its queue,
+/// table and bucket (also `PACLOUD_AWS_*`; credentials and region come from
+/// the standard AWS chain unless set here).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsFileSettings {
+    pub table: Option<String>,
+    pub queue_url: Option<String>,
+    pub dlq_url: Option<String>,
+    pub bucket: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    #[serde(default)]
+    pub force_path_style: bool,
+    /// The instance metadata service (spot interruption notices).
+    pub imds_endpoint: Option<String>,
+    pub spot_poll_ms: Option<u64>,
 }
 
 /// The `[build]` table: how `serve` (and `worker`) build packages.
@@ -172,6 +193,7 @@ pub struct Settings {
     pub max_receives: u32,
     pub targets: TargetSet,
     pub build: BuildSettings,
+    pub aws: AwsFileSettings,
 }
 
 /// Where data lives when nothing says otherwise.
@@ -198,6 +220,7 @@ impl Default for Settings {
             max_receives: 5,
             targets: TargetSet::builtin(),
             build: BuildSettings::default(),
+            aws: AwsFileSettings::default(),
         }
     }
 }
@@ -243,6 +266,7 @@ impl Settings {
         if let Some(v) = f.max_receives {
             self.max_receives = v;
         }
+        self.aws = f.aws;
         let b = &mut self.build;
         b.repositories.extend(f.repositories);
         let fb = f.build;
@@ -353,6 +377,25 @@ impl Settings {
                     item.split_once('=').ok_or_else(|| bad("PACLOUD_REPOSITORIES", &v, "name=path[,name=path...]"))?;
                 self.build.repositories.insert(name.to_owned(), path.into());
             }
+        }
+        for (name, slot) in [
+            ("PACLOUD_AWS_TABLE", &mut self.aws.table),
+            ("PACLOUD_AWS_QUEUE_URL", &mut self.aws.queue_url),
+            ("PACLOUD_AWS_DLQ_URL", &mut self.aws.dlq_url),
+            ("PACLOUD_AWS_BUCKET", &mut self.aws.bucket),
+            ("PACLOUD_AWS_ENDPOINT_URL", &mut self.aws.endpoint_url),
+            ("PACLOUD_AWS_REGION", &mut self.aws.region),
+            ("PACLOUD_IMDS_ENDPOINT", &mut self.aws.imds_endpoint),
+        ] {
+            if let Some(v) = env(name) {
+                *slot = Some(v);
+            }
+        }
+        if let Some(v) = env("PACLOUD_AWS_FORCE_PATH_STYLE") {
+            self.aws.force_path_style = matches!(v.as_str(), "1" | "true" | "yes");
+        }
+        if let Some(v) = env("PACLOUD_SPOT_POLL_MS") {
+            self.aws.spot_poll_ms = Some(v.parse().map_err(|_| bad("PACLOUD_SPOT_POLL_MS", &v, "milliseconds"))?);
         }
         if let Some(v) = env("PACLOUD_MAX_RECEIVES") {
             self.max_receives = v.parse().map_err(|_| bad("PACLOUD_MAX_RECEIVES", &v, "a whole number"))?;

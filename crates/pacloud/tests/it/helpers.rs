@@ -254,6 +254,14 @@ cflags = "-O2 -pipe"
 repository = "pacloud-fixtures"
 snapshot = "1"
 builder = "host"
+# A target no worker has the repository of (infrastructure-failure tests).
+[targets.broken]
+profile = "default"
+chost = "x86_64-pc-linux-gnu"
+cflags = "-O2 -pipe"
+repository = "no-such-repository"
+snapshot = "1"
+builder = "host"
 "#,
         repo = ws.join("tests/fixtures/repo").display()
     )

@@ -3,6 +3,7 @@
 //! SQLite store and queue, signed artifact URLs, and the CLI binary.
 
 mod api;
+mod aws;
 mod builds;
 mod cli;
 mod helpers;

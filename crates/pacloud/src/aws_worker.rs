@@ -1,0 +1,91 @@
+//! `pacloud worker --backend aws`: the worker library on SQS, DynamoDB and
+//! S3, with the spot interruption watcher. A `terminate` or `stop` notice
+//! aborts running builds and releases their messages (visibility 0) and
+//! leases at once; a resume after hibernation makes running jobs re-check
+//! their leases before publishing; SIGTERM drains within the grace period.
+
+use anyhow::Context;
+use pacloud_aws::AwsConfig;
+use pacloud_domain::SystemClock;
+use pacloud_worker::spot::{DEFAULT_ENDPOINT, SpotConfig, SpotEvent, SpotWatcher, react};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::build::{Detected, detect, start_workers_on};
+use crate::settings::Settings;
+
+/// The AWS client settings from `[aws]` / `PACLOUD_AWS_*`.
+pub fn aws_config(settings: &Settings) -> anyhow::Result<AwsConfig> {
+    let a = &settings.aws;
+    Ok(AwsConfig {
+        table: a.table.clone().context("aws.table (PACLOUD_AWS_TABLE) is required")?,
+        queue_url: a.queue_url.clone().context("aws.queue_url (PACLOUD_AWS_QUEUE_URL) is required")?,
+        dlq_url: a.dlq_url.clone(),
+        bucket: a.bucket.clone().context("aws.bucket (PACLOUD_AWS_BUCKET) is required")?,
+        endpoint_url: a.endpoint_url.clone(),
+        region: a.region.clone(),
+        static_credentials: None,
+        force_path_style: a.force_path_style,
+        url_ttl: settings.url_ttl,
+    })
+}
+
+/// Runs workers on AWS until `shutdown` or a terminate/stop notice.
+pub async fn run(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = aws_config(settings)?;
+    let ports = pacloud_aws::connect(&config).await;
+    // The last attempt is the one before the queue's redrive moves the
+    // message: take the limit from the queue itself so the two agree.
+    let mut settings = settings.clone();
+    match ports.queue.max_receive_count().await {
+        Ok(Some(n)) => {
+            if n != settings.max_receives {
+                tracing::info!(max_receives = n, "using the queue's redrive maxReceiveCount as the attempt limit");
+            }
+            settings.max_receives = n;
+        }
+        Ok(None) => {
+            tracing::warn!("the queue has no redrive policy: failed messages will never reach a dead-letter queue")
+        }
+        Err(e) => tracing::warn!(error = &e as &dyn std::error::Error, "cannot read the queue's redrive policy"),
+    }
+    let settings = &settings;
+    let backend = match detect(settings).await {
+        Detected::Ready(b) => b,
+        Detected::Unavailable(why) => anyhow::bail!("no build backend: {why}"),
+    };
+    tracing::info!(queue = %config.queue_url, table = %config.table, bucket = %config.bucket, "pacloud worker on AWS: {}", backend.description);
+    let workers = start_workers_on(
+        Arc::new(ports.store),
+        Arc::new(ports.queue),
+        Arc::new(ports.artifacts),
+        backend,
+        settings,
+        Arc::new(SystemClock),
+    );
+    let spot = SpotConfig {
+        endpoint: settings.aws.imds_endpoint.clone().unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned()),
+        poll_interval: settings.aws.spot_poll_ms.map(Duration::from_millis).unwrap_or(Duration::from_secs(5)),
+        ..SpotConfig::default()
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    let watcher_stop = CancellationToken::new();
+    tokio::spawn(SpotWatcher::new(spot).run(tx, watcher_stop.clone()));
+    loop {
+        tokio::select! {
+            event = rx.recv() => {
+                let Some(event) = event else { break };
+                tracing::warn!(?event, "spot notice");
+                react(&event, &workers.stop, &workers.abort, &workers.recheck);
+                if matches!(event, SpotEvent::Terminate { .. } | SpotEvent::Stop { .. }) {
+                    break;
+                }
+            }
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    watcher_stop.cancel();
+    workers.shutdown(settings.build.shutdown_grace).await;
+    Ok(())
+}
