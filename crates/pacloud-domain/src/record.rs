@@ -278,6 +278,25 @@ impl BuildRecord {
         Ok(r)
     }
 
+    /// Whether a `building` record was abandoned: its lease expired more
+    /// than `grace` ago and nobody took it over (the worker died and its
+    /// message may be gone, e.g. dead-lettered after repeated crashes).
+    pub fn is_abandoned(&self, now: Millis, grace: Duration) -> bool {
+        self.status == Status::Building && self.lease.as_ref().is_some_and(|l| l.expires_at.plus(grace) <= now)
+    }
+
+    /// Puts an abandoned `building` record back to `queued`; the caller
+    /// sends a new message only if its conditional write of this wins.
+    pub fn reclaim_abandoned(&self, now: Millis, grace: Duration) -> Result<BuildRecord, TransitionError> {
+        if !self.is_abandoned(now, grace) {
+            return Err(TransitionError::NotStale { key: self.key.to_string() });
+        }
+        let mut r = self.next(Status::Queued, now)?;
+        r.lease = None;
+        r.enqueued_at = now;
+        Ok(r)
+    }
+
     /// Marks the message of a `queued` record as never sent, so the next
     /// request re-enqueues it at once.
     pub fn mark_unsent(&self, now: Millis) -> Result<BuildRecord, TransitionError> {
@@ -379,6 +398,17 @@ mod tests {
         let live = again.claim("w3", Millis(7_000), MIN).unwrap();
         assert!(live.fail(None, failure(), Millis(8_000)).is_err());
         assert!(live.fail(None, failure(), Millis(68_000)).is_ok());
+    }
+
+    #[test]
+    fn abandoned_builds_are_reclaimed() {
+        let b = rec().claim("w1", Millis(2_000), MIN).unwrap();
+        assert!(!b.is_abandoned(Millis(62_000 + 59_999), MIN), "lease + grace not over yet");
+        assert!(matches!(b.reclaim_abandoned(Millis(70_000), MIN), Err(TransitionError::NotStale { .. })));
+        let back = b.reclaim_abandoned(Millis(122_000), MIN).unwrap();
+        assert_eq!((back.status, back.lease.clone(), back.enqueued_at), (Status::Queued, None, Millis(122_000)));
+        assert_eq!(back.attempts, 1, "attempts are kept: they count towards the limit");
+        assert!(back.complete("w1", artifact(), Millis(123_000)).is_err(), "the old worker cannot publish");
     }
 
     #[test]

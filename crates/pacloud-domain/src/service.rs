@@ -13,7 +13,7 @@ use crate::ports::{
     ArtifactError, ArtifactPath, ArtifactStore, Created, Job, JobQueue, MetadataStore, QueueError, SignedUrl,
     StoreError,
 };
-use crate::record::{BuildRecord, Status, TransitionError};
+use crate::record::{BuildRecord, FailureClass, FailureInfo, Status, TransitionError};
 use crate::request::{BuildRequest, SpecError};
 use crate::target::TargetSet;
 use crate::time::Clock;
@@ -28,6 +28,9 @@ pub struct ServiceConfig {
     pub requeue_after: Duration,
     /// What a pending response advises clients to wait before polling.
     pub poll_after: Duration,
+    /// Claims after which an abandoned build (its worker died without a
+    /// trace, repeatedly) is recorded as failed instead of queued again.
+    pub max_attempts: u32,
     /// How many ready records to keep in memory (0 turns the cache off).
     /// Ready records never change, so caching them is always safe.
     pub ready_cache_entries: usize,
@@ -39,6 +42,7 @@ impl Default for ServiceConfig {
             url_ttl: Duration::from_secs(15 * 60),
             requeue_after: Duration::from_secs(15 * 60),
             poll_after: Duration::from_secs(5),
+            max_attempts: 5,
             ready_cache_entries: 100_000,
         }
     }
@@ -219,6 +223,28 @@ impl BuildService {
             Status::Queued if record.is_stale(now, self.config.requeue_after) => {
                 let stale = self.config.requeue_after;
                 self.requeue(&record, |r, now| r.reenqueue(now, stale)).await
+            }
+            Status::Building if record.is_abandoned(now, self.config.requeue_after) => {
+                let grace = self.config.requeue_after;
+                if record.attempts >= self.config.max_attempts {
+                    let failure = FailureInfo {
+                        class: FailureClass::Infrastructure,
+                        reason: format!(
+                            "abandoned: the worker holding it stopped answering after {} attempts",
+                            record.attempts
+                        ),
+                        log_path: None,
+                        log_tail: None,
+                        cached_until: now.plus(self.config.requeue_after),
+                    };
+                    let next = match record.fail(None, failure, now) {
+                        Ok(n) => n,
+                        Err(_) => return self.outcome(record).await,
+                    };
+                    self.store.replace(&next, record.revision).await?;
+                    return self.outcome(next).await;
+                }
+                self.requeue(&record, |r, now| r.reclaim_abandoned(now, grace)).await
             }
             Status::Failed if may_build && record.failure.as_ref().is_some_and(|f| f.cached_until <= now) => {
                 self.requeue(&record, |r, now| r.retry(now)).await

@@ -395,6 +395,16 @@ impl Worker {
             let reason = format!("emerge succeeded but published no package for ={cpv}");
             return Ok(BuildResult::Failed { class: FailureClass::Build, reason, log_path, log_tail });
         };
+        // The record may point at the artifact only once it is really stored.
+        match self.artifacts.head(&main.path).await? {
+            Some(o) if o.size == main.size => {}
+            _ => {
+                return Err(Infra::Sandbox(SandboxError::Unavailable(format!(
+                    "{} is not in the artifact store after upload",
+                    main.path
+                ))));
+            }
+        }
         let artifact = ArtifactInfo {
             path: main.path.to_string(),
             sha256: main.sha256.clone(),

@@ -47,6 +47,7 @@ pub fn build_app_with_clock(settings: &Settings, public_url: &str, clock: Arc<dy
         url_ttl: settings.url_ttl,
         requeue_after: settings.requeue_after,
         poll_after: settings.poll_after,
+        max_attempts: settings.max_receives,
         ..ServiceConfig::default()
     };
     let service = Arc::new(BuildService::new(

@@ -373,3 +373,35 @@ fn openapi_document_validates() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "valid");
 }
+
+#[tokio::test]
+async fn abandoned_builds_are_queued_again_then_failed_after_the_attempt_limit() {
+    use pacloud_domain::ports::MetadataStore;
+    let app = spawn_app_with(|s| s.max_receives = 2).await;
+    let (_, body) = app.post_build(&hello(&["abandoned"])).await;
+    let key: pacloud_domain::BuildKey = body["key"].as_str().unwrap().parse().unwrap();
+    for attempt in 1..=2u32 {
+        assert_eq!(app.drain_queue().await.len(), 1, "attempt {attempt}: one message");
+        // A worker claims it and dies without a trace (its message is gone too).
+        let now = pacloud_domain::Clock::now(&*app.clock);
+        pacloud_domain::ports::apply(&*app.app.store, &key, |r| r.claim("dead-worker", now, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let (status, polled) = app.get_build(key.as_str()).await;
+        assert_eq!((status, polled["status"].as_str()), (202, Some("building")), "a live lease is left alone");
+        app.clock.advance(Duration::from_secs(60 + 15 * 60 + 1));
+        let (status, polled) = app.get_build(key.as_str()).await;
+        if attempt == 1 {
+            assert_eq!((status, polled["status"].as_str()), (202, Some("queued")), "abandoned: queued again");
+        } else {
+            assert_eq!(
+                (status, polled["status"].as_str(), polled["class"].as_str()),
+                (200, Some("failed"), Some("infrastructure")),
+                "{polled}"
+            );
+            assert!(app.drain_queue().await.is_empty(), "no new message once failed");
+        }
+    }
+    let record = app.app.store.get(&key).await.unwrap().unwrap();
+    assert_eq!(record.attempts, 2);
+}
