@@ -103,6 +103,8 @@ enum Infra {
     Publish(#[from] publish::PublishError),
     #[error(transparent)]
     Artifact(#[from] pacloud_domain::ports::ArtifactError),
+    #[error("{0} is not in the artifact store after upload")]
+    NotStored(String),
 }
 
 impl Worker {
@@ -399,10 +401,7 @@ impl Worker {
         match self.artifacts.head(&main.path).await? {
             Some(o) if o.size == main.size => {}
             _ => {
-                return Err(Infra::Sandbox(SandboxError::Unavailable(format!(
-                    "{} is not in the artifact store after upload",
-                    main.path
-                ))));
+                return Err(Infra::NotStored(main.path.to_string()));
             }
         }
         let artifact = ArtifactInfo {
