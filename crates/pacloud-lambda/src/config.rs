@@ -134,7 +134,13 @@ impl LambdaConfig {
             tokens,
             base_path,
             targets,
-            service: ServiceConfig { url_ttl, requeue_after, poll_after, ready_cache_entries },
+            service: ServiceConfig {
+                url_ttl,
+                requeue_after,
+                poll_after,
+                ready_cache_entries,
+                ..ServiceConfig::default()
+            },
         })
     }
 }
@@ -170,7 +176,8 @@ fn parse_targets(v: &str) -> Result<TargetSet, ConfigError> {
         .map_err(|e| invalid(NAME, v, format!("JSON {{\"default\": name, \"targets\": {{name: target}}}} ({e})")))?;
     let mut targets: Vec<Target> = TargetSet::builtin().iter().cloned().collect();
     for (name, spec) in doc.targets {
-        let tn: TargetName = name.parse().map_err(|e| invalid(NAME, v, format!("a valid target name ({name:?}: {e})")))?;
+        let tn: TargetName =
+            name.parse().map_err(|e| invalid(NAME, v, format!("a valid target name ({name:?}: {e})")))?;
         targets.retain(|t| t.name != tn);
         targets.push(Target::new(tn, spec).map_err(|e| invalid(NAME, v, format!("valid targets ({e})")))?);
     }

@@ -39,7 +39,10 @@ pub fn check_runtime_env(env: impl Fn(&str) -> Option<String>) -> Result<(), Ini
         }
     }
     if env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE").and_then(|v| v.parse::<i32>().ok()).is_none() {
-        return Err(InitError::Runtime { name: "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", expected: "megabytes, set by Lambda" });
+        return Err(InitError::Runtime {
+            name: "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+            expected: "megabytes, set by Lambda",
+        });
     }
     Ok(())
 }
@@ -99,8 +102,9 @@ mod tests {
         assert!(check_runtime_env(full).is_ok());
         let e = check_runtime_env(|k| if k == "AWS_LAMBDA_FUNCTION_NAME" { None } else { full(k) }).unwrap_err();
         assert!(e.to_string().contains("AWS_LAMBDA_FUNCTION_NAME"), "{e}");
-        let e = check_runtime_env(|k| if k == "AWS_LAMBDA_FUNCTION_MEMORY_SIZE" { Some("lots".into()) } else { full(k) })
-            .unwrap_err();
+        let e =
+            check_runtime_env(|k| if k == "AWS_LAMBDA_FUNCTION_MEMORY_SIZE" { Some("lots".into()) } else { full(k) })
+                .unwrap_err();
         assert!(e.to_string().contains("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"), "{e}");
         assert!(runtime_api_uri("127.0.0.1:9001").is_some());
         assert!(runtime_api_uri("").is_none());

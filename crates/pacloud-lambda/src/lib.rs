@@ -8,15 +8,16 @@
 //! Runtime API's `/runtime/init/error` and ends the process with status 1,
 //! never a panic ([`init`]). Logs are JSON lines on stdout.
 //!
-//! API Gateway stages: an HTTP API's `$default` stage needs nothing. For a
-//! named stage (say `prod`), API Gateway keeps the stage in `rawPath`
-//! (`/prod/v1/builds`). The template sets
-//! `AWS_LAMBDA_HTTP_IGNORE_STAGE_IN_PATH=true`, so lambda_http uses
-//! `rawPath` as it is (without it lambda_http 1.3 prepends the stage to a
-//! path that lacks it, e.g. behind a custom domain mapping), and
-//! `PACLOUD_BASE_PATH=/prod`, which pacloud both strips from incoming paths
-//! and prefixes to the links it returns. lambda_http itself never strips
-//! the stage (aws-lambda-rust-runtime issue #919), hence the strip here.
+//! API Gateway stages: the HTTP API's `$default` stage (what
+//! infra/template.yaml deploys) puts no stage in paths or links, so
+//! `PACLOUD_BASE_PATH` stays empty. A named stage (say `prod`) stays in
+//! `rawPath` (`/prod/v1/builds`): set `PACLOUD_BASE_PATH=/prod`, which
+//! pacloud strips from incoming paths and prefixes to the links it returns.
+//! The template also sets `AWS_LAMBDA_HTTP_IGNORE_STAGE_IN_PATH=true`, so
+//! lambda_http uses `rawPath` as it is; without it lambda_http 1.3 prepends
+//! the stage to a path that lacks it (behind a custom domain mapping, say).
+//! lambda_http never strips the stage itself (its `apigw_path_with_stage`;
+//! aws-lambda-rust-runtime issue #919), hence the strip here.
 
 pub mod config;
 pub mod init;
@@ -62,8 +63,8 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-/// JSON lines on stdout; the level from `RUST_LOG`, else Lambda's
-/// `AWS_LAMBDA_LOG_LEVEL`, else `info`.
+/// JSON lines on stdout (panics included); the level from `RUST_LOG`, else
+/// Lambda's `AWS_LAMBDA_LOG_LEVEL`, else `info`.
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = env("RUST_LOG")
@@ -79,6 +80,18 @@ pub fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stdout)
         .try_init();
+    // A panic (caught by the event guard or by lambda_runtime) is logged as
+    // a JSON line too, with the invocation's request id from its span.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let payload = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(panic = %payload, %location, "panic");
+    }));
 }
 
 /// The binary: init, then serve invocations until the runtime stops.

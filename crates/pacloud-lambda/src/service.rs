@@ -92,7 +92,7 @@ pub fn strip_base_path(base: &str, uri: &mut Uri) {
 #[serde(untagged)]
 pub enum Reply<R> {
     Http(R),
-    Refused(ApiGatewayV2httpResponse),
+    Refused(Box<ApiGatewayV2httpResponse>),
 }
 
 impl<R> Reply<R> {
@@ -137,7 +137,7 @@ where
     fn call(&mut self, event: LambdaEvent<LambdaRequest>) -> Self::Future {
         if let Some(refusal) = refuse(&event.payload) {
             tracing::info!(status = refusal.status_code, "refused an event lambda_http cannot convert");
-            return Box::pin(std::future::ready(Ok(Reply::Refused(refusal))));
+            return Box::pin(std::future::ready(Ok(Reply::Refused(Box::new(refusal)))));
         }
         // The conversion runs synchronously inside `call`; a panic there is
         // a malformed event, not a failure of the function.
@@ -146,7 +146,7 @@ where
             Err(_) => {
                 tracing::warn!("refused an event whose conversion to an HTTP request failed");
                 let e = ApiError::invalid("request", "the request could not be interpreted");
-                Box::pin(std::future::ready(Ok(Reply::Refused(error_response(&e)))))
+                Box::pin(std::future::ready(Ok(Reply::Refused(Box::new(error_response(&e))))))
             }
         }
     }

@@ -1,0 +1,284 @@
+//! The Lambda function end to end: the real `pacloud-lambda` binary (its
+//! lambda_runtime client polling a FAKE Lambda Runtime API), API Gateway
+//! HTTP API v2 events from `tests/events/`, and the real AWS wire protocol
+//! on moto's server.
+
+mod support;
+
+use pacloud_domain::ports::{ArtifactPath, ArtifactStore, Job, JobQueue, MetadataStore};
+use pacloud_domain::{ArtifactInfo, BuildKey, Clock, SystemClock};
+use serde_json::{Value, json};
+use std::time::Duration;
+use support::fake_runtime::FakeRuntimeApi;
+use support::*;
+
+fn hello_body(flags: &[&str]) -> String {
+    json!({"atom": "app-misc/hello", "version": "2.12-r1", "use": flags}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_event_queues_exactly_one_job() {
+    let d = Deployment::start("post", 1, &[]).await;
+
+    let r = d.call(&event("post-build")).await;
+    assert_eq!(r.status, 202, "{:?}", r.raw);
+    assert_eq!(r.body["status"], "queued");
+    let key = r.body["key"].as_str().unwrap().to_owned();
+    assert_eq!(r.body["poll"], format!("/v1/builds/{key}"));
+    assert_eq!(r.headers["location"], format!("/v1/builds/{key}"));
+    assert_eq!(r.headers["content-type"], "application/json");
+
+    let messages = d.drain_queue().await;
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    let job = Job::decode(&messages[0]).unwrap();
+    assert_eq!(job.key.as_str(), key);
+    assert_eq!(d.scan_table().await, 1);
+
+    // The same request again is the same pending build: no second job.
+    let again = d.call(&event("post-build")).await;
+    assert_eq!((again.status, again.body["key"].as_str()), (202, Some(key.as_str())));
+    // A base64-encoded body (as API Gateway sends binary payloads) is the same request.
+    let b64 = d.call(&event("post-build-base64")).await;
+    assert_eq!((b64.status, b64.body["key"].as_str()), (202, Some(key.as_str())));
+    assert!(d.drain_queue().await.is_empty());
+
+    d.assert_no_function_errors();
+    // Logs are JSON lines on stdout; the open-build warning is logged once.
+    let out = d.lambdas[0].stdout();
+    let lines: Vec<Value> =
+        out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"))).collect();
+    assert!(lines.iter().any(|l| l["message"] == "pacloud-lambda ready"), "{out}");
+    let warnings = lines.iter().filter(|l| l["message"].as_str().is_some_and(|m| m.contains("PACLOUD_TOKENS"))).count();
+    assert_eq!(warnings, 1, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_identical_posts_make_one_record_and_one_message() {
+    const INSTANCES: usize = 8;
+    const REQUESTS: usize = 200;
+    let d = Deployment::start("storm", INSTANCES, &[]).await;
+
+    let body = hello_body(&["nls", "-doc"]);
+    let ids: Vec<String> = (0..REQUESTS).map(|_| d.runtime.invoke(&with_body(event("post-build"), &body))).collect();
+    let mut keys = std::collections::BTreeSet::new();
+    for id in &ids {
+        let (outcome, _) = d.runtime.wait(id, Duration::from_secs(120)).await;
+        let r = http(outcome);
+        assert_eq!(r.status, 202, "{:?}", r.raw);
+        keys.insert(r.body["key"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(keys.len(), 1);
+    assert!(
+        d.runtime.max_in_flight() >= 2,
+        "invocations did not overlap (max in flight {})",
+        d.runtime.max_in_flight()
+    );
+    eprintln!("max invocations in flight at once: {}", d.runtime.max_in_flight());
+
+    assert_eq!(d.scan_table().await, 1, "exactly one DynamoDB record");
+    let messages = d.drain_queue().await;
+    assert_eq!(messages.len(), 1, "exactly one SQS message: {messages:?}");
+    assert_eq!(Job::decode(&messages[0]).unwrap().key.as_str(), keys.first().unwrap());
+    d.assert_no_function_errors();
+}
+
+/// Claims, uploads and completes `key` through the AWS adapters, as a
+/// worker would; returns the artifact's bytes.
+async fn complete_as_worker(d: &Deployment, key: &str) -> Vec<u8> {
+    let key: BuildKey = key.parse().unwrap();
+    let deliveries = d.ports.queue.receive(1, Duration::from_secs(600), Duration::from_secs(1)).await.unwrap();
+    assert_eq!(deliveries.len(), 1);
+    let now = SystemClock.now();
+    let rec = d.ports.store.get(&key).await.unwrap().expect("record");
+    let claimed = rec.claim("test-worker", now, Duration::from_secs(60)).unwrap();
+    d.ports.store.replace(&claimed, rec.revision).await.unwrap();
+    let bytes: Vec<u8> = format!("gpkg for {key}\n").into_bytes().repeat(500);
+    let path =
+        format!("{}/{}/{}-{}-1.gpkg.tar", rec.spec.target, rec.spec.atom, rec.spec.atom.package(), rec.spec.version);
+    let file = d.dir.path().join(format!("{key}.gpkg.tar"));
+    std::fs::write(&file, &bytes).unwrap();
+    let sha = pacloud_domain::key::sha256_hex(&bytes);
+    d.ports.artifacts.put_file(&ArtifactPath::parse(&path).unwrap(), &file, &sha).await.unwrap();
+    let artifact = ArtifactInfo {
+        path,
+        sha256: sha,
+        size: bytes.len() as u64,
+        build_id: 1,
+        use_recorded: rec.spec.use_flags.enabled().map(str::to_owned).collect(),
+        build_seconds: 1.0,
+        log_path: None,
+    };
+    let done = claimed.complete("test-worker", artifact, SystemClock.now()).unwrap();
+    d.ports.store.replace(&done, claimed.revision).await.unwrap();
+    d.ports.queue.ack(&deliveries[0].receipt).await.unwrap();
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_build_answers_200_with_a_presigned_url_to_the_bytes() {
+    let d = Deployment::start("ready", 1, &[("PACLOUD_URL_TTL_SECS", "600")]).await;
+    let pending = d.call(&event("post-build")).await;
+    assert_eq!(pending.status, 202);
+    let key = pending.body["key"].as_str().unwrap().to_owned();
+
+    let bytes = complete_as_worker(&d, &key).await;
+    let sha = pacloud_domain::key::sha256_hex(&bytes);
+
+    let r = d.call(&event("post-build")).await;
+    assert_eq!(r.status, 200, "{:?}", r.raw);
+    assert_eq!(r.body["status"], "ready");
+    assert_eq!(r.body["key"], key);
+    assert_eq!(r.body["sha256"], sha, "the recorded sha256");
+    assert_eq!(r.body["size"], bytes.len());
+    let url = r.body["url"].as_str().unwrap();
+    assert!(url.starts_with(&format!("{}/{}/", d.moto.endpoint, d.cfg.bucket)), "path-style URL into moto: {url}");
+    assert!(url.contains("X-Amz-Signature="), "presigned: {url}");
+    assert!(url.contains("X-Amz-Expires=600"), "PACLOUD_URL_TTL_SECS: {url}");
+    let (status, got) = http_get(url).await;
+    assert_eq!(status, 200);
+    assert_eq!(pacloud_domain::key::sha256_hex(&got), sha, "the presigned URL serves the recorded bytes");
+
+    // Polling by key and the original client's query agree.
+    let by_key = d.call(&with_key(event("get-build"), &key)).await;
+    assert_eq!((by_key.status, by_key.body["status"].as_str()), (200, Some("ready")));
+    assert_eq!(by_key.body["sha256"], sha);
+    let compat = d.call(&event("get-package")).await;
+    assert_eq!(compat.status, 200);
+    assert_eq!(compat.body["status"], "SUCCESS", "{:?}", compat.body);
+    let (status, got) = http_get(compat.body["linkS3"].as_str().unwrap()).await;
+    assert_eq!((status, pacloud_domain::key::sha256_hex(&got)), (200, sha));
+
+    assert!(d.drain_queue().await.is_empty(), "a cache hit queues nothing");
+    d.assert_no_function_errors();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_events_are_4xx_json_never_function_errors() {
+    let d = Deployment::start("bad", 2, &[]).await;
+    let oversized = with_body(
+        event("bad-oversized"),
+        &json!({"atom": "app-misc/hello", "version": "2.12-r1", "pad": "x".repeat(pacloud_api::MAX_BODY_BYTES)})
+            .to_string(),
+    );
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        ("malformed JSON body", event("bad-malformed-json"), 400, "invalid_request"),
+        ("wrong content-type", event("bad-content-type"), 415, "unsupported_media_type"),
+        ("base64 flag on a non-base64 body", event("bad-base64-body"), 400, "invalid_request"),
+        ("unknown route", event("bad-unknown-route"), 404, "not_found"),
+        ("bad key in path", event("bad-key"), 400, "invalid_request"),
+        ("oversized body", oversized, 413, "payload_too_large"),
+        ("missing fields", event("bad-missing-fields"), 400, "invalid_request"),
+        ("Host header that is not a host", event("bad-host"), 400, "invalid_request"),
+        (
+            "bad atom",
+            with_body(event("post-build"), &json!({"atom": "bad atom", "version": "1"}).to_string()),
+            400,
+            "invalid_request",
+        ),
+        (
+            "wrong method",
+            with_method_path(event("bad-unknown-route"), "DELETE", "/v1/builds"),
+            405,
+            "method_not_allowed",
+        ),
+    ];
+    for (what, ev, status, error) in cases {
+        let r = d.call(&ev).await;
+        assert_eq!(r.status, status, "{what}: {:?}", r.raw);
+        assert_eq!(r.body["error"], error, "{what}: {:?}", r.body);
+        assert!(r.body["message"].is_string(), "{what}: {:?}", r.body);
+        assert_eq!(r.headers["content-type"], "application/json", "{what}");
+        eprintln!("{what}: {status} {}", r.body);
+    }
+    for (name, field) in [("bad-missing-fields", "version"), ("bad-base64-body", "body"), ("bad-key", "key")] {
+        assert_eq!(d.call(&event(name)).await.body["field"], field, "{name}");
+    }
+
+    assert!(d.drain_queue().await.is_empty(), "no bad request queued anything");
+    assert_eq!(d.scan_table().await, 0);
+    let errors = d.runtime.function_errors();
+    assert!(errors.is_empty(), "function errors: {errors:?}");
+    // The one event lambda_http panics on was caught, answered 400 and logged.
+    let panics: usize = d.lambdas.iter().map(|l| l.panics()).sum();
+    assert_eq!(panics, 1, "only the Host-header event panics inside lambda_http");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_stage_is_stripped_and_prefixed_to_links_and_tokens_guard_builds() {
+    let d = Deployment::start("stage", 1, &[("PACLOUD_BASE_PATH", "/prod"), ("PACLOUD_TOKENS", "s3cret, other")]).await;
+
+    // No credentials: a miss may not start a build.
+    let r = d.call(&event("post-build-stage")).await;
+    assert_eq!((r.status, r.body["error"].as_str()), (401, Some("unauthorized")), "{:?}", r.raw);
+    let r = d.call(&with_header(event("post-build-stage"), "authorization", "Bearer wrong")).await;
+    assert_eq!(r.status, 401);
+
+    let r = d.call(&with_header(event("post-build-stage"), "authorization", "Bearer s3cret")).await;
+    assert_eq!(r.status, 202, "{:?}", r.raw);
+    let key = r.body["key"].as_str().unwrap().to_owned();
+    assert_eq!(r.body["poll"], format!("/prod/v1/builds/{key}"), "links carry the stage");
+    let poll = d.call(&with_key(event("get-build-stage"), &key)).await;
+    assert_eq!((poll.status, poll.body["status"].as_str()), (202, Some("queued")), "{:?}", poll.raw);
+    // The same Router answers without the stage too ($default stage, custom domain).
+    let poll = d.call(&with_key(event("get-build"), &key)).await;
+    assert_eq!(poll.status, 202);
+    assert_eq!(d.drain_queue().await.len(), 1);
+    d.assert_no_function_errors();
+    assert!(!d.lambdas[0].stdout().contains("every caller may start builds"));
+}
+
+/// (what, the function's variables, the variable the error must name)
+type ConfigCase = (&'static str, &'static [(&'static str, &'static str)], &'static str);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_errors_are_reported_as_init_errors_and_exit_non_zero() {
+    let cases: [ConfigCase; 3] = [
+        ("PACLOUD_TABLE unset", &[("PACLOUD_QUEUE_URL", "http://q"), ("PACLOUD_BUCKET", "b")], "PACLOUD_TABLE"),
+        (
+            "URL lifetime over an hour",
+            &[
+                ("PACLOUD_TABLE", "t"),
+                ("PACLOUD_QUEUE_URL", "http://q"),
+                ("PACLOUD_BUCKET", "b"),
+                ("PACLOUD_URL_TTL_SECS", "7200"),
+            ],
+            "PACLOUD_URL_TTL_SECS",
+        ),
+        (
+            "targets not JSON",
+            &[
+                ("PACLOUD_TABLE", "t"),
+                ("PACLOUD_QUEUE_URL", "http://q"),
+                ("PACLOUD_BUCKET", "b"),
+                ("PACLOUD_TARGETS", "{oops"),
+            ],
+            "PACLOUD_TARGETS",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (i, (what, vars, names)) in cases.into_iter().enumerate() {
+        let runtime = FakeRuntimeApi::start().await;
+        let mut env = lambda_env(&runtime.runtime_api());
+        env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut l = spawn_lambda(BIN, &env, dir.path(), &format!("bad-config-{i}"));
+        let status = tokio::time::timeout(Duration::from_secs(30), l.child.wait()).await.expect("exits").unwrap();
+        assert_eq!(status.code(), Some(1), "{what}: exit status {status:?}");
+        let report = runtime.init_errors();
+        assert_eq!(report.len(), 1, "{what}: one init error");
+        assert_eq!(report[0].error_type.as_deref(), Some("Runtime.ConfigInvalid"), "{what}");
+        let msg = report[0].body["errorMessage"].as_str().unwrap_or_default();
+        assert!(msg.contains(names), "{what}: {msg}");
+        assert_eq!(report[0].body["errorType"], "Runtime.ConfigInvalid");
+        assert!(runtime.next_calls().is_empty(), "{what}: never polled for events");
+        let (out, err) = (l.stdout(), l.stderr());
+        assert_eq!(l.panics(), 0, "{what}: {out}");
+        assert!(err.is_empty() && !out.contains("panicked"), "{what}: {out}{err}");
+        let logged = out.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).any(|v| {
+            v["level"] == "ERROR"
+                && v["message"] == "init failed"
+                && v["error"].as_str().is_some_and(|e| e.contains(names))
+        });
+        assert!(logged, "{what}: the error is logged as JSON: {out}");
+        eprintln!("{what}: init error {msg:?}");
+    }
+}
