@@ -282,3 +282,76 @@ async fn config_errors_are_reported_as_init_errors_and_exit_non_zero() {
         eprintln!("{what}: init error {msg:?}");
     }
 }
+
+/// The whole AWS path: a POST event through the Lambda binary queues one
+/// job; the worker library that `pacloud worker --backend aws` runs (real
+/// emerge in bubblewrap on the fixture repository) consumes it, stores the
+/// package in S3 and marks the DynamoDB record ready, and deletes the
+/// message; the same POST event then answers 200 with a presigned URL whose
+/// bytes match the recorded sha256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_event_then_worker_then_the_same_event_is_a_cache_hit() {
+    let ws = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap();
+    let repo = ws.join("tests/fixtures/repo");
+    let fixtures = json!({"profile": "default", "chost": "x86_64-pc-linux-gnu", "cflags": "-O2 -pipe",
+        "repository": "pacloud-fixtures", "snapshot": "1", "builder": "host"});
+    let targets = json!({"default": "fixtures", "targets": {"fixtures": fixtures}}).to_string();
+    let d = Deployment::start("e2e", 1, &[("PACLOUD_TARGETS", &targets)]).await;
+    let post = with_body(event("post-build"), &hello_body(&["foo"]));
+    let pending = d.call(&post).await;
+    assert_eq!(pending.status, 202, "{:?}", pending.raw);
+    let key: BuildKey = pending.body["key"].as_str().unwrap().parse().unwrap();
+    assert_eq!(d.ports.queue.depth().await.unwrap().visible, 1, "one SQS message");
+
+    // The worker, on the same AWS resources.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let file = dir.path().join("worker.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "default_target = \"fixtures\"\n[repositories]\npacloud-fixtures = \"{}\"\n[build]\nbackend = \"bwrap\"\nworkers = 1\nportage_venv = \"{}\"\n[targets.fixtures]\nprofile = \"default\"\nchost = \"x86_64-pc-linux-gnu\"\ncflags = \"-O2 -pipe\"\nrepository = \"pacloud-fixtures\"\nsnapshot = \"1\"\nbuilder = \"host\"\n",
+            repo.display(),
+            ws.join(".venv").display()
+        ),
+    )
+    .unwrap();
+    let mut settings = pacloud::settings::Settings::load(Some(&file), |_| None).unwrap();
+    settings.data_dir = dir.path().join("data");
+    settings.build.poll_wait = Duration::from_secs(1);
+    let backend = match pacloud::build::detect(&settings).await {
+        pacloud::build::Detected::Ready(b) => b,
+        pacloud::build::Detected::Unavailable(why) => panic!("no build backend: {why}"),
+    };
+    let ports = pacloud_aws::connect(&d.cfg).await;
+    let workers = pacloud::build::start_workers_on(
+        std::sync::Arc::new(ports.store),
+        std::sync::Arc::new(ports.queue),
+        std::sync::Arc::new(ports.artifacts),
+        backend,
+        &settings,
+        std::sync::Arc::new(SystemClock),
+    );
+    let start = std::time::Instant::now();
+    let record = loop {
+        let r = d.ports.store.get(&key).await.unwrap().unwrap();
+        if r.status == pacloud_domain::Status::Ready {
+            break r;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "not ready: {:?}", r.status);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let artifact = record.artifact.unwrap();
+    let stored = d.ports.artifacts.head(&ArtifactPath::parse(&artifact.path).unwrap()).await.unwrap();
+    assert_eq!(stored.map(|o| o.size), Some(artifact.size), "the package is in S3");
+    let depth = d.ports.queue.depth().await.unwrap();
+    assert_eq!((depth.visible, depth.in_flight), (0, 0), "the message was deleted");
+
+    let hit = d.call(&post).await;
+    assert_eq!(hit.status, 200, "{:?}", hit.raw);
+    assert_eq!(hit.body["sha256"], artifact.sha256.as_str());
+    let (status, bytes) = http_get(hit.body["url"].as_str().unwrap()).await;
+    assert_eq!((status, pacloud_domain::key::sha256_hex(&bytes)), (200, artifact.sha256.clone()));
+    workers.abort_now();
+    d.assert_no_function_errors();
+}
