@@ -13,6 +13,7 @@
 //! | `PACLOUD_TOKENS` | comma-separated bearer tokens that may start builds; empty = everyone may |
 //! | `PACLOUD_BASE_PATH` | link prefix such as an API Gateway stage `/prod`; also stripped from incoming paths |
 //! | `PACLOUD_TARGETS` | JSON `{"default": name, "targets": {name: TargetSpec}}`; absent = the built-in target |
+//! | `PACLOUD_MAX_ATTEMPTS` | claims after which an abandoned build is failed, not queued again; the queue's maxReceiveCount, default 5 |
 //! | `PACLOUD_REQUEUE_AFTER_SECS` | re-send a `queued` record's message after this long, default 900 |
 //! | `PACLOUD_POLL_AFTER_SECS` | `Retry-After` advised to pending clients, default 5 |
 //! | `PACLOUD_READY_CACHE_ENTRIES` | ready records kept in memory per instance, default 10000 (0 = off) |
@@ -95,6 +96,13 @@ impl LambdaConfig {
         let url_ttl = secs("PACLOUD_URL_TTL_SECS", 900, MAX_URL_TTL_SECS)?;
         let requeue_after = secs("PACLOUD_REQUEUE_AFTER_SECS", 900, u64::from(u32::MAX))?;
         let poll_after = secs("PACLOUD_POLL_AFTER_SECS", 5, 3600)?;
+        let max_attempts = match get("PACLOUD_MAX_ATTEMPTS") {
+            None => 5,
+            Some(v) => match v.parse::<u32>() {
+                Ok(n) if n >= 1 => n,
+                _ => return Err(invalid("PACLOUD_MAX_ATTEMPTS", &v, "a whole number of at least 1")),
+            },
+        };
         let ready_cache_entries = match get("PACLOUD_READY_CACHE_ENTRIES") {
             None => 10_000,
             Some(v) => v.parse::<usize>().map_err(|_| invalid("PACLOUD_READY_CACHE_ENTRIES", &v, "a whole number"))?,
@@ -134,13 +142,7 @@ impl LambdaConfig {
             tokens,
             base_path,
             targets,
-            service: ServiceConfig {
-                url_ttl,
-                requeue_after,
-                poll_after,
-                ready_cache_entries,
-                ..ServiceConfig::default()
-            },
+            service: ServiceConfig { url_ttl, requeue_after, poll_after, ready_cache_entries, max_attempts },
         })
     }
 }
