@@ -669,6 +669,8 @@ REPO: pacloud-fixtures
                 add(&["--symlink", &format!("{r}/profiles/default"), &format!("{v}/etc/portage/make.profile")]);
                 add(&["--ro-bind", &format!("{w}/hostconf/make.conf"), &format!("{v}/etc/portage/make.conf")]);
                 add(&["--ro-bind", &format!("{w}/config"), &format!("{w}/config")]);
+                // The repository may live under /tmp (hidden by the tmpfs above).
+                add(&["--ro-bind", &r, &r]);
                 for sub in ["root", "pkgdir", "tmp", "distfiles", "logs"] {
                     add(&["--bind", &format!("{w}/{sub}"), &format!("{w}/{sub}")]);
                 }
