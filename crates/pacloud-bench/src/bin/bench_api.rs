@@ -302,6 +302,8 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    // BENCH_SEED_ONLY=DIR: only put the ready build into DIR (for driving a
+    // `pacloud serve --data-dir DIR` with another load generator by hand).
     if let Ok(d) = std::env::var("BENCH_SEED_ONLY") {
         let settings = Settings { data_dir: PathBuf::from(d), ..Settings::default() };
         return seed_ready(&settings).await;

@@ -354,6 +354,7 @@ async fn targets_health_and_openapi() {
         "/openapi.json",
         "/package",
         "/v1/artifacts/{path}",
+        "/binhost/{target}/{rest}",
     ] {
         assert!(doc["paths"].get(path).is_some(), "OpenAPI documents {path}");
     }
