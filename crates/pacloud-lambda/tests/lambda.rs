@@ -292,7 +292,6 @@ async fn config_errors_are_reported_as_init_errors_and_exit_non_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_event_then_worker_then_the_same_event_is_a_cache_hit() {
     let ws = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap();
-    let repo = ws.join("tests/fixtures/repo");
     let fixtures = json!({"profile": "default", "chost": "x86_64-pc-linux-gnu", "cflags": "-O2 -pipe",
         "repository": "pacloud-fixtures", "snapshot": "1", "builder": "host"});
     let targets = json!({"default": "fixtures", "targets": {"fixtures": fixtures}}).to_string();
@@ -307,15 +306,12 @@ async fn post_event_then_worker_then_the_same_event_is_a_cache_hit() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let file = dir.path().join("worker.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "default_target = \"fixtures\"\n[repositories]\npacloud-fixtures = \"{}\"\n[build]\nbackend = \"bwrap\"\nworkers = 1\nportage_venv = \"{}\"\n[targets.fixtures]\nprofile = \"default\"\nchost = \"x86_64-pc-linux-gnu\"\ncflags = \"-O2 -pipe\"\nrepository = \"pacloud-fixtures\"\nsnapshot = \"1\"\nbuilder = \"host\"\n",
-            repo.display(),
-            ws.join(".venv").display()
-        ),
-    )
-    .unwrap();
+    let fixtures = std::fs::read_to_string(ws.join("tests/fixtures/pacloud.toml"))
+        .unwrap()
+        .replace("@WORKSPACE@", &ws.display().to_string());
+    let build =
+        format!("\n[build]\nbackend = \"bwrap\"\nworkers = 1\nportage_venv = \"{}\"\n", ws.join(".venv").display());
+    std::fs::write(&file, fixtures + &build).unwrap();
     let mut settings = pacloud::settings::Settings::load(Some(&file), |_| None).unwrap();
     settings.data_dir = dir.path().join("data");
     settings.build.poll_wait = Duration::from_secs(1);

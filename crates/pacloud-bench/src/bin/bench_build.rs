@@ -52,24 +52,11 @@ fn workspace() -> PathBuf {
 
 fn settings(dir: &Path) -> anyhow::Result<Settings> {
     let ws = workspace().canonicalize()?;
+    let fixtures = std::fs::read_to_string(ws.join("tests/fixtures/pacloud.toml"))?
+        .replace("@WORKSPACE@", &ws.display().to_string());
     let toml = format!(
-        r#"default_target = "fixtures"
-[repositories]
-pacloud-fixtures = "{repo}"
-[build]
-backend = "bwrap"
-workers = 1
-portage_venv = "{venv}"
-[targets.fixtures]
-profile = "default"
-chost = "x86_64-pc-linux-gnu"
-cflags = "-O2 -pipe"
-repository = "pacloud-fixtures"
-snapshot = "1"
-builder = "host"
-"#,
-        repo = ws.join("tests/fixtures/repo").display(),
-        venv = ws.join(".venv").display()
+        "{fixtures}\n[build]\nbackend = \"bwrap\"\nworkers = 1\nportage_venv = \"{}\"\n",
+        ws.join(".venv").display()
     );
     let file = dir.join("bench.toml");
     std::fs::write(&file, toml)?;

@@ -238,33 +238,13 @@ pub fn workspace() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
 }
 
-/// The settings file fragment that defines the fixture target and its
-/// repository (shared by in-process and `pacloud worker` process tests).
+/// tests/fixtures/pacloud.toml for this checkout: the fixture target and
+/// its repository (shared with the benchmarks and the Lambda tests).
 pub fn fixture_config_toml() -> String {
     let ws = workspace();
-    format!(
-        r#"default_target = "fixtures"
-poll_after_secs = 1
-[repositories]
-pacloud-fixtures = "{repo}"
-[targets.fixtures]
-profile = "default"
-chost = "x86_64-pc-linux-gnu"
-cflags = "-O2 -pipe"
-repository = "pacloud-fixtures"
-snapshot = "1"
-builder = "host"
-# A target no worker has the repository of (infrastructure-failure tests).
-[targets.broken]
-profile = "default"
-chost = "x86_64-pc-linux-gnu"
-cflags = "-O2 -pipe"
-repository = "no-such-repository"
-snapshot = "1"
-builder = "host"
-"#,
-        repo = ws.join("tests/fixtures/repo").display()
-    )
+    std::fs::read_to_string(ws.join("tests/fixtures/pacloud.toml"))
+        .expect("tests/fixtures/pacloud.toml")
+        .replace("@WORKSPACE@", &ws.display().to_string())
 }
 
 /// Applies the fixture target, real portage from the test venv and the
