@@ -252,3 +252,36 @@ pub async fn artifact_store(store: Arc<dyn ArtifactStore>) {
 fn sha256_hex(bytes: &[u8]) -> String {
     pacloud_domain::key::sha256_hex(bytes)
 }
+
+/// Plays a worker through the real ports, for tests and benchmarks of the
+/// request path that run no builds: claims `key`, stores `bytes` as its
+/// package under the PKGDIR layout (via a file in `scratch`), and completes
+/// the record. Returns what the record now points at.
+pub async fn complete_as_worker(
+    store: &dyn MetadataStore,
+    artifacts: &dyn ArtifactStore,
+    key: &pacloud_domain::BuildKey,
+    now: Millis,
+    scratch: &std::path::Path,
+    bytes: &[u8],
+) -> pacloud_domain::ArtifactInfo {
+    let worker = "test-worker";
+    let claimed = pacloud_domain::ports::apply(store, key, |r| r.claim(worker, now, 60 * SEC)).await.expect("claim");
+    let spec = &claimed.spec;
+    let path = format!("{}/{}/{}-{}-1.gpkg.tar", spec.target, spec.atom, spec.atom.package(), spec.version);
+    let file = scratch.join(format!("{key}.gpkg.tar"));
+    std::fs::write(&file, bytes).expect("write scratch package");
+    let sha256 = sha256_hex(bytes);
+    artifacts.put_file(&ArtifactPath::parse(&path).expect("package path"), &file, &sha256).await.expect("upload");
+    let artifact = pacloud_domain::ArtifactInfo {
+        path,
+        sha256,
+        size: bytes.len() as u64,
+        build_id: 1,
+        use_recorded: spec.use_flags.enabled().map(str::to_owned).collect(),
+        build_seconds: 1.0,
+        log_path: None,
+    };
+    pacloud_domain::ports::apply(store, key, |r| r.complete(worker, artifact.clone(), now)).await.expect("complete");
+    artifact
+}

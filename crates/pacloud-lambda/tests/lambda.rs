@@ -6,7 +6,7 @@
 mod support;
 
 use pacloud_domain::ports::{ArtifactPath, ArtifactStore, Job, JobQueue, MetadataStore};
-use pacloud_domain::{ArtifactInfo, BuildKey, Clock, SystemClock};
+use pacloud_domain::{BuildKey, Clock, SystemClock};
 use serde_json::{Value, json};
 use std::time::Duration;
 use support::fake_runtime::FakeRuntimeApi;
@@ -82,34 +82,22 @@ async fn two_hundred_concurrent_identical_posts_make_one_record_and_one_message(
     d.assert_no_function_errors();
 }
 
-/// Claims, uploads and completes `key` through the AWS adapters, as a
-/// worker would; returns the artifact's bytes.
+/// Takes the job message, then claims, uploads and completes `key` through
+/// the AWS adapters as a worker would; returns the artifact's bytes.
 async fn complete_as_worker(d: &Deployment, key: &str) -> Vec<u8> {
     let key: BuildKey = key.parse().unwrap();
     let deliveries = d.ports.queue.receive(1, Duration::from_secs(600), Duration::from_secs(1)).await.unwrap();
     assert_eq!(deliveries.len(), 1);
-    let now = SystemClock.now();
-    let rec = d.ports.store.get(&key).await.unwrap().expect("record");
-    let claimed = rec.claim("test-worker", now, Duration::from_secs(60)).unwrap();
-    d.ports.store.replace(&claimed, rec.revision).await.unwrap();
     let bytes: Vec<u8> = format!("gpkg for {key}\n").into_bytes().repeat(500);
-    let path =
-        format!("{}/{}/{}-{}-1.gpkg.tar", rec.spec.target, rec.spec.atom, rec.spec.atom.package(), rec.spec.version);
-    let file = d.dir.path().join(format!("{key}.gpkg.tar"));
-    std::fs::write(&file, &bytes).unwrap();
-    let sha = pacloud_domain::key::sha256_hex(&bytes);
-    d.ports.artifacts.put_file(&ArtifactPath::parse(&path).unwrap(), &file, &sha).await.unwrap();
-    let artifact = ArtifactInfo {
-        path,
-        sha256: sha,
-        size: bytes.len() as u64,
-        build_id: 1,
-        use_recorded: rec.spec.use_flags.enabled().map(str::to_owned).collect(),
-        build_seconds: 1.0,
-        log_path: None,
-    };
-    let done = claimed.complete("test-worker", artifact, SystemClock.now()).unwrap();
-    d.ports.store.replace(&done, claimed.revision).await.unwrap();
+    pacloud_contract::complete_as_worker(
+        &d.ports.store,
+        &d.ports.artifacts,
+        &key,
+        SystemClock.now(),
+        d.dir.path(),
+        &bytes,
+    )
+    .await;
     d.ports.queue.ack(&deliveries[0].receipt).await.unwrap();
     bytes
 }

@@ -16,8 +16,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use pacloud::serve::build_app;
 use pacloud::settings::Settings;
-use pacloud_domain::ports::{ArtifactPath, ArtifactStore, JobQueue, MetadataStore};
-use pacloud_domain::{ArtifactInfo, BuildRecord, BuildRequest, Clock, SystemClock};
+use pacloud_domain::ports::{JobQueue, MetadataStore};
+use pacloud_domain::{BuildRecord, BuildRequest, Clock, SystemClock};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,22 +47,16 @@ async fn seed_ready(settings: &Settings) -> anyhow::Result<()> {
     let now = SystemClock.now();
     let rec = BuildRecord::new_queued(spec, now);
     app.store.create(&rec).await?;
-    let claimed = rec.claim("bench", now, Duration::from_secs(60))?;
-    app.store.replace(&claimed, rec.revision).await?;
-    let bytes = vec![42u8; 64 * 1024];
-    let path = "default/app-misc/hello/hello-2.12-r1-1.gpkg.tar";
-    app.artifacts.put_bytes(&ArtifactPath::parse(path)?, bytes.clone(), "application/x-tar").await?;
-    let artifact = ArtifactInfo {
-        path: path.into(),
-        sha256: pacloud_domain::key::sha256_hex(&bytes),
-        size: bytes.len() as u64,
-        build_id: 1,
-        use_recorded: vec!["foo".into()],
-        build_seconds: 1.0,
-        log_path: None,
-    };
-    let done = claimed.complete("bench", artifact, now)?;
-    app.store.replace(&done, claimed.revision).await?;
+    let scratch = tempfile::tempdir()?;
+    pacloud_contract::complete_as_worker(
+        &*app.store,
+        &*app.artifacts,
+        &rec.key,
+        now,
+        scratch.path(),
+        &[42u8; 64 * 1024],
+    )
+    .await;
     Ok(())
 }
 

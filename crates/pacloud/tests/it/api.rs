@@ -321,13 +321,8 @@ async fn five_hundred_identical_posts_make_one_job() {
 }
 
 async fn rusqlite_count(app: &TestApp) -> i64 {
-    let path = app.dir.path().join("data/pacloud.db");
-    let out = std::process::Command::new("python3")
-        .args(["-c", "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from builds').fetchone()[0])"])
-        .arg(&path)
-        .output()
-        .expect("python3 runs");
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or_else(|_| panic!("{out:?}"))
+    let db = pacloud_local::Db::open(&app.dir.path().join("data/pacloud.db")).unwrap();
+    db.run(|c| Ok(c.query_row("SELECT count(*) FROM builds", [], |r| r.get(0))?)).await.unwrap()
 }
 
 #[tokio::test]

@@ -236,11 +236,9 @@ async fn spot_terminate_releases_the_job_at_once_and_another_worker_completes_it
 async fn poison_message_dead_letters_and_the_record_says_failed() {
     let app = spawn_aws("poison", 2).await;
     let (imds, _) = fake_imds().await;
-    // A worker whose target repository is missing: every attempt is an
-    // infrastructure failure.
+    // The `broken` target names a repository no worker has: every attempt
+    // is an infrastructure failure.
     let mut w = app.worker(&imds, "retry_backoff_secs = 0\n");
-    // (the repository is configured in fixture_config_toml; break it per job
-    // by asking for a target whose repository no worker has)
     let (_, first) = app.post(&json!({"atom": "app-misc/hello", "version": "2.12-r1", "target": "broken"})).await;
     let key = first["key"].as_str().unwrap().to_owned();
     let failed = app.wait_done(&key, Duration::from_secs(90)).await;
@@ -260,7 +258,6 @@ async fn poison_message_dead_letters_and_the_record_says_failed() {
     }
     w.kill().unwrap();
     w.wait().unwrap();
-    let _ = &app.settings;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

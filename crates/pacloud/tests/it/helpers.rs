@@ -6,8 +6,8 @@
 
 use pacloud::serve::{App, build_app_with_clock};
 use pacloud::settings::Settings;
-use pacloud_domain::ports::{ArtifactPath, ArtifactStore, JobQueue, MetadataStore};
-use pacloud_domain::{ArtifactInfo, BuildKey, Clock, FailureClass, FailureInfo, Millis, SystemClock};
+use pacloud_domain::ports::{ArtifactPath, ArtifactStore, JobQueue};
+use pacloud_domain::{BuildKey, Clock, FailureClass, FailureInfo, Millis, SystemClock};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -134,48 +134,30 @@ impl TestApp {
     }
 
     /// Acts as a worker would (claim, upload, complete) through the real
-    /// ports, since issue-2's server runs no builds. Returns the bytes.
+    /// ports, since the API tests run no builds. Returns the bytes.
     pub async fn complete_as_worker(&self, key: &str) -> Vec<u8> {
         let key: BuildKey = key.parse().unwrap();
-        let store = &self.app.store;
-        let rec = store.get(&key).await.unwrap().expect("record");
-        let now = self.clock.now();
-        let claimed = rec.claim("test-worker", now, Duration::from_secs(60)).unwrap();
-        store.replace(&claimed, rec.revision).await.unwrap();
         let bytes: Vec<u8> = format!("gpkg for {key}").into_bytes().repeat(100);
-        let path = format!(
-            "{}/{}/{}-{}-1.gpkg.tar",
-            rec.spec.target,
-            rec.spec.atom,
-            rec.spec.atom.package(),
-            rec.spec.version
-        );
-        let file = self.dir.path().join(format!("{key}.bin"));
-        std::fs::write(&file, &bytes).unwrap();
-        let sha = pacloud_domain::key::sha256_hex(&bytes);
-        self.app.artifacts.put_file(&ArtifactPath::parse(&path).unwrap(), &file, &sha).await.unwrap();
-        let artifact = ArtifactInfo {
-            path,
-            sha256: sha,
-            size: bytes.len() as u64,
-            build_id: 1,
-            use_recorded: rec.spec.use_flags.enabled().map(str::to_owned).collect(),
-            build_seconds: 1.0,
-            log_path: None,
-        };
-        let done = claimed.complete("test-worker", artifact, now).unwrap();
-        store.replace(&done, claimed.revision).await.unwrap();
+        pacloud_contract::complete_as_worker(
+            &*self.app.store,
+            &*self.app.artifacts,
+            &key,
+            self.clock.now(),
+            self.dir.path(),
+            &bytes,
+        )
+        .await;
         bytes
     }
 
     /// Records a build failure with a stored log, as a worker would.
     pub async fn fail_as_worker(&self, key: &str, cached_for: Duration) {
         let key: BuildKey = key.parse().unwrap();
-        let store = &self.app.store;
-        let rec = store.get(&key).await.unwrap().expect("record");
+        let store = &*self.app.store;
         let now = self.clock.now();
-        let claimed = rec.claim("test-worker", now, Duration::from_secs(60)).unwrap();
-        store.replace(&claimed, rec.revision).await.unwrap();
+        pacloud_domain::ports::apply(store, &key, |r| r.claim("test-worker", now, Duration::from_secs(60)))
+            .await
+            .unwrap();
         let log = format!("logs/{key}.log");
         self.app
             .artifacts
@@ -193,8 +175,7 @@ impl TestApp {
             log_tail: Some("* ERROR: app-misc/hello failed (compile phase)".into()),
             cached_until: now.plus(cached_for),
         };
-        let failed = claimed.fail(Some("test-worker"), failure, now).unwrap();
-        store.replace(&failed, claimed.revision).await.unwrap();
+        pacloud_domain::ports::apply(store, &key, |r| r.fail(Some("test-worker"), failure.clone(), now)).await.unwrap();
     }
 
     /// Receives and deletes every visible message; returns their bodies.
