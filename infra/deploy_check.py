@@ -5,9 +5,16 @@ CloudFormation of a moto server; prints the stack outputs as JSON.
 
 Usage: deploy_check.py MOTO_ENDPOINT [STACK_NAME]
 Used by crates/pacloud-aws/tests/infra.rs (which then drives the created
-table, queue and bucket with pacloud's adapters).
+table, queue and bucket with pacloud's adapters, and runs fleet_check.py on
+the fleet resources).
+
+moto cannot build an AMI (its CloudFormation skips AWS::ImageBuilder::*), so
+the stack is given two of moto's own AMIs as WorkerAmiX8664/WorkerAmiArm64:
+the Image Builder resources are then conditioned out, as they are in a real
+deployment that brings its own AMIs. EgressMode stays at its default (nat).
 """
 import io
+import ipaddress
 import json
 import os
 import subprocess
@@ -41,8 +48,34 @@ s3.put_object(Bucket="pacloud-code", Key="lambda.zip", Body=buf.getvalue())
 with open(template_path) as f:
     sam = yaml_parse(f.read())
 sam["Resources"]["ApiFunction"]["Properties"]["CodeUri"] = "s3://pacloud-code/lambda.zip"
-params = {}
+ec2 = boto3.client("ec2", **creds)
+def moto_ami(arch):
+    images = ec2.describe_images(Owners=["amazon"], Filters=[{"Name": "architecture", "Values": [arch]}])["Images"]
+    if not images:
+        sys.exit(f"moto offers no {arch} AMI")
+    return sorted(i["ImageId"] for i in images)[0]
+params = {"WorkerAmiX8664": moto_ami("x86_64"), "WorkerAmiArm64": moto_ami("arm64")}
 cfn = transform(sam, params, None)
+
+
+def expand_cidr(node, vpc_cidr):
+    """moto's CloudFormation has no Fn::Cidr: compute it here (only for the
+    VPC's own block, the one use in the template) before handing it over."""
+    if isinstance(node, dict):
+        if set(node) == {"Fn::Cidr"}:
+            block, count, bits = node["Fn::Cidr"]
+            if block not in ({"Fn::GetAtt": ["WorkerVpc", "CidrBlock"]}, {"Ref": "VpcCidr"}):
+                sys.exit(f"deploy_check: cannot expand Fn::Cidr of {block}")
+            net = ipaddress.ip_network(vpc_cidr)
+            return [str(n) for n in list(net.subnets(new_prefix=net.max_prefixlen - int(bits)))[: int(count)]]
+        return {k: expand_cidr(v, vpc_cidr) for k, v in node.items()}
+    if isinstance(node, list):
+        return [expand_cidr(v, vpc_cidr) for v in node]
+    return node
+
+
+vpc_cidr = params.get("VpcCidr", cfn["Parameters"]["VpcCidr"]["Default"])
+cfn["Resources"] = expand_cidr(cfn["Resources"], vpc_cidr)
 
 cf = boto3.client("cloudformation", **creds)
 cf.create_stack(

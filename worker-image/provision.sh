@@ -17,8 +17,9 @@
 #   enable    systemctl enable docker, hibinit-agent, guard, worker
 #
 # Options: --bundle DIR (required by binary/image), --root DIR (install
-# under DIR instead of /, for tests; steps that need a running system refuse
-# it). Runs as root. The tests (crates/pacloud/tests/worker_image.rs) run the
+# under DIR, offline, for tests; `--root /` installs into / without touching
+# the running system; steps packages and image refuse it, and enable then
+# enables only pacloud's own units). Runs as root. The tests (crates/pacloud/tests/worker_image.rs) run the
 # steps binary, guard, unit and enable in a container and apply the guard's
 # rule in a network namespace; `packages` and `image` need AL2023 and a
 # Docker engine inside the image build.
@@ -27,6 +28,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 bundle=""
 root=""
+offline=0
 steps=()
 
 die() { printf 'provision.sh: %s\n' "$*" >&2; exit 2; }
@@ -35,7 +37,7 @@ log() { printf 'provision.sh: %s\n' "$*" >&2; }
 while (($#)); do
   case "$1" in
     --bundle) [ $# -ge 2 ] || die "--bundle needs a directory"; bundle=$2; shift 2 ;;
-    --root) [ $# -ge 2 ] || die "--root needs a directory"; root=${2%/}; shift 2 ;;
+    --root) [ $# -ge 2 ] || die "--root needs a directory"; root=${2%/}; offline=1; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed 's/^# \{0,1\}//; /^set -euo/d'; exit 0 ;;
     packages|binary|guard|unit|image|enable) steps+=("$1"); shift ;;
     all) steps+=(packages binary guard unit image enable); shift ;;
@@ -56,7 +58,7 @@ need_bundle() {
 }
 
 need_live_root() {
-  [ -z "$root" ] || die "step '$1' changes the running system and cannot use --root"
+  [ "$offline" = 0 ] || die "step '$1' changes the running system and cannot use --root"
 }
 
 step_packages() {
@@ -69,7 +71,7 @@ step_binary() {
   need_bundle binary
   [ -f "$bundle/pacloud" ] || die "the bundle has no 'pacloud' binary"
   install -D -m 0755 "$bundle/pacloud" "$root/usr/local/bin/pacloud"
-  if [ -z "$root" ]; then
+  if [ "$offline" = 0 ]; then
     /usr/local/bin/pacloud --version >/dev/null || die "/usr/local/bin/pacloud does not run on this host"
   fi
 }
@@ -116,11 +118,11 @@ step_image() {
 
 step_enable() {
   local units=(pacloud-imds-guard.service pacloud-worker.service)
-  if [ -z "$root" ]; then
+  if [ "$offline" = 0 ]; then
     units=(docker.service hibinit-agent.service "${units[@]}")
     systemctl enable "${units[@]}"
   else
-    systemctl --root="$root" enable "${units[@]}"
+    systemctl --root="${root:-/}" enable "${units[@]}"
   fi
 }
 

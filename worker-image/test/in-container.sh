@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Runs inside the stand-in container (worker-image/test/standin-image.sh) for
+# crates/pacloud/tests/worker_image.rs: the provisioning steps that can run
+# without AL2023 and a Docker engine, then checks of what they installed.
+# Mounts: /src/worker-image (read-only), /bundle with the `pacloud` binary.
+# Prints `key=value` lines the test asserts on.
+set -uo pipefail
+
+# FAKE docker.service: the stand-in has no Docker (the `packages` step installs
+# the real one on AL2023); the units order after it and require it.
+printf '[Unit]\nDescription=stand-in for docker.service (test)\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n' \
+  >/etc/systemd/system/docker.service
+
+/src/worker-image/provision.sh --root / --bundle /bundle binary guard unit enable
+echo "provision=$?"
+# Idempotent: a second run changes nothing and succeeds.
+/src/worker-image/provision.sh --root / --bundle /bundle binary guard unit enable >/dev/null 2>&1
+echo "provision_again=$?"
+/src/worker-image/provision.sh --root / image >/dev/null 2>&1
+echo "image_step_offline=$?"
+/src/worker-image/provision.sh --root / frobnicate >/dev/null 2>&1
+echo "unknown_step=$?"
+
+systemd-analyze verify /etc/systemd/system/pacloud-worker.service /etc/systemd/system/pacloud-imds-guard.service
+echo "verify=$?"
+# The same check on a broken copy must fail (the verifier is not vacuous).
+sed 's#^ExecStart=.*#ExecStart=/usr/local/bin/no-such-pacloud worker#' /etc/systemd/system/pacloud-worker.service \
+  >/etc/systemd/system/pacloud-broken.service
+systemd-analyze verify /etc/systemd/system/pacloud-broken.service >/dev/null 2>&1
+echo "verify_broken=$?"
+rm -f /etc/systemd/system/pacloud-broken.service
+
+for link in multi-user.target.wants/pacloud-worker.service docker.service.wants/pacloud-imds-guard.service; do
+  echo "enabled_${link%%.*}=$(readlink "/etc/systemd/system/$link")"
+done
+echo "guard_mode=$(stat -c %a /usr/local/libexec/pacloud/imds-guard)"
+echo "binary_version=$(/usr/local/bin/pacloud --version)"
+echo "config_backend=$(sed -n 's/^backend = //p' /etc/pacloud/pacloud.toml)"
+
+# The unit's own start command and environment, the way systemd runs them:
+# Environment= lines, then the (optional) EnvironmentFile, then ExecStart.
+unit=/etc/systemd/system/pacloud-worker.service
+mapfile -t unit_env < <(sed -n 's/^Environment=//p' "$unit")
+env_file=$(sed -n 's/^EnvironmentFile=-//p' "$unit")
+read -r -a exec_start <<<"$(sed -n 's/^ExecStart=//p' "$unit")"
+start() { # $1 = label; the env file's contents come on stdin
+  mkdir -p "$(dirname "$env_file")"
+  cat >"$env_file"
+  mapfile -t file_env < <(grep -E '^[A-Z_]+=' "$env_file")
+  out=$(env -i PATH=/usr/bin:/bin "${unit_env[@]}" "${file_env[@]}" timeout 20 "${exec_start[@]}" 2>&1)
+  echo "${1}_status=$?"
+  echo "${1}_message=$(printf '%s' "$out" | grep -m1 -E '^(pacloud: |Error: )' || printf '%s' "$out" | tail -n1)"
+}
+start none </dev/null
+printf 'PACLOUD_AWS_TABLE=builds\n' | start table_only
+printf 'PACLOUD_AWS_TABLE=builds\nPACLOUD_AWS_QUEUE_URL=http://127.0.0.1:9/q\n' | start no_bucket
+# Queue, table and bucket set, no builder image in pacloud.toml: the worker
+# must refuse before any build (the test mounts the host's docker CLI and
+# socket so the docker backend's engine check passes and the image check is
+# the one that speaks). The endpoint is a closed local port.
+printf '%s\n' PACLOUD_AWS_TABLE=builds PACLOUD_AWS_QUEUE_URL=http://127.0.0.1:9/q PACLOUD_AWS_BUCKET=b \
+  PACLOUD_AWS_ENDPOINT_URL=http://127.0.0.1:9 PACLOUD_AWS_REGION=us-east-1 \
+  AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_EC2_METADATA_DISABLED=true | start no_image
