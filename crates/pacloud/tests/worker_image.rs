@@ -93,21 +93,28 @@ fn drop_counter(ns: &str, iface: &str) -> u64 {
 #[test]
 fn imds_guard_drops_container_traffic_to_the_metadata_address() {
     let id = std::process::id() % 100_000;
-    let (ctr, host, imds) = (format!("pci-ctr-{id}"), format!("pci-host-{id}"), format!("pci-imds-{id}"));
-    let _cleanup = Namespaces(vec![ctr.clone(), host.clone(), imds.clone()]);
-    for ns in [&ctr, &host, &imds] {
+    let (ctr, ctr2, host, imds) =
+        (format!("pci-ctr-{id}"), format!("pci-ctr2-{id}"), format!("pci-host-{id}"), format!("pci-imds-{id}"));
+    let _cleanup = Namespaces(vec![ctr.clone(), ctr2.clone(), host.clone(), imds.clone()]);
+    for ns in [&ctr, &ctr2, &host, &imds] {
         ok(&["ip", "netns", "add", ns]);
         ok(&["ip", "-n", ns, "link", "set", "lo", "up"]);
     }
-    // container eth0 <-> host docker0 (a Docker bridge's name), host eth0 <-> metadata host eth0.
+    // container eth0 <-> host docker0 (the default bridge's name), a second
+    // container eth0 <-> host br-pacloud (a user-defined network's), host
+    // eth0 <-> metadata host eth0.
     let (a, b, c, d) = (format!("pca{id}"), format!("pcb{id}"), format!("pcc{id}"), format!("pcd{id}"));
+    let (e, f) = (format!("pce{id}"), format!("pcf{id}"));
     ok(&["ip", "link", "add", &a, "netns", &ctr, "type", "veth", "peer", "name", &b, "netns", &host]);
     ok(&["ip", "link", "add", &c, "netns", &host, "type", "veth", "peer", "name", &d, "netns", &imds]);
+    ok(&["ip", "link", "add", &e, "netns", &ctr2, "type", "veth", "peer", "name", &f, "netns", &host]);
     for (ns, from, to, addr) in [
         (&ctr, &a, "eth0", "10.213.0.2/24"),
         (&host, &b, "docker0", "10.213.0.1/24"),
         (&host, &c, "eth0", "10.213.1.1/24"),
         (&imds, &d, "eth0", "10.213.1.2/24"),
+        (&ctr2, &e, "eth0", "10.213.2.2/24"),
+        (&host, &f, "br-pacloud", "10.213.2.1/24"),
     ] {
         ok(&["ip", "-n", ns, "link", "set", from, "name", to]);
         ok(&["ip", "-n", ns, "addr", "add", addr, "dev", to]);
@@ -115,12 +122,14 @@ fn imds_guard_drops_container_traffic_to_the_metadata_address() {
     }
     ok(&["ip", "-n", &imds, "addr", "add", "169.254.169.254/32", "dev", "eth0"]);
     ok(&["ip", "-n", &ctr, "route", "add", "default", "via", "10.213.0.1"]);
-    ok(&["ip", "-n", &imds, "route", "add", "10.213.0.0/24", "via", "10.213.1.1"]);
+    ok(&["ip", "-n", &ctr2, "route", "add", "default", "via", "10.213.2.1"]);
+    ok(&["ip", "-n", &imds, "route", "add", "10.213.0.0/16", "via", "10.213.1.1"]);
     ok(&["ip", "-n", &host, "route", "add", "169.254.169.254/32", "via", "10.213.1.2"]);
     assert!(in_ns(&host, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]).status.success());
 
     // Without the guard the container reaches the metadata address: the path is real.
     assert!(ping(&ctr, "169.254.169.254"), "before the guard, the container side must reach 169.254.169.254");
+    assert!(ping(&ctr2, "169.254.169.254"), "before the guard, the user-defined network reaches it too");
 
     let guard = repo().join("worker-image/imds-guard.sh");
     let guard = guard.to_str().unwrap();
@@ -136,6 +145,9 @@ fn imds_guard_drops_container_traffic_to_the_metadata_address() {
     assert!(!ping(&ctr, "169.254.169.254"), "the container side must not reach 169.254.169.254");
     assert!(drop_counter(&host, "docker+") >= 2, "the docker+ DROP rule counted the container's packets");
     assert!(ping(&ctr, "10.213.1.2"), "other traffic from the container side still passes");
+    assert!(!ping(&ctr2, "169.254.169.254"), "a user-defined network (br-*) must not reach 169.254.169.254");
+    assert!(drop_counter(&host, "br-+") >= 2, "the br-+ DROP rule counted that network's packets");
+    assert!(ping(&ctr2, "10.213.1.2"), "other traffic from the user-defined network still passes");
     assert!(ping(&host, "169.254.169.254"), "the host itself (the worker) still reaches the metadata service");
 }
 
@@ -223,5 +235,9 @@ fn the_worker_unit_restarts_at_most_once_a_minute() {
     let (interval, burst) = (secs(&value("StartLimitIntervalSec")), value("StartLimitBurst").parse::<u64>().unwrap());
     assert!(interval >= 60 * burst, "at most one start a minute on average: {burst} starts in {interval} s");
     assert_eq!(value("ExecStart"), "/usr/local/bin/pacloud worker --backend aws");
-    assert_eq!(value("EnvironmentFile"), "-/etc/pacloud/worker.env", "a missing file is reported by the binary, naming the setting");
+    assert_eq!(
+        value("EnvironmentFile"),
+        "-/etc/pacloud/worker.env",
+        "a missing file is reported by the binary, naming the setting"
+    );
 }
