@@ -16,7 +16,9 @@ event kinds (and nothing else), least-privilege worker IAM, and the fleets
 created through the EC2 API from the template's own EC2Fleet properties
 (moto's CloudFormation skips AWS::EC2::EC2Fleet) and found by the scaler's
 tag filters. From the template only (lint-only resources): the queue
-policy, the fleets' spot options, the Image Builder component.
+policy, the fleets' spot options, the Image Builder component, the
+parameter constraints and the Rules assertions (evaluated here the way
+CloudFormation does, since moto enforces neither).
 """
 import ast
 import base64
@@ -335,4 +337,47 @@ for name, bad in BAD.items():
     check(rejected == bad, f"parameter {name}: rejects {bad} (let through: {[v for v in bad if v not in rejected]})")
     if "AllowedPattern" in spec:
         check(spec.get("ConstraintDescription", "").startswith(name), f"parameter {name}: its error message names it")
+# ---- Rules (moto ignores them; this evaluates them the way CloudFormation does) ----------
+
+
+def evaluate(node, values):
+    if isinstance(node, dict):
+        (fn, arg), = node.items()
+        if fn == "Ref":
+            return values[arg]
+        if fn == "Fn::Equals":
+            return evaluate(arg[0], values) == evaluate(arg[1], values)
+        if fn == "Fn::Or":
+            return any(evaluate(a, values) for a in arg)
+        if fn == "Fn::And":
+            return all(evaluate(a, values) for a in arg)
+        if fn == "Fn::Not":
+            return not evaluate(arg[0], values)
+        sys.exit(f"fleet_check: no evaluator for {fn} in Rules")
+    return node
+
+
+def failed_assertions(overrides):
+    values = {k: str(v.get("Default", "")) for k, v in template["Parameters"].items()}
+    values.update(overrides)
+    failed = []
+    for rule in template.get("Rules", {}).values():
+        if "RuleCondition" in rule and not evaluate(rule["RuleCondition"], values):
+            continue
+        failed += [a["AssertDescription"] for a in rule["Assertions"] if not evaluate(a["Assert"], values)]
+    return failed
+
+
+ami = {"WorkerAmiX8664": "ami-0123456789abcdef0", "WorkerAmiArm64": "ami-0123456789abcdef1"}
+for overrides, names in [
+    ({"ReleaseBucket": "releases"}, []),
+    ({"ReleaseBucket": "releases", "EgressMode": "none"}, ["EgressMode"]),
+    ({"WorkerAmiX8664": ami["WorkerAmiX8664"], "EgressMode": "none", "ReleaseBucket": "releases"}, ["EgressMode"]),
+    ({}, ["ReleaseBucket"]),
+    ({**ami, "EgressMode": "none"}, []),
+]:
+    failed = failed_assertions(overrides)
+    check(len(failed) == len(names) and all(f.startswith(n) for f, n in zip(failed, names)),
+          f"Rules with {overrides}: {'fails naming ' + ', '.join(names) if names else 'passes'} (got {failed})")
+
 print(f"fleet_check: {checks} checks passed")
