@@ -18,8 +18,8 @@
 #
 # Options: --bundle DIR (required by binary/image), --root DIR (install
 # under DIR, offline, for tests; `--root /` installs into / without touching
-# the running system; steps packages and image refuse it, and enable then
-# enables only pacloud's own units). Runs as root. The tests (crates/pacloud/tests/worker_image.rs) run the
+# the running system: `packages` refuses it, `image` then needs a Docker
+# engine that already answers, and `enable` enables only pacloud's units). Runs as root. The tests (crates/pacloud/tests/worker_image.rs) run the
 # steps binary, guard, unit and enable in a container and apply the guard's
 # rule in a network namespace; `packages` and `image` need AL2023 and a
 # Docker engine inside the image build.
@@ -102,15 +102,19 @@ step_unit() {
 
 step_image() {
   need_bundle image
-  need_live_root image
+  [ -z "$root" ] || die "step 'image' loads into the local Docker engine and only accepts --root /"
   local tarball="$bundle/builder-image.tar.gz" ref
   [ -f "$tarball" ] || die "the bundle has no builder-image.tar.gz"
   [ -f "$bundle/builder-image.ref" ] || die "the bundle has no builder-image.ref"
   ref=$(tr -d '[:space:]' <"$bundle/builder-image.ref")
   [[ "$ref" =~ ^[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}$ ]] || die "builder-image.ref '$ref' is not name@sha256:<64 hex>"
-  systemctl start docker
-  gzip -dc "$tarball" | docker load
-  docker image inspect "$ref" >/dev/null || die "after docker load, '$ref' does not resolve"
+  [ "$offline" = 1 ] || systemctl start docker
+  gzip -dc "$tarball" | docker load >&2 || die "docker load of builder-image.tar.gz failed"
+  # The docker backend runs only name@sha256:<digest>. Docker's classic image
+  # store keeps a repository digest only for images pulled from a registry,
+  # so a loaded archive must come with a reference that still resolves.
+  docker image inspect "$ref" >/dev/null 2>&1 ||
+    die "after docker load, '$ref' does not resolve: this engine keeps no repository digest for a loaded archive (pull the builder image by digest from a registry instead, or use an engine with the containerd image store)"
   grep -q '^image = ' "$config" 2>/dev/null && sed -i '/^image = /d' "$config"
   sed -i "/^\[build\]\$/a image = \"$ref\"" "$config"
   log "builder image $ref loaded"

@@ -2,7 +2,9 @@
 # Runs inside the stand-in container (worker-image/test/standin-image.sh) for
 # crates/pacloud/tests/worker_image.rs: the provisioning steps that can run
 # without AL2023 and a Docker engine, then checks of what they installed.
-# Mounts: /src/worker-image (read-only), /bundle with the `pacloud` binary.
+# Mounts: /src/worker-image (read-only), /bundle with the `pacloud` binary
+# (and a tiny builder-image.tar.gz + builder-image.ref), the host's docker CLI
+# and socket.
 # Prints `key=value` lines the test asserts on.
 set -uo pipefail
 
@@ -16,8 +18,16 @@ echo "provision=$?"
 # Idempotent: a second run changes nothing and succeeds.
 /src/worker-image/provision.sh --root / --bundle /bundle binary guard unit enable >/dev/null 2>&1
 echo "provision_again=$?"
-/src/worker-image/provision.sh --root / image >/dev/null 2>&1
-echo "image_step_offline=$?"
+/src/worker-image/provision.sh --root /tmp/elsewhere --bundle /bundle image >/dev/null 2>&1
+echo "image_step_other_root=$?"
+# The image step against the host's engine (its CLI and socket are mounted):
+# the bundle's archive loads, but a name@sha256 reference cannot resolve for a
+# loaded archive on a classic-store engine, and the step says so.
+if [ -f /bundle/builder-image.tar.gz ]; then
+  image_out=$(/src/worker-image/provision.sh --root / --bundle /bundle image 2>&1)
+  echo "image_step=$?"
+  echo "image_step_message=$(printf '%s' "$image_out" | grep -m1 'does not resolve' || printf '%s' "$image_out" | tail -n1)"
+fi
 /src/worker-image/provision.sh --root / frobnicate >/dev/null 2>&1
 echo "unknown_step=$?"
 

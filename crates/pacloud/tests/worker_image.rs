@@ -151,6 +151,15 @@ fn imds_guard_drops_container_traffic_to_the_metadata_address() {
     assert!(ping(&host, "169.254.169.254"), "the host itself (the worker) still reaches the metadata service");
 }
 
+/// Removes a test image from the engine on drop.
+struct RemoveImage(String);
+
+impl Drop for RemoveImage {
+    fn drop(&mut self) {
+        let _ = run(&["docker", "rmi", "--force", &self.0]);
+    }
+}
+
 /// The local stand-in image, built (cached) by worker-image/test/standin-image.sh.
 fn standin_image() -> String {
     let out = ok(&[repo().join("worker-image/test/standin-image.sh").to_str().unwrap()]);
@@ -163,6 +172,21 @@ fn provision_installs_a_worker_host_that_refuses_missing_configuration() {
     let image = standin_image();
     let bundle = tempfile::tempdir().unwrap();
     std::fs::copy(env!("CARGO_BIN_EXE_pacloud"), bundle.path().join("pacloud")).unwrap();
+    // A tiny "builder image" (an empty rootfs imported here, no registry),
+    // saved the way worker-image/bundle.sh saves the real one.
+    let empty = bundle.path().join("empty.tar");
+    ok(&["tar", "-cf", empty.to_str().unwrap(), "-T", "/dev/null"]);
+    let tag = format!("pacloud-test-builder:{}", std::process::id());
+    let id = ok(&["docker", "import", empty.to_str().unwrap(), &tag]).trim().to_owned();
+    let saved = bundle.path().join("builder-image.tar");
+    ok(&["docker", "save", "-o", saved.to_str().unwrap(), &tag]);
+    let _ = run(&["docker", "rmi", &tag]);
+    ok(&["gzip", saved.to_str().unwrap()]);
+    std::fs::remove_file(&empty).unwrap();
+    let _remove = RemoveImage(id.clone());
+    let digest = id.strip_prefix("sha256:").expect("docker import prints the image id");
+    let reference = format!("pacloud-test-builder@sha256:{digest}");
+    std::fs::write(bundle.path().join("builder-image.ref"), format!("{reference}\n")).unwrap();
     let root = repo();
     let docker_cli = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
         .map(|d| d.join("docker"))
@@ -193,7 +217,9 @@ fn provision_installs_a_worker_host_that_refuses_missing_configuration() {
     };
     assert_eq!(get("provision"), "0", "{stderr}");
     assert_eq!(get("provision_again"), "0", "provision.sh is idempotent");
-    assert_eq!(get("image_step_offline"), "2", "the image step refuses --root");
+    assert_eq!(get("image_step_other_root"), "2", "the image step refuses a --root other than /");
+    assert_eq!(get("image_step"), "2", "a digest reference that does not resolve after docker load fails the step");
+    assert!(get("image_step_message").contains(&reference), "the failure names the reference");
     assert_eq!(get("unknown_step"), "2", "an unknown step is a usage error");
     assert_eq!(get("verify"), "0", "systemd-analyze verify of the installed units:\n{stderr}");
     assert_ne!(get("verify_broken"), "0", "systemd-analyze verify rejects a unit whose binary is missing");
