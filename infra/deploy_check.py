@@ -3,7 +3,7 @@
 plain CloudFormation offline (aws-sam-translator), and deploys it into the
 CloudFormation of a moto server; prints the stack outputs as JSON.
 
-Usage: deploy_check.py MOTO_ENDPOINT [STACK_NAME]
+Usage: deploy_check.py MOTO_ENDPOINT [STACK_NAME [PARAMETER=VALUE ...]]
 Used by crates/pacloud-aws/tests/infra.rs (which then drives the created
 table, queue and bucket with pacloud's adapters, and runs fleet_check.py on
 the fleet resources).
@@ -55,6 +55,11 @@ def moto_ami(arch):
         sys.exit(f"moto offers no {arch} AMI")
     return sorted(i["ImageId"] for i in images)[0]
 params = {"WorkerAmiX8664": moto_ami("x86_64"), "WorkerAmiArm64": moto_ami("arm64")}
+for arg in sys.argv[3:]:
+    key, sep, value = arg.partition("=")
+    if not sep or key not in sam["Parameters"]:
+        sys.exit(f"deploy_check: {arg!r} is not PARAMETER=VALUE for a template parameter")
+    params[key] = value
 cfn = transform(sam, params, None)
 
 

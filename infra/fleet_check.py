@@ -4,7 +4,7 @@ CloudFormation created from it (deploy_check.py), plus the parts moto skips,
 read from the template itself. Prints one `ok:` line per check; exits 1
 naming the first check that failed.
 
-Usage: fleet_check.py MOTO_ENDPOINT STACK_OUTPUTS_JSON
+Usage: fleet_check.py MOTO_ENDPOINT STACK_OUTPUTS_JSON [EGRESS_MODE]  (nat, the default, or none)
 
 In moto: the three launch templates (hibernation, IMDSv2 hop limit 1,
 encrypted gp3 root sized from the instance types, instance profile, tags,
@@ -34,6 +34,7 @@ from samtranslator.yaml_helper import yaml_parse
 here = os.path.dirname(os.path.abspath(__file__))
 endpoint = sys.argv[1]
 outputs = json.loads(sys.argv[2])
+egress = sys.argv[3] if len(sys.argv) > 3 else "nat"
 creds = dict(region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing", endpoint_url=endpoint)
 ec2 = boto3.client("ec2", **creds)
 sqs = boto3.client("sqs", **creds)
@@ -144,8 +145,16 @@ private = [t for t in rts if any(r.get("GatewayId") in gateway_eps for r in t["R
 check(len(private) == 1, "one route table (the private one) carries the gateway endpoints' routes")
 routes = private[0]["Routes"]
 check(not any(r.get("GatewayId", "").startswith("igw-") for r in routes), "no internet gateway route from the private subnets")
-check(any(r.get("DestinationCidrBlock") == "0.0.0.0/0" and r.get("NatGatewayId") for r in routes),
-      "EgressMode=nat: the private default route goes through the NAT gateway")
+nat_gateways = ec2.describe_nat_gateways(Filters=[{"Name": "vpc-id", "Values": [vpc_id]}])["NatGateways"]
+igws = ec2.describe_internet_gateways(Filters=[{"Name": "attachment.vpc-id", "Values": [vpc_id]}])["InternetGateways"]
+if egress == "nat":
+    check(any(r.get("DestinationCidrBlock") == "0.0.0.0/0" and r.get("NatGatewayId") for r in routes),
+          "EgressMode=nat: the private default route goes through the NAT gateway")
+    check(len(nat_gateways) == 1 and len(igws) == 1, "EgressMode=nat: one NAT gateway, one internet gateway")
+else:
+    check(not any(r.get("DestinationCidrBlock") == "0.0.0.0/0" for r in routes),
+          "EgressMode=none: no default route from the private subnets (AWS traffic only via endpoints)")
+    check(not nat_gateways and not igws, "EgressMode=none: no NAT gateway, no internet gateway")
 eps = ec2.describe_vpc_endpoints(Filters=[{"Name": "vpc-id", "Values": [vpc_id]}])["VpcEndpoints"]
 by_service = {e["ServiceName"].rsplit(".", 1)[-1]: e for e in eps}
 for svc in ("s3", "dynamodb"):

@@ -47,31 +47,40 @@ fn repo() -> std::path::PathBuf {
 fn the_fleet_part_deploys_into_moto_and_checks_out() {
     let moto = Moto::start();
     let python = repo().join(".venv/bin/python");
-    let out = std::process::Command::new(&python)
-        .arg(repo().join("infra/deploy_check.py"))
-        .arg(&moto.endpoint)
-        .arg("fleet")
-        .output()
-        .expect("python runs");
-    assert!(out.status.success(), "deploy_check failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let outputs = String::from_utf8(out.stdout).unwrap();
-    let check = std::process::Command::new(&python)
-        .arg(repo().join("infra/fleet_check.py"))
-        .arg(&moto.endpoint)
-        .arg(outputs.trim())
-        .output()
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&check.stdout);
-    assert!(check.status.success(), "fleet_check failed:\n{stdout}{}", String::from_utf8_lossy(&check.stderr));
-    let passed: usize = stdout
-        .lines()
-        .last()
-        .and_then(|l| l.strip_prefix("fleet_check: "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no summary line in:\n{stdout}"));
-    assert_eq!(passed, stdout.lines().filter(|l| l.starts_with("ok: ")).count());
-    assert!(passed >= 100, "only {passed} fleet checks ran");
+    // With the default egress (NAT) and without any route out.
+    for egress in ["nat", "none"] {
+        let out = std::process::Command::new(&python)
+            .arg(repo().join("infra/deploy_check.py"))
+            .arg(&moto.endpoint)
+            .arg(format!("fleet-{egress}"))
+            .arg(format!("EgressMode={egress}"))
+            .output()
+            .expect("python runs");
+        assert!(out.status.success(), "deploy_check ({egress}) failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let outputs = String::from_utf8(out.stdout).unwrap();
+        let check = std::process::Command::new(&python)
+            .arg(repo().join("infra/fleet_check.py"))
+            .arg(&moto.endpoint)
+            .arg(outputs.trim())
+            .arg(egress)
+            .output()
+            .expect("python runs");
+        let stdout = String::from_utf8_lossy(&check.stdout);
+        assert!(
+            check.status.success(),
+            "fleet_check ({egress}) failed:\n{stdout}{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let passed: usize = stdout
+            .lines()
+            .last()
+            .and_then(|l| l.strip_prefix("fleet_check: "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no summary line in:\n{stdout}"));
+        assert_eq!(passed, stdout.lines().filter(|l| l.starts_with("ok: ")).count());
+        assert!(passed >= 100, "only {passed} fleet checks ran ({egress})");
+    }
 }
 
 #[test]
