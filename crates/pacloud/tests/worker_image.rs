@@ -267,3 +267,32 @@ fn the_worker_unit_restarts_at_most_once_a_minute() {
         "a missing file is reported by the binary, naming the setting"
     );
 }
+
+#[test]
+fn bundle_and_provision_refuse_bad_arguments_naming_them() {
+    let bundle = repo().join("worker-image/bundle.sh");
+    let provision = repo().join("worker-image/provision.sh");
+    let (bundle, provision) = (bundle.to_str().unwrap(), provision.to_str().unwrap());
+    let exe = env!("CARGO_BIN_EXE_pacloud");
+    let digest = "0".repeat(64);
+    let pinned = format!("pacloud/builder@sha256:{digest}");
+    for (argv, names) in [
+        (vec![bundle], "usage: bundle.sh"),
+        (vec![bundle, "/nonexistent/pacloud", &pinned, "/tmp/x.tar.gz"], "'/nonexistent/pacloud' is not an executable"),
+        (vec![bundle, exe, "pacloud/builder:latest", "/tmp/x.tar.gz"], "'pacloud/builder:latest' is not name@sha256"),
+        (
+            vec![bundle, exe, &pinned, "/tmp/x.tar.gz", "/nonexistent/targets.toml"],
+            "'/nonexistent/targets.toml' does not exist",
+        ),
+        (vec![provision], "no step given"),
+        (vec![provision, "--bundle"], "--bundle needs a directory"),
+        (vec![provision, "--root", "/tmp", "reboot"], "unknown argument 'reboot'"),
+        (vec![provision, "--root", "/tmp", "packages"], "step 'packages' changes the running system"),
+        (vec![provision, "--root", "/tmp", "binary"], "step 'binary' needs --bundle DIR"),
+    ] {
+        let out = run(&argv);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{argv:?}: {stderr}");
+        assert!(stderr.contains(names), "{argv:?}: {stderr:?} should say {names:?}");
+    }
+}
