@@ -71,6 +71,21 @@ const DOCKER_RUN_FAILED: i32 = 125;
 /// Longest job-id part of a container name.
 const MAX_NAME_PART: usize = 100;
 
+/// The PATH builds get with the image's own portage (plan.rs) and that
+/// [`DockerSandbox::preflight`] checks `emerge` on.
+const BUILD_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What [`DockerSandbox::preflight`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preflight {
+    /// The engine's server version.
+    pub engine: String,
+    /// The image's content-addressed ID (`sha256:...`).
+    pub image_id: String,
+    /// The first line of `emerge --version` in the image.
+    pub portage: String,
+}
+
 /// The docker backend. `docker` is the CLI (a path, or a bare name looked up
 /// on `PATH`); it talks to whatever engine the worker's environment points it
 /// at (`DOCKER_HOST`), which must be local: bind-mount sources are host paths.
@@ -219,6 +234,59 @@ impl DockerSandbox {
         Ok(version.to_owned())
     }
 
+    /// The checks a worker makes before it takes any job, in order: an
+    /// engine answers, `image` is pinned, the engine has it locally (nothing
+    /// is ever pulled by a build), and it runs `emerge --version` with the
+    /// PATH builds get. Each failure is [`SandboxError::Unavailable`] naming
+    /// what is missing, so a worker refuses to start instead of failing
+    /// every build later.
+    pub async fn preflight(&self, image: &str) -> Result<Preflight, SandboxError> {
+        let engine = self.available().await?;
+        let image = pinned_image(Some(image))?;
+        let inspect = self.cli(&["image", "inspect", "--format", "{{.Id}}", image]);
+        let image_id = match self.control(&inspect).await {
+            Ok(out) => out.stdout.trim().to_owned(),
+            Err(SandboxError::Command(CommandError::Failed { stderr_tail, .. })) => {
+                return Err(SandboxError::Unavailable(format!(
+                    "builder image {image} is not in the local Docker engine ({}): build or load it first \
+                     (scripts/builder-image.sh builds the stand-in; worker-image/builder/README.md the stage3 image)",
+                    stderr_tail.trim()
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        let name = format!("pacloud-preflight-{}", std::process::id());
+        let mut argv = self.cli(&["run", "--rm", "--network=none", "--cap-drop=ALL"]);
+        argv.push(format!("--name={name}"));
+        argv.push(format!("--label={MANAGED_LABEL}"));
+        argv.push(format!("--env=PATH={BUILD_PATH}"));
+        argv.extend([image.to_owned(), "emerge".into(), "--version".into()]);
+        let portage = match self.control(&argv).await {
+            Ok(out) if out.stdout.trim_start().starts_with("Portage ") => {
+                out.stdout.lines().next().unwrap_or_default().trim().to_owned()
+            }
+            Ok(out) => {
+                return Err(SandboxError::Unavailable(format!(
+                    "builder image {image} has no usable portage: `emerge --version` printed {:?}",
+                    crate::runner::tail_lines(&out.stdout, 3)
+                )));
+            }
+            Err(SandboxError::Command(CommandError::Failed { status, stderr_tail, .. })) => {
+                let _ = self.control(&self.cli(&["rm", "-f", &name])).await;
+                return Err(SandboxError::Unavailable(format!(
+                    "builder image {image} has no usable portage: `emerge --version` on PATH={BUILD_PATH} failed \
+                     ({status}: {})",
+                    stderr_tail.trim()
+                )));
+            }
+            Err(e) => {
+                let _ = self.control(&self.cli(&["rm", "-f", &name])).await;
+                return Err(e);
+            }
+        };
+        Ok(Preflight { engine, image_id, portage })
+    }
+
     /// Removes every container labelled `pacloud.managed=1` (left over by a
     /// crashed or killed worker) and returns how many were removed. Call it
     /// at worker start, before any build runs: it removes ALL pacloud
@@ -310,6 +378,8 @@ impl Sandbox for DockerSandbox {
 
     async fn run(&self, plan: &BuildPlan, cancel: CancellationToken) -> Result<SandboxOutcome, SandboxError> {
         let argv = self.run_argv(plan)?;
+        // `--user` gets no capabilities: the writable directories must be its own.
+        super::bwrap::BwrapSandbox::chown_for(plan)?;
         let name = container_name(&plan.job_id);
         let log = plan.log_path();
         let io = |source| SandboxError::Io { path: log.clone(), source };
@@ -442,27 +512,69 @@ pub fn container_name(job_id: &str) -> String {
     format!("pacloud-{clean}-{}", &hash[..12])
 }
 
-/// Checks that the image is pinned by digest: `name[:tag]@sha256:<64 hex>`.
+/// A builder image reference pinned to its content: either
+/// `name[:tag]@sha256:<64 hex>` (a registry digest, production) or the
+/// content-addressed image ID `sha256:<64 hex>` that a local build prints
+/// (the stand-in of scripts/builder-image.sh; `docker run` accepts it, and it
+/// names exactly one image configuration). A bare tag is refused: it can
+/// move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef(String);
+
+impl ImageRef {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why an image reference was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "builder image {0:?} is not pinned by digest: the docker backend only runs `name@sha256:<64 lowercase hex>` \
+     or a local image ID `sha256:<64 lowercase hex>` (scripts/builder-image.sh prints one)"
+)]
+pub struct UnpinnedImage(pub String);
+
+impl std::str::FromStr for ImageRef {
+    type Err = UnpinnedImage;
+
+    fn from_str(image: &str) -> Result<Self, Self::Err> {
+        let bad = || UnpinnedImage(image.to_owned());
+        let is_digest = |d: &str| {
+            d.strip_prefix("sha256:")
+                .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        };
+        if is_digest(image) {
+            return Ok(ImageRef(image.to_owned()));
+        }
+        let (name, digest) = image.rsplit_once('@').ok_or_else(bad)?;
+        let name_ok = name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/' | b':'))
+            && !name.ends_with(['/', ':'])
+            && !name.contains("//");
+        if is_digest(digest) && name_ok { Ok(ImageRef(image.to_owned())) } else { Err(bad()) }
+    }
+}
+
+/// Checks that the plan's image is pinned ([`ImageRef`]).
 fn pinned_image(image: Option<&str>) -> Result<&str, SandboxError> {
     let Some(image) = image else {
         return Err(SandboxError::Unavailable(
-            "the docker backend needs a builder image pinned by digest (name@sha256:<64 hex>); the plan has none"
+            "the docker backend needs a builder image pinned by digest (name@sha256:<64 hex> or a local image ID \
+             sha256:<64 hex>); the plan has none"
                 .into(),
         ));
     };
-    let bad = || {
-        SandboxError::Unavailable(format!(
-            "builder image {image:?} is not pinned by digest: the docker backend only runs `name@sha256:<64 lowercase hex>`"
-        ))
-    };
-    let (name, digest) = image.rsplit_once('@').ok_or_else(bad)?;
-    let hex = digest.strip_prefix("sha256:").ok_or_else(bad)?;
-    let hex_ok = hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    let name_ok = name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/' | b':'))
-        && !name.ends_with(['/', ':'])
-        && !name.contains("//");
-    if hex_ok && name_ok { Ok(image) } else { Err(bad()) }
+    match image.parse::<ImageRef>() {
+        Ok(_) => Ok(image),
+        Err(e) => Err(SandboxError::Unavailable(e.to_string())),
+    }
 }
 
 fn utf8<'a>(path: &'a Path, what: &str) -> Result<&'a str, SandboxError> {
@@ -580,6 +692,7 @@ mod tests {
     fn docker_image_must_be_pinned_by_digest() {
         let mut p = plan();
         for good in [
+            format!("sha256:{DIGEST}"),
             format!("gentoo/stage3@sha256:{DIGEST}"),
             format!("registry.example:5000/pacloud/builder:2026@sha256:{DIGEST}"),
         ] {
@@ -596,7 +709,12 @@ mod tests {
             format!("@sha256:{DIGEST}"),
             format!("--privileged@sha256:{DIGEST}"),
             format!("gentoo stage3@sha256:{DIGEST}"),
+            format!("sha256:{}", &DIGEST[..12]),
+            format!("sha256:{DIGEST}:latest"),
+            format!("sha512:{DIGEST}"),
+            "pacloud-builder-standin:0123456789ab".to_owned(),
         ] {
+            assert!(bad.parse::<ImageRef>().is_err(), "{bad}");
             p.image = Some(bad.clone());
             let msg = unavailable(&p);
             assert!(msg.contains("pinned by digest"), "{bad}: {msg}");
@@ -701,22 +819,20 @@ mod tests {
         assert!(a.iter().any(|x| *x == format!("--name={}", container_name("a/b c"))));
     }
 
-    /// A real container. Needs a local engine and a small image with `sh`
-    /// present locally with a repo digest (busybox or alpine).
+    /// A real container on the stand-in builder image (scripts/test.sh
+    /// builds it; PACLOUD_BUILDER_IMAGE names it, else the newest local image
+    /// labelled `org.pacloud.builder=standin`). Fails, never skips, when no
+    /// engine answers or no such image exists.
     #[tokio::test]
-    #[ignore = "needs a Docker engine; scripts/test.sh runs it with --ignored when `docker version` answers"]
     async fn docker_runs_a_real_container() {
         let docker = DockerSandbox::default();
         if let Err(e) = docker.available().await {
             panic!("this test needs a Docker engine and none answers: {e}");
         }
-        let image = local_pinned_image().await.unwrap_or_else(|| {
-            panic!(
-                "no pinned busybox or alpine image is present locally (`docker image ls --digests` shows none with a \
-                 sha256 digest); pull one first, e.g. `docker pull busybox:latest`, or set \
-                 PACLOUD_TEST_DOCKER_IMAGE=name@sha256:<digest> to an image with /bin/sh"
-            )
-        });
+        let image = standin_image().await;
+        let pre = docker.preflight(&image).await.expect("the stand-in image passes the preflight");
+        assert!(pre.portage.starts_with("Portage 3.0.83"), "{pre:?}");
+        assert!(pre.image_id.starts_with("sha256:"), "{pre:?}");
         assert!(docker.cleanup_stale().await.is_ok());
 
         let dir = tempfile::tempdir().unwrap();
@@ -786,20 +902,21 @@ mod tests {
         !out.stdout.trim().is_empty()
     }
 
-    async fn local_pinned_image() -> Option<String> {
-        if let Ok(image) = std::env::var("PACLOUD_TEST_DOCKER_IMAGE") {
-            return Some(image);
+    async fn standin_image() -> String {
+        if let Some(image) = std::env::var("PACLOUD_BUILDER_IMAGE").ok().filter(|i| !i.is_empty()) {
+            return image;
         }
-        let argv =
-            DockerSandbox::default().cli(&["image", "ls", "--digests", "--format", "{{.Repository}}@{{.Digest}}"]);
-        let out = run_checked(&argv).await.ok()?;
-        out.stdout
-            .lines()
-            .filter(|l| pinned_image(Some(l)).is_ok())
-            .find(|l| {
-                let repo = l.split('@').next().unwrap_or_default();
-                repo.ends_with("busybox") || repo.ends_with("alpine")
-            })
-            .map(str::to_owned)
+        let argv = DockerSandbox::default().cli(&[
+            "image",
+            "ls",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            "label=org.pacloud.builder=standin",
+        ]);
+        let out = run_checked(&argv).await.expect("docker image ls");
+        out.stdout.lines().next().map(str::to_owned).unwrap_or_else(|| {
+            panic!("no stand-in builder image: run scripts/builder-image.sh (or set PACLOUD_BUILDER_IMAGE)")
+        })
     }
 }
