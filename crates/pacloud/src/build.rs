@@ -121,6 +121,14 @@ pub async fn detect(settings: &Settings) -> Detected {
                         .into(),
                 );
             };
+            if b.unprivileged == Unprivileged::Always {
+                return Detected::Unavailable(
+                    "docker backend: build.unprivileged = always is not supported: portage in the container must \
+                     write the builder's own root (it locks /var/db/pkg and merges build-time dependencies into /), \
+                     so builds run as the container's root with 7 capabilities (docs/sandboxes.md)"
+                        .into(),
+                );
+            }
             let docker = DockerSandbox::default().with_read_only_root(DOCKER_READ_ONLY_ROOT);
             let found = match docker.preflight(image).await {
                 Ok(found) => found,
@@ -156,7 +164,7 @@ pub async fn detect(settings: &Settings) -> Detected {
     let docker = b.backend == BackendChoice::Docker;
     let run_as = match b.unprivileged {
         Unprivileged::Never => None,
-        Unprivileged::Always => Some((65534, 65534)),
+        Unprivileged::Always => Some((65534, 65534)), // never with docker (refused above)
         // In a container, portage merges build-time dependencies into the
         // container's own root (BROOT = /), which needs root there.
         Unprivileged::Auto if docker => None,

@@ -4,7 +4,9 @@
 //!
 //! The container runs the builder image (pinned by digest) with the image's
 //! own portage ([`PortageInstall::System`]); all capabilities are dropped
-//! except the few portage needs as root, the root filesystem is read-only,
+//! except the few portage needs as root, the root filesystem is the
+//! container's own writable layer (discarded with the container; a
+//! read-only root breaks every emerge, see [`DockerSandbox::with_read_only_root`]),
 //! and the work directory's parts are bind-mounted at the same paths as on
 //! the host (the config root and the repositories read-only, the five
 //! writable directories read-write).
@@ -71,6 +73,9 @@ const DOCKER_RUN_FAILED: i32 = 125;
 /// Longest job-id part of a container name.
 const MAX_NAME_PART: usize = 100;
 
+/// Mount options of the `/var/tmp` tmpfs: docker's defaults but `exec`.
+const VAR_TMP_OPTIONS: &str = "rw,exec,nosuid,nodev,mode=1777";
+
 /// The PATH builds get with the image's own portage (plan.rs) and that
 /// [`DockerSandbox::preflight`] checks `emerge` on.
 const BUILD_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
@@ -104,7 +109,7 @@ impl Default for DockerSandbox {
 
 impl DockerSandbox {
     pub fn new(docker: impl Into<PathBuf>) -> Self {
-        Self { docker: docker.into(), pids_limit: DEFAULT_PIDS_LIMIT, read_only_root: true }
+        Self { docker: docker.into(), pids_limit: DEFAULT_PIDS_LIMIT, read_only_root: false }
     }
 
     /// Sets `--pids-limit`.
@@ -113,14 +118,17 @@ impl DockerSandbox {
         self
     }
 
-    /// Whether the container's root filesystem is `--read-only` (default).
+    /// Whether the container's root filesystem is `--read-only` (default:
+    /// no).
     ///
-    /// Caveat: with the image's portage, BDEPEND packages are merged into
-    /// BROOT = `/` of the container (tests/fixtures/VERIFIED.md §5: nothing
-    /// moves them into ROOT). With a read-only root that only works when the
-    /// builder image already carries every BDEPEND; `false` keeps the root
-    /// writable, which is still per build (the container layer goes with
-    /// `--rm`), so nothing leaks into the next build either way.
+    /// Measured (tests/it/docker.rs, `docker_read_only_root_breaks_builds`):
+    /// with `--read-only` every emerge fails at once, because portage locks
+    /// the builder's own package database (`/var/db/pkg` of BROOT = `/`)
+    /// even for a package without dependencies; and BDEPEND packages are
+    /// merged into BROOT (tests/fixtures/VERIFIED.md §5: nothing moves them
+    /// into ROOT), i.e. into `/usr` of the container. The writable root is
+    /// the container's own layer, removed with `--rm`, so nothing persists to
+    /// the next build or reaches the host either way.
     pub fn with_read_only_root(mut self, read_only_root: bool) -> Self {
         self.read_only_root = read_only_root;
         self
@@ -180,7 +188,10 @@ impl DockerSandbox {
         }
         // docker's defaults for --tmpfs: rw,nosuid,nodev,noexec, mode 1777.
         a.push("--tmpfs=/tmp".into());
-        a.push("--tmpfs=/var/tmp".into());
+        // /var/tmp is the PORTAGE_TMPDIR of the builder's own configuration
+        // (BDEPEND merged into BROOT = /, worker-image/builder/make.conf), and
+        // portage refuses a noexec one ("Can not execute files in /var/tmp").
+        a.push(format!("--tmpfs=/var/tmp:{VAR_TMP_OPTIONS}"));
         a.push(bind(&plan.config_root(), true)?);
         for dir in plan.writable_dirs() {
             a.push(bind(&dir, false)?);
@@ -657,9 +668,8 @@ mod tests {
             "--pids-limit=4096",
             "--cap-drop=ALL",
             "--security-opt=no-new-privileges",
-            "--read-only",
             "--tmpfs=/tmp",
-            "--tmpfs=/var/tmp",
+            "--tmpfs=/var/tmp:rw,exec,nosuid,nodev,mode=1777",
             "--workdir=/var/lib/pacloud/builds/job-1",
         ] {
             assert!(a.iter().any(|x| x == want), "missing {want} in {a:?}");
@@ -791,8 +801,9 @@ mod tests {
 
     #[test]
     fn docker_writable_root_knob() {
-        let a = DockerSandbox::default().with_read_only_root(false).with_pids_limit(77).run_argv(&plan()).unwrap();
-        assert!(!a.iter().any(|x| x == "--read-only"));
+        assert!(!argv(&plan()).iter().any(|x| x == "--read-only"), "writable by default");
+        let a = DockerSandbox::default().with_read_only_root(true).with_pids_limit(77).run_argv(&plan()).unwrap();
+        assert!(a.iter().any(|x| x == "--read-only"));
         assert!(a.iter().any(|x| x == "--pids-limit=77"));
         assert_eq!(a[0], "docker");
     }
@@ -858,7 +869,7 @@ mod tests {
         let pkgdir = p.pkgdir().display().to_string();
         let script = format!(
             r#"echo "to-log FOO=$FOO"; echo "$FOO" > {pkgdir}/out; cat {repo}/marker;
-               touch /escape 2>/dev/null && echo ROOT-WRITABLE;
+               touch /pacloud-unit-escape 2>/dev/null && echo root-layer-writable;
                touch {cfg}/x 2>/dev/null && echo CONFIG-WRITABLE;
                touch {repo}/x 2>/dev/null && echo REPO-WRITABLE;
                ls /sys/class/net; exit 3"#,
@@ -873,6 +884,9 @@ mod tests {
         assert!(log.contains("to-log FOO=bar baz") && log.contains("repo"), "{log}");
         assert_eq!(std::fs::read_to_string(work.join("pkgdir/out")).unwrap(), "bar baz\n");
         assert!(!log.contains("WRITABLE"), "{log}");
+        // The root is the container's own layer: writable inside, gone after.
+        assert!(log.contains("root-layer-writable"), "{log}");
+        assert!(!Path::new("/pacloud-unit-escape").exists(), "the container wrote to the host's /");
         assert!(!log.contains("eth0"), "network none: only lo\n{log}");
 
         // The wall clock: killed, classed timed out, container gone.

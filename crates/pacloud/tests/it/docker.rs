@@ -357,6 +357,10 @@ async fn docker_worker_refuses_to_start_naming_what_is_missing() {
     assert!(err.contains(&missing) && err.contains("is not in the local Docker engine"), "{err}");
 
     let image = format!("image = \"{}\"", builder_image());
+    let (code, err) = refused(&app, &format!("{image}\nunprivileged = \"always\""), &[]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("unprivileged = always is not supported"), "{err}");
+
     let (code, err) = refused(&app, &image, &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")]).await;
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("no Docker engine answers"), "{err}");
@@ -374,5 +378,50 @@ async fn docker_worker_refuses_to_start_naming_what_is_missing() {
     let _ = Command::new("docker").args(["rmi", "-f", &bare]).output();
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains(&bare) && err.contains("has no usable portage"), "{err}");
+    wait_no_containers().await;
+}
+
+/// The evidence for `pacloud::build::DOCKER_READ_ONLY_ROOT = false`: with
+/// `--read-only`, portage cannot even lock the builder's own package
+/// database (`/var/db/pkg`, BROOT's vardb, locked on every emerge), so every
+/// build fails, even a package without dependencies; and a package with a
+/// build-time dependency (BDEPEND) needs it merged into BROOT = `/` of the
+/// container anyway. With the writable root (the container's own layer,
+/// discarded by `--rm`) both build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_read_only_root_breaks_builds() {
+    use pacloud_worker::sandbox::Sandbox;
+    use pacloud_worker::sandbox::docker::DockerSandbox;
+    let _engine = engine().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut s = Settings { data_dir: dir.path().join("data"), ..Settings::default() };
+    use_docker(&mut s);
+    let backend = match pacloud::build::detect(&s).await {
+        pacloud::build::Detected::Ready(b) => b,
+        pacloud::build::Detected::Unavailable(why) => panic!("{why}"),
+    };
+    let run = async |atom: &str, version: &str, read_only: bool| {
+        let spec = pacloud_domain::BuildRequest { atom: atom.into(), version: version.into(), ..Default::default() }
+            .validate(&s.targets)
+            .unwrap();
+        let target = s.targets.get(&spec.target).unwrap().clone();
+        let job_id = format!("ro-{read_only}-{}-{}", atom.replace('/', "_"), std::process::id());
+        let plan =
+            pacloud_worker::plan::prepare(&backend.env, &pacloud_domain::ports::Job::new(spec), &target, &job_id)
+                .unwrap();
+        let docker = DockerSandbox::default().with_read_only_root(read_only);
+        let out = docker.run(&plan, tokio_util::sync::CancellationToken::new()).await.unwrap();
+        (out.exit_code, std::fs::read_to_string(&out.log).unwrap())
+    };
+    for atom in ["app-misc/hello", "app-misc/uses-tool"] {
+        let version = if atom == "app-misc/hello" { "2.12-r1" } else { "1.0" };
+        let (code, log) = run(atom, version, true).await;
+        assert_eq!(code, Some(1), "read-only root: {atom} fails\n{log}");
+        assert!(log.contains("Read-only file system: '/var/db/.pkg.portage_lockfile'"), "{log}");
+    }
+    let (code, log) = run("app-misc/uses-tool", "1.0", false).await;
+    assert_eq!(code, Some(0), "writable root: builds\n{log}");
+    assert!(log.contains(">>> Emerging (1 of 2) dev-libs/libfoo-1.0"), "BDEPEND merged into BROOT:\n{log}");
     wait_no_containers().await;
 }
