@@ -425,3 +425,33 @@ async fn docker_read_only_root_breaks_builds() {
     assert!(log.contains(">>> Emerging (1 of 2) dev-libs/libfoo-1.0"), "BDEPEND merged into BROOT:\n{log}");
     wait_no_containers().await;
 }
+
+/// The production Dockerfile (worker-image/builder/Dockerfile, `FROM` a
+/// stage3 by digest) cannot be built here: no registry. Built `FROM` the
+/// stand-in image instead (the only base reachable), it must build and pass
+/// the worker's preflight; without a base it must refuse to build. Its
+/// layers are kept under a tag so later runs hit docker's build cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_production_dockerfile_builds_on_the_stand_in_base() {
+    let _engine = engine().await;
+    let context = workspace().join("worker-image/builder");
+    let build = |args: &[&str]| {
+        Command::new("docker")
+            .args(["build", "--quiet", "--force-rm", "--tag", "pacloud-builder-prodcheck:latest"])
+            .args(args)
+            .arg(&context)
+            .output()
+            .expect("docker build")
+    };
+    let unpinned = build(&[]);
+    assert!(!unpinned.status.success(), "no STAGE3, no image");
+    assert!(String::from_utf8_lossy(&unpinned.stderr).contains("STAGE3"), "{unpinned:?}");
+    let base = format!("STAGE3={}", builder_image());
+    let out = build(&["--build-arg", &base]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let found = pacloud_worker::sandbox::docker::DockerSandbox::default().preflight(&id).await.expect("preflight");
+    assert!(found.portage.starts_with("Portage "), "{found:?}");
+    assert_eq!(found.image_id, id);
+    wait_no_containers().await;
+}
