@@ -41,7 +41,9 @@ mapfile -t files < <(printf '%s\n' scripts/builder-image.sh "$recipe/make.conf";
 hash=$({ echo "suite=$suite"; for f in "${files[@]}"; do echo "== $f"; cat "$f"; done; } | sha256sum | cut -c1-64)
 tag="pacloud-builder-standin:${hash:0:12}"
 
-existing=$(docker image ls -q --no-trunc --filter "label=$label=$hash" | head -n1)
+# Both labels: images built FROM the stand-in (the production Dockerfile's
+# check) inherit the recipe label but set org.pacloud.builder to their own.
+existing=$(docker image ls -q --no-trunc --filter "label=$label=$hash" --filter "label=org.pacloud.builder=standin" | head -n1)
 if [ -n "$existing" ] && [ "$force" = 0 ]; then
   log "up to date ($tag)"
   echo "$existing"
