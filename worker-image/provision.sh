@@ -107,14 +107,15 @@ step_image() {
   [ -f "$tarball" ] || die "the bundle has no builder-image.tar.gz"
   [ -f "$bundle/builder-image.ref" ] || die "the bundle has no builder-image.ref"
   ref=$(tr -d '[:space:]' <"$bundle/builder-image.ref")
-  [[ "$ref" =~ ^[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}$ ]] || die "builder-image.ref '$ref' is not name@sha256:<64 hex>"
+  [[ "$ref" =~ ^([a-z0-9][a-z0-9._/:-]*@)?sha256:[0-9a-f]{64}$ ]] || die "builder-image.ref '$ref' is not sha256:<64 hex> or name@sha256:<64 hex>"
   [ "$offline" = 1 ] || systemctl start docker
   gzip -dc "$tarball" | docker load >&2 || die "docker load of builder-image.tar.gz failed"
-  # The docker backend runs only name@sha256:<digest>. Docker's classic image
-  # store keeps a repository digest only for images pulled from a registry,
-  # so a loaded archive must come with a reference that still resolves.
+  # The docker backend runs only pinned references: name@sha256:<digest> or
+  # the image ID sha256:<64 hex>. Docker's classic image store keeps a
+  # repository digest only for images pulled from a registry, so bundle.sh
+  # records the image ID, which survives docker save/load.
   docker image inspect "$ref" >/dev/null 2>&1 ||
-    die "after docker load, '$ref' does not resolve: this engine keeps no repository digest for a loaded archive (pull the builder image by digest from a registry instead, or use an engine with the containerd image store)"
+    die "after docker load, '$ref' does not resolve: this engine keeps no repository digest for a loaded archive (record the image ID sha256:<64 hex> instead, as bundle.sh does)"
   grep -q '^image = ' "$config" 2>/dev/null && sed -i '/^image = /d' "$config"
   sed -i "/^\[build\]\$/a image = \"$ref\"" "$config"
   log "builder image $ref loaded"

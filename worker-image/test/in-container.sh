@@ -21,11 +21,18 @@ echo "provision_again=$?"
 /src/worker-image/provision.sh --root /tmp/elsewhere --bundle /bundle image >/dev/null 2>&1
 echo "image_step_other_root=$?"
 # The image step against the host's engine (its CLI and socket are mounted):
-# the bundle's archive loads, but a name@sha256 reference cannot resolve for a
-# loaded archive on a classic-store engine, and the step says so.
+# the bundle's archive loads and its image ID (what bundle.sh records)
+# resolves; a name@sha256 reference cannot resolve for a loaded archive on a
+# classic-store engine, and the step says so.
 if [ -f /bundle/builder-image.tar.gz ]; then
   image_out=$(/src/worker-image/provision.sh --root / --bundle /bundle image 2>&1)
   echo "image_step=$?"
+  echo "config_image=$(sed -n 's/^image = //p' /etc/pacloud/pacloud.toml)"
+  mkdir -p /tmp/bundle-digest
+  cp /bundle/builder-image.tar.gz /tmp/bundle-digest/
+  printf 'pacloud-test-builder@%s\n' "$(tr -d '[:space:]' </bundle/builder-image.ref)" >/tmp/bundle-digest/builder-image.ref
+  image_out=$(/src/worker-image/provision.sh --root / --bundle /tmp/bundle-digest image 2>&1)
+  echo "image_step_digest=$?"
   echo "image_step_message=$(printf '%s' "$image_out" | grep -m1 'does not resolve' || printf '%s' "$image_out" | tail -n1)"
 fi
 /src/worker-image/provision.sh --root / frobnicate >/dev/null 2>&1

@@ -17,6 +17,13 @@ use tokio_util::sync::CancellationToken;
 use crate::serve::App;
 use crate::settings::{BackendChoice, Settings, Unprivileged};
 
+/// Whether docker builds get a read-only container root (`--read-only`).
+/// No: portage merges BDEPEND packages into the builder's own root (BROOT =
+/// `/`), which a real package needs; the writable layer is the container's
+/// own and goes with `--rm`, so nothing persists to the next build or the
+/// host either way (docs/sandboxes.md, "Read-only root").
+pub const DOCKER_READ_ONLY_ROOT: bool = false;
+
 /// A usable build backend.
 pub struct Backend {
     pub sandbox: Arc<dyn Sandbox>,
@@ -107,19 +114,31 @@ pub async fn detect(settings: &Settings) -> Detected {
     let limits = Limits { wall_clock: b.wall_clock, memory_bytes: b.memory_bytes };
     let (sandbox, portage): (Arc<dyn Sandbox>, PortageInstall) = match b.backend {
         BackendChoice::Docker => {
-            let docker = DockerSandbox::default().with_read_only_root(false);
-            if let Err(e) = docker.available().await {
-                return Detected::Unavailable(format!("docker backend: {e}"));
-            }
-            if b.image.is_none() {
+            let Some(image) = b.image.as_deref() else {
                 return Detected::Unavailable(
-                    "docker backend: build.image (a stage3 image pinned by digest) is not set".into(),
+                    "docker backend: build.image is not set (a builder image pinned by digest, or the local image ID \
+                     scripts/builder-image.sh prints)"
+                        .into(),
+                );
+            };
+            if b.unprivileged == Unprivileged::Always {
+                return Detected::Unavailable(
+                    "docker backend: build.unprivileged = always is not supported: portage in the container must \
+                     write the builder's own root (it locks /var/db/pkg and merges build-time dependencies into /), \
+                     so builds run as the container's root with 7 capabilities (docs/sandboxes.md)"
+                        .into(),
                 );
             }
+            let docker = DockerSandbox::default().with_read_only_root(DOCKER_READ_ONLY_ROOT);
+            let found = match docker.preflight(image).await {
+                Ok(found) => found,
+                Err(e) => return Detected::Unavailable(format!("docker backend: {e}")),
+            };
+            tracing::info!(engine = %found.engine, image = %found.image_id, portage = %found.portage, "docker backend ready");
             match docker.cleanup_stale().await {
                 Ok(n) if n > 0 => tracing::info!(removed = n, "removed stale build containers"),
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = &e as &dyn std::error::Error, "cannot clean up stale containers"),
+                Err(e) => return Detected::Unavailable(format!("docker backend: cannot remove stale containers: {e}")),
             }
             (Arc::new(docker), PortageInstall::System)
         }
@@ -142,19 +161,25 @@ pub async fn detect(settings: &Settings) -> Detected {
     }
     let mut paths: Vec<&Path> = vec![&work_root];
     paths.extend(repos.values().map(PathBuf::as_path));
+    let docker = b.backend == BackendChoice::Docker;
     let run_as = match b.unprivileged {
         Unprivileged::Never => None,
-        Unprivileged::Always => Some((65534, 65534)),
+        Unprivileged::Always => Some((65534, 65534)), // never with docker (refused above)
+        // In a container, portage merges build-time dependencies into the
+        // container's own root (BROOT = /), which needs root there.
+        Unprivileged::Auto if docker => None,
         Unprivileged::Auto => nobody_can_build(&portage, &paths).await.then_some((65534, 65534)),
     };
     let who = match run_as {
         Some(_) => "as nobody (uid 65534)".to_owned(),
+        None if docker => "as root in the container with 7 capabilities kept (docs/sandboxes.md)".to_owned(),
         None => {
             "as root with every capability dropped (nobody cannot read the venv, repositories or data dir)".to_owned()
         }
     };
     let what = match &portage {
         PortageInstall::Venv(v) => format!("portage from {}", v.display()),
+        PortageInstall::System if docker => format!("portage of image {}", b.image.as_deref().unwrap_or_default()),
         PortageInstall::System => "the system's portage".to_owned(),
     };
     let description = format!(

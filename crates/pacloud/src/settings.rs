@@ -170,6 +170,18 @@ fn backend_choice(v: &str) -> Option<BackendChoice> {
     }
 }
 
+/// What `build.image` must look like (docker backend): pinned by digest.
+const IMAGE_EXPECTED: &str = "an image pinned by digest: name@sha256:<64 hex>, or a local image ID sha256:<64 hex>";
+
+/// `build.image` is pinned ([`ImageRef`](pacloud_worker::sandbox::docker::ImageRef));
+/// a tag that can move is refused here, at startup.
+fn checked_image(v: String) -> Result<String, (String, &'static str)> {
+    match v.parse::<pacloud_worker::sandbox::docker::ImageRef>() {
+        Ok(_) => Ok(v),
+        Err(_) => Err((v, IMAGE_EXPECTED)),
+    }
+}
+
 fn unprivileged_choice(v: &str) -> Option<Unprivileged> {
     match v {
         "auto" => Some(Unprivileged::Auto),
@@ -308,8 +320,12 @@ impl Settings {
                 expected: "auto, true or false",
             })?;
         }
-        if fb.image.is_some() {
-            b.image = fb.image;
+        if let Some(v) = fb.image {
+            b.image = Some(checked_image(v).map_err(|(value, expected)| SettingsError::Build {
+                key: "image",
+                value,
+                expected,
+            })?);
         }
         if let Some(v) = fb.shutdown_grace_secs {
             b.shutdown_grace = Duration::from_secs(v);
@@ -367,6 +383,10 @@ impl Settings {
         if let Some(v) = env("PACLOUD_BUILD_BACKEND") {
             self.build.backend =
                 backend_choice(&v).ok_or_else(|| bad("PACLOUD_BUILD_BACKEND", &v, "auto, bwrap, docker or none"))?;
+        }
+        if let Some(v) = env("PACLOUD_BUILD_IMAGE") {
+            self.build.image =
+                Some(checked_image(v).map_err(|(value, expected)| bad("PACLOUD_BUILD_IMAGE", &value, expected))?);
         }
         if let Some(v) = env("PACLOUD_PORTAGE_VENV") {
             self.build.portage_venv = Some(v.into());
@@ -438,6 +458,28 @@ builder = "host"
         assert_eq!(s.url_ttl, Duration::from_secs(60), "file beats default");
         assert_eq!(s.targets.default_name().as_str(), "fixtures");
         assert!(s.targets.get(&"default".parse().unwrap()).is_some(), "built-in target kept");
+    }
+
+    #[test]
+    fn the_builder_image_must_be_pinned() {
+        let id = format!("sha256:{}", "ab".repeat(32));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pacloud.toml");
+        for good in [id.clone(), format!("gentoo/stage3@{id}")] {
+            std::fs::write(&file, format!("[build]\nbackend = \"docker\"\nimage = \"{good}\"\n")).unwrap();
+            let s = Settings::load(Some(&file), |_| None).unwrap();
+            assert_eq!((s.build.backend, s.build.image), (BackendChoice::Docker, Some(good)));
+        }
+        for bad in ["gentoo/stage3:latest", "pacloud-builder-standin:0123", "sha256:abc"] {
+            std::fs::write(&file, format!("[build]\nimage = \"{bad}\"\n")).unwrap();
+            let e = Settings::load(Some(&file), |_| None).unwrap_err();
+            assert!(matches!(&e, SettingsError::Build { key: "image", .. }), "{bad}: {e}");
+            assert!(e.to_string().contains(bad) && e.to_string().contains("pinned by digest"), "{e}");
+            let e = Settings::load(None, |k| (k == "PACLOUD_BUILD_IMAGE").then(|| bad.to_string())).unwrap_err();
+            assert!(e.to_string().contains("PACLOUD_BUILD_IMAGE"), "{e}");
+        }
+        let s = Settings::load(None, |k| (k == "PACLOUD_BUILD_IMAGE").then(|| id.clone())).unwrap();
+        assert_eq!(s.build.image, Some(id));
     }
 
     #[test]

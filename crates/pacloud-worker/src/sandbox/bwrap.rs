@@ -108,7 +108,7 @@ impl BwrapSandbox {
     }
 
     /// Hands the build's writable directories to the unprivileged uid.
-    fn chown_for(plan: &BuildPlan) -> Result<(), SandboxError> {
+    pub(crate) fn chown_for(plan: &BuildPlan) -> Result<(), SandboxError> {
         let Some((uid, gid)) = plan.run_as else { return Ok(()) };
         fn walk(p: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
             std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;

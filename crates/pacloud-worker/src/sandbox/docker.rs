@@ -4,7 +4,9 @@
 //!
 //! The container runs the builder image (pinned by digest) with the image's
 //! own portage ([`PortageInstall::System`]); all capabilities are dropped
-//! except the few portage needs as root, the root filesystem is read-only,
+//! except the few portage needs as root, the root filesystem is the
+//! container's own writable layer (discarded with the container; a
+//! read-only root breaks every emerge, see [`DockerSandbox::with_read_only_root`]),
 //! and the work directory's parts are bind-mounted at the same paths as on
 //! the host (the config root and the repositories read-only, the five
 //! writable directories read-write).
@@ -71,6 +73,24 @@ const DOCKER_RUN_FAILED: i32 = 125;
 /// Longest job-id part of a container name.
 const MAX_NAME_PART: usize = 100;
 
+/// Mount options of the `/var/tmp` tmpfs: docker's defaults but `exec`.
+const VAR_TMP_OPTIONS: &str = "rw,exec,nosuid,nodev,mode=1777";
+
+/// The PATH builds get with the image's own portage (plan.rs) and that
+/// [`DockerSandbox::preflight`] checks `emerge` on.
+const BUILD_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What [`DockerSandbox::preflight`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preflight {
+    /// The engine's server version.
+    pub engine: String,
+    /// The image's content-addressed ID (`sha256:...`).
+    pub image_id: String,
+    /// The first line of `emerge --version` in the image.
+    pub portage: String,
+}
+
 /// The docker backend. `docker` is the CLI (a path, or a bare name looked up
 /// on `PATH`); it talks to whatever engine the worker's environment points it
 /// at (`DOCKER_HOST`), which must be local: bind-mount sources are host paths.
@@ -89,7 +109,7 @@ impl Default for DockerSandbox {
 
 impl DockerSandbox {
     pub fn new(docker: impl Into<PathBuf>) -> Self {
-        Self { docker: docker.into(), pids_limit: DEFAULT_PIDS_LIMIT, read_only_root: true }
+        Self { docker: docker.into(), pids_limit: DEFAULT_PIDS_LIMIT, read_only_root: false }
     }
 
     /// Sets `--pids-limit`.
@@ -98,14 +118,17 @@ impl DockerSandbox {
         self
     }
 
-    /// Whether the container's root filesystem is `--read-only` (default).
+    /// Whether the container's root filesystem is `--read-only` (default:
+    /// no).
     ///
-    /// Caveat: with the image's portage, BDEPEND packages are merged into
-    /// BROOT = `/` of the container (tests/fixtures/VERIFIED.md §5: nothing
-    /// moves them into ROOT). With a read-only root that only works when the
-    /// builder image already carries every BDEPEND; `false` keeps the root
-    /// writable, which is still per build (the container layer goes with
-    /// `--rm`), so nothing leaks into the next build either way.
+    /// Measured (tests/it/docker.rs, `docker_read_only_root_breaks_builds`):
+    /// with `--read-only` every emerge fails at once, because portage locks
+    /// the builder's own package database (`/var/db/pkg` of BROOT = `/`)
+    /// even for a package without dependencies; and BDEPEND packages are
+    /// merged into BROOT (tests/fixtures/VERIFIED.md §5: nothing moves them
+    /// into ROOT), i.e. into `/usr` of the container. The writable root is
+    /// the container's own layer, removed with `--rm`, so nothing persists to
+    /// the next build or reaches the host either way.
     pub fn with_read_only_root(mut self, read_only_root: bool) -> Self {
         self.read_only_root = read_only_root;
         self
@@ -165,7 +188,10 @@ impl DockerSandbox {
         }
         // docker's defaults for --tmpfs: rw,nosuid,nodev,noexec, mode 1777.
         a.push("--tmpfs=/tmp".into());
-        a.push("--tmpfs=/var/tmp".into());
+        // /var/tmp is the PORTAGE_TMPDIR of the builder's own configuration
+        // (BDEPEND merged into BROOT = /, worker-image/builder/make.conf), and
+        // portage refuses a noexec one ("Can not execute files in /var/tmp").
+        a.push(format!("--tmpfs=/var/tmp:{VAR_TMP_OPTIONS}"));
         a.push(bind(&plan.config_root(), true)?);
         for dir in plan.writable_dirs() {
             a.push(bind(&dir, false)?);
@@ -217,6 +243,59 @@ impl DockerSandbox {
             return Err(unavailable("it printed no server version".into()));
         }
         Ok(version.to_owned())
+    }
+
+    /// The checks a worker makes before it takes any job, in order: an
+    /// engine answers, `image` is pinned, the engine has it locally (nothing
+    /// is ever pulled by a build), and it runs `emerge --version` with the
+    /// PATH builds get. Each failure is [`SandboxError::Unavailable`] naming
+    /// what is missing, so a worker refuses to start instead of failing
+    /// every build later.
+    pub async fn preflight(&self, image: &str) -> Result<Preflight, SandboxError> {
+        let engine = self.available().await?;
+        let image = pinned_image(Some(image))?;
+        let inspect = self.cli(&["image", "inspect", "--format", "{{.Id}}", image]);
+        let image_id = match self.control(&inspect).await {
+            Ok(out) => out.stdout.trim().to_owned(),
+            Err(SandboxError::Command(CommandError::Failed { stderr_tail, .. })) => {
+                return Err(SandboxError::Unavailable(format!(
+                    "builder image {image} is not in the local Docker engine ({}): build or load it first \
+                     (scripts/builder-image.sh builds the stand-in; worker-image/builder/README.md the stage3 image)",
+                    stderr_tail.trim()
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        let name = format!("pacloud-preflight-{}", std::process::id());
+        let mut argv = self.cli(&["run", "--rm", "--network=none", "--cap-drop=ALL"]);
+        argv.push(format!("--name={name}"));
+        argv.push(format!("--label={MANAGED_LABEL}"));
+        argv.push(format!("--env=PATH={BUILD_PATH}"));
+        argv.extend([image.to_owned(), "emerge".into(), "--version".into()]);
+        let portage = match self.control(&argv).await {
+            Ok(out) if out.stdout.trim_start().starts_with("Portage ") => {
+                out.stdout.lines().next().unwrap_or_default().trim().to_owned()
+            }
+            Ok(out) => {
+                return Err(SandboxError::Unavailable(format!(
+                    "builder image {image} has no usable portage: `emerge --version` printed {:?}",
+                    crate::runner::tail_lines(&out.stdout, 3)
+                )));
+            }
+            Err(SandboxError::Command(CommandError::Failed { status, stderr_tail, .. })) => {
+                let _ = self.control(&self.cli(&["rm", "-f", &name])).await;
+                return Err(SandboxError::Unavailable(format!(
+                    "builder image {image} has no usable portage: `emerge --version` on PATH={BUILD_PATH} failed \
+                     ({status}: {})",
+                    stderr_tail.trim()
+                )));
+            }
+            Err(e) => {
+                let _ = self.control(&self.cli(&["rm", "-f", &name])).await;
+                return Err(e);
+            }
+        };
+        Ok(Preflight { engine, image_id, portage })
     }
 
     /// Removes every container labelled `pacloud.managed=1` (left over by a
@@ -310,6 +389,8 @@ impl Sandbox for DockerSandbox {
 
     async fn run(&self, plan: &BuildPlan, cancel: CancellationToken) -> Result<SandboxOutcome, SandboxError> {
         let argv = self.run_argv(plan)?;
+        // `--user` gets no capabilities: the writable directories must be its own.
+        super::bwrap::BwrapSandbox::chown_for(plan)?;
         let name = container_name(&plan.job_id);
         let log = plan.log_path();
         let io = |source| SandboxError::Io { path: log.clone(), source };
@@ -442,27 +523,69 @@ pub fn container_name(job_id: &str) -> String {
     format!("pacloud-{clean}-{}", &hash[..12])
 }
 
-/// Checks that the image is pinned by digest: `name[:tag]@sha256:<64 hex>`.
+/// A builder image reference pinned to its content: either
+/// `name[:tag]@sha256:<64 hex>` (a registry digest, production) or the
+/// content-addressed image ID `sha256:<64 hex>` that a local build prints
+/// (the stand-in of scripts/builder-image.sh; `docker run` accepts it, and it
+/// names exactly one image configuration). A bare tag is refused: it can
+/// move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef(String);
+
+impl ImageRef {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why an image reference was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "builder image {0:?} is not pinned by digest: the docker backend only runs `name@sha256:<64 lowercase hex>` \
+     or a local image ID `sha256:<64 lowercase hex>` (scripts/builder-image.sh prints one)"
+)]
+pub struct UnpinnedImage(pub String);
+
+impl std::str::FromStr for ImageRef {
+    type Err = UnpinnedImage;
+
+    fn from_str(image: &str) -> Result<Self, Self::Err> {
+        let bad = || UnpinnedImage(image.to_owned());
+        let is_digest = |d: &str| {
+            d.strip_prefix("sha256:")
+                .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        };
+        if is_digest(image) {
+            return Ok(ImageRef(image.to_owned()));
+        }
+        let (name, digest) = image.rsplit_once('@').ok_or_else(bad)?;
+        let name_ok = name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/' | b':'))
+            && !name.ends_with(['/', ':'])
+            && !name.contains("//");
+        if is_digest(digest) && name_ok { Ok(ImageRef(image.to_owned())) } else { Err(bad()) }
+    }
+}
+
+/// Checks that the plan's image is pinned ([`ImageRef`]).
 fn pinned_image(image: Option<&str>) -> Result<&str, SandboxError> {
     let Some(image) = image else {
         return Err(SandboxError::Unavailable(
-            "the docker backend needs a builder image pinned by digest (name@sha256:<64 hex>); the plan has none"
+            "the docker backend needs a builder image pinned by digest (name@sha256:<64 hex> or a local image ID \
+             sha256:<64 hex>); the plan has none"
                 .into(),
         ));
     };
-    let bad = || {
-        SandboxError::Unavailable(format!(
-            "builder image {image:?} is not pinned by digest: the docker backend only runs `name@sha256:<64 lowercase hex>`"
-        ))
-    };
-    let (name, digest) = image.rsplit_once('@').ok_or_else(bad)?;
-    let hex = digest.strip_prefix("sha256:").ok_or_else(bad)?;
-    let hex_ok = hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    let name_ok = name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/' | b':'))
-        && !name.ends_with(['/', ':'])
-        && !name.contains("//");
-    if hex_ok && name_ok { Ok(image) } else { Err(bad()) }
+    match image.parse::<ImageRef>() {
+        Ok(_) => Ok(image),
+        Err(e) => Err(SandboxError::Unavailable(e.to_string())),
+    }
 }
 
 fn utf8<'a>(path: &'a Path, what: &str) -> Result<&'a str, SandboxError> {
@@ -545,9 +668,8 @@ mod tests {
             "--pids-limit=4096",
             "--cap-drop=ALL",
             "--security-opt=no-new-privileges",
-            "--read-only",
             "--tmpfs=/tmp",
-            "--tmpfs=/var/tmp",
+            "--tmpfs=/var/tmp:rw,exec,nosuid,nodev,mode=1777",
             "--workdir=/var/lib/pacloud/builds/job-1",
         ] {
             assert!(a.iter().any(|x| x == want), "missing {want} in {a:?}");
@@ -580,6 +702,7 @@ mod tests {
     fn docker_image_must_be_pinned_by_digest() {
         let mut p = plan();
         for good in [
+            format!("sha256:{DIGEST}"),
             format!("gentoo/stage3@sha256:{DIGEST}"),
             format!("registry.example:5000/pacloud/builder:2026@sha256:{DIGEST}"),
         ] {
@@ -596,7 +719,12 @@ mod tests {
             format!("@sha256:{DIGEST}"),
             format!("--privileged@sha256:{DIGEST}"),
             format!("gentoo stage3@sha256:{DIGEST}"),
+            format!("sha256:{}", &DIGEST[..12]),
+            format!("sha256:{DIGEST}:latest"),
+            format!("sha512:{DIGEST}"),
+            "pacloud-builder-standin:0123456789ab".to_owned(),
         ] {
+            assert!(bad.parse::<ImageRef>().is_err(), "{bad}");
             p.image = Some(bad.clone());
             let msg = unavailable(&p);
             assert!(msg.contains("pinned by digest"), "{bad}: {msg}");
@@ -673,8 +801,9 @@ mod tests {
 
     #[test]
     fn docker_writable_root_knob() {
-        let a = DockerSandbox::default().with_read_only_root(false).with_pids_limit(77).run_argv(&plan()).unwrap();
-        assert!(!a.iter().any(|x| x == "--read-only"));
+        assert!(!argv(&plan()).iter().any(|x| x == "--read-only"), "writable by default");
+        let a = DockerSandbox::default().with_read_only_root(true).with_pids_limit(77).run_argv(&plan()).unwrap();
+        assert!(a.iter().any(|x| x == "--read-only"));
         assert!(a.iter().any(|x| x == "--pids-limit=77"));
         assert_eq!(a[0], "docker");
     }
@@ -701,22 +830,20 @@ mod tests {
         assert!(a.iter().any(|x| *x == format!("--name={}", container_name("a/b c"))));
     }
 
-    /// A real container. Needs a local engine and a small image with `sh`
-    /// present locally with a repo digest (busybox or alpine).
+    /// A real container on the stand-in builder image (scripts/test.sh
+    /// builds it; PACLOUD_BUILDER_IMAGE names it, else the newest local image
+    /// labelled `org.pacloud.builder=standin`). Fails, never skips, when no
+    /// engine answers or no such image exists.
     #[tokio::test]
-    #[ignore = "needs a Docker engine; scripts/test.sh runs it with --ignored when `docker version` answers"]
     async fn docker_runs_a_real_container() {
         let docker = DockerSandbox::default();
         if let Err(e) = docker.available().await {
             panic!("this test needs a Docker engine and none answers: {e}");
         }
-        let image = local_pinned_image().await.unwrap_or_else(|| {
-            panic!(
-                "no pinned busybox or alpine image is present locally (`docker image ls --digests` shows none with a \
-                 sha256 digest); pull one first, e.g. `docker pull busybox:latest`, or set \
-                 PACLOUD_TEST_DOCKER_IMAGE=name@sha256:<digest> to an image with /bin/sh"
-            )
-        });
+        let image = standin_image().await;
+        let pre = docker.preflight(&image).await.expect("the stand-in image passes the preflight");
+        assert!(pre.portage.starts_with("Portage 3.0.83"), "{pre:?}");
+        assert!(pre.image_id.starts_with("sha256:"), "{pre:?}");
         assert!(docker.cleanup_stale().await.is_ok());
 
         let dir = tempfile::tempdir().unwrap();
@@ -742,7 +869,7 @@ mod tests {
         let pkgdir = p.pkgdir().display().to_string();
         let script = format!(
             r#"echo "to-log FOO=$FOO"; echo "$FOO" > {pkgdir}/out; cat {repo}/marker;
-               touch /escape 2>/dev/null && echo ROOT-WRITABLE;
+               touch /pacloud-unit-escape 2>/dev/null && echo root-layer-writable;
                touch {cfg}/x 2>/dev/null && echo CONFIG-WRITABLE;
                touch {repo}/x 2>/dev/null && echo REPO-WRITABLE;
                ls /sys/class/net; exit 3"#,
@@ -757,6 +884,9 @@ mod tests {
         assert!(log.contains("to-log FOO=bar baz") && log.contains("repo"), "{log}");
         assert_eq!(std::fs::read_to_string(work.join("pkgdir/out")).unwrap(), "bar baz\n");
         assert!(!log.contains("WRITABLE"), "{log}");
+        // The root is the container's own layer: writable inside, gone after.
+        assert!(log.contains("root-layer-writable"), "{log}");
+        assert!(!Path::new("/pacloud-unit-escape").exists(), "the container wrote to the host's /");
         assert!(!log.contains("eth0"), "network none: only lo\n{log}");
 
         // The wall clock: killed, classed timed out, container gone.
@@ -786,20 +916,21 @@ mod tests {
         !out.stdout.trim().is_empty()
     }
 
-    async fn local_pinned_image() -> Option<String> {
-        if let Ok(image) = std::env::var("PACLOUD_TEST_DOCKER_IMAGE") {
-            return Some(image);
+    async fn standin_image() -> String {
+        if let Some(image) = std::env::var("PACLOUD_BUILDER_IMAGE").ok().filter(|i| !i.is_empty()) {
+            return image;
         }
-        let argv =
-            DockerSandbox::default().cli(&["image", "ls", "--digests", "--format", "{{.Repository}}@{{.Digest}}"]);
-        let out = run_checked(&argv).await.ok()?;
-        out.stdout
-            .lines()
-            .filter(|l| pinned_image(Some(l)).is_ok())
-            .find(|l| {
-                let repo = l.split('@').next().unwrap_or_default();
-                repo.ends_with("busybox") || repo.ends_with("alpine")
-            })
-            .map(str::to_owned)
+        let argv = DockerSandbox::default().cli(&[
+            "image",
+            "ls",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            "label=org.pacloud.builder=standin",
+        ]);
+        let out = run_checked(&argv).await.expect("docker image ls");
+        out.stdout.lines().next().map(str::to_owned).unwrap_or_else(|| {
+            panic!("no stand-in builder image: run scripts/builder-image.sh (or set PACLOUD_BUILDER_IMAGE)")
+        })
     }
 }

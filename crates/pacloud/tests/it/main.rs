@@ -6,5 +6,6 @@ mod api;
 mod aws;
 mod builds;
 mod cli;
+mod docker;
 mod helpers;
 mod key_vectors;
