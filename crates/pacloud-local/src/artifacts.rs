@@ -14,7 +14,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hmac::{Hmac, Mac};
-use pacloud_domain::ports::{ArtifactError, ArtifactPath, ArtifactStore, SignedUrl, StoredObject};
+use pacloud_domain::ports::{ArtifactError, ArtifactPath, ArtifactStore, ObjectVersion, SignedUrl, StoredObject};
 use pacloud_domain::{Clock, Millis};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -237,6 +237,63 @@ impl ArtifactStore for DirArtifactStore {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
         result.map(|_| StoredObject { size, sha256: Some(sha) })
+    }
+
+    async fn get_versioned(&self, path: &ArtifactPath) -> Result<Option<(Vec<u8>, ObjectVersion)>, ArtifactError> {
+        match tokio::fs::read(self.file_path(path)).await {
+            Ok(b) => {
+                let v = ObjectVersion(hex::encode(Sha256::digest(&b)));
+                Ok(Some((b, v)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn put_bytes_if(
+        &self,
+        path: &ArtifactPath,
+        bytes: Vec<u8>,
+        _content_type: &str,
+        expected: Option<&ObjectVersion>,
+    ) -> Result<Option<ObjectVersion>, ArtifactError> {
+        // Compare-and-swap under an exclusive lock on a per-path lock file
+        // (flock: also excludes `pacloud worker` processes on the same data
+        // directory); the swap itself is write-to-temporary + rename.
+        let lock_path = self.root.join(".tmp").join(format!("{}.lock", path.as_str().replace('/', "%")));
+        let dest = self.file_path(path);
+        let tmp = self.tmp_path();
+        let expected = expected.cloned();
+        tokio::task::spawn_blocking(move || -> std::io::Result<Option<ObjectVersion>> {
+            let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
+            lock.lock()?;
+            let current = match std::fs::read(&dest) {
+                Ok(b) => Some(ObjectVersion(hex::encode(Sha256::digest(&b)))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
+            };
+            if current != expected {
+                return Ok(None);
+            }
+            let version = ObjectVersion(hex::encode(Sha256::digest(&bytes)));
+            let written = (|| {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::rename(&tmp, &dest)
+            })();
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            written.map(|_| Some(version))
+        })
+        .await
+        .map_err(|e| ArtifactError::Unavailable(Box::new(e)))?
+        .map_err(unavailable)
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ArtifactPath>, ArtifactError> {
