@@ -77,6 +77,8 @@ pub fn fetch_failure_reason(log: &str, graph: &MergeList) -> Option<String> {
                 failed.push(cpv);
             }
         } else if (line.starts_with("!!!") || line.contains("Couldn't download"))
+            // A mirror without a layout file is normal (flat layout).
+            && !line.contains(".layout.conf")
             && let Some(c) = &current
         {
             let m = messages.entry(c.clone()).or_default();
