@@ -15,4 +15,5 @@ pub mod publish;
 pub mod runner;
 pub mod sandbox;
 pub mod spot;
+pub mod testkit;
 pub mod worker;
