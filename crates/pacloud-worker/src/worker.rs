@@ -144,6 +144,7 @@ impl Worker {
     /// returns when they are done. `abort` kills running builds, whose
     /// messages and leases are then released at once.
     pub async fn run(self: Arc<Self>, stop: CancellationToken, abort: CancellationToken) {
+        let beat = tokio::spawn(self.clone().beat(stop.clone()));
         let mut slots = Vec::new();
         for slot in 0..self.config.concurrency.max(1) {
             let (me, stop, abort) = (self.clone(), stop.clone(), abort.clone());
@@ -152,6 +153,30 @@ impl Worker {
         for s in slots {
             let _ = s.await;
         }
+        let _ = beat.await;
+    }
+
+    /// Writes this worker's liveness beat (`workers/<name>`: unix ms) until
+    /// `stop`, then marks it stopped (`0`), so the API can tell clients
+    /// when no worker is running (`workers` in `GET /v1/builds/{key}`).
+    async fn beat(self: Arc<Self>, stop: CancellationToken) {
+        use pacloud_domain::service::{WORKER_BEAT_EVERY, WORKER_BEATS_PREFIX};
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() % 1_000_000_000)
+            .unwrap_or(0);
+        let Ok(path) = ArtifactPath::parse(&format!("{WORKER_BEATS_PREFIX}{}-{started}", self.name)) else { return };
+        loop {
+            let now = self.clock.now().0.to_string().into_bytes();
+            if let Err(e) = self.artifacts.put_bytes(&path, now, "text/plain").await {
+                tracing::warn!(error = &e as &dyn std::error::Error, "cannot write the worker's liveness beat");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(WORKER_BEAT_EVERY) => {}
+                _ = stop.cancelled() => break,
+            }
+        }
+        let _ = self.artifacts.put_bytes(&path, b"0".to_vec(), "text/plain").await;
     }
 
     async fn slot(&self, slot: usize, stop: CancellationToken, abort: CancellationToken) {

@@ -182,3 +182,38 @@ async fn serve_survives_sigkill_with_nothing_lost() {
     assert_eq!((status, again["status"].as_str()), (202, Some("queued")));
     child.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_says_in_one_line_when_no_worker_is_running() {
+    let app = spawn_app().await; // no workers
+    let (_, body) = app.post_build(&hello(&["foo"])).await;
+    let key = body["key"].as_str().unwrap();
+    let (status, pending) = app.get_build(key).await;
+    assert_eq!((status, pending["workers"].as_u64()), (202, Some(0)), "{pending}");
+    let out_dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(&[
+        "get",
+        "app-misc/hello-2.12-r1",
+        "--use",
+        "foo",
+        "--server",
+        &app.base,
+        "--timeout",
+        "3",
+        "-o",
+        out_dir.path().to_str().unwrap(),
+    ])
+    .await;
+    assert_ne!(code, 0, "{err}");
+    assert_eq!(err.matches("no build worker is running").count(), 1, "said once, in one line: {err}");
+
+    // A worker's liveness beat (what `Worker::run` writes every 10 s) counts.
+    use pacloud_domain::ports::{ArtifactPath, ArtifactStore};
+    let now = pacloud_domain::Clock::now(&*app.clock).0;
+    let beat = ArtifactPath::parse("workers/w1-1").unwrap();
+    app.app.artifacts.put_bytes(&beat, now.to_string().into_bytes(), "text/plain").await.unwrap();
+    let stale = ArtifactPath::parse("workers/w2-1").unwrap();
+    app.app.artifacts.put_bytes(&stale, (now - 61_000).to_string().into_bytes(), "text/plain").await.unwrap();
+    let (_, pending) = app.get_build(key).await;
+    assert_eq!(pending["workers"].as_u64(), Some(1), "one live, one stale: {pending}");
+}
