@@ -104,6 +104,7 @@ pub async fn seed(store: &dyn ArtifactStore, target: &str, pkgdir: &Path) -> Res
         for e in &entries {
             let Some(rel) = e.path() else { continue };
             checked_rel_path("t", rel)?;
+            paths.insert(rel.to_owned());
             let (Some(size), Some(mtime)) = (e.size(), e.get("MTIME").and_then(|m| m.parse::<u64>().ok())) else {
                 continue;
             };
@@ -114,7 +115,6 @@ pub async fn seed(store: &dyn ArtifactStore, target: &str, pkgdir: &Path) -> Res
             let f = std::fs::File::create(&file).map_err(io(&file))?;
             f.set_len(size).map_err(io(&file))?;
             f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime)).map_err(io(&file))?;
-            paths.insert(rel.to_owned());
         }
         Ok(paths)
     })

@@ -184,7 +184,8 @@ pub async fn detect(settings: &Settings) -> Detected {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&distfiles_dir, std::fs::Permissions::from_mode(0o755));
     }
-    let package_cache = PackageCache::new(settings.data_dir.join("package-cache"), b.package_cache_bytes);
+    // Off by default locally: the store is a directory on this disk already.
+    let package_cache = PackageCache::new(settings.data_dir.join("package-cache"), b.package_cache_bytes.unwrap_or(0));
     let env = BuildEnv {
         work_root,
         portage,

@@ -148,7 +148,8 @@ pub struct BuildSettings {
     pub mirrors: Vec<String>,
     pub distfiles_max_age: Duration,
     pub distfiles_max_bytes: u64,
-    pub package_cache_bytes: u64,
+    /// `None`: the backend's default (off locally, 10 GiB on AWS workers).
+    pub package_cache_bytes: Option<u64>,
 }
 
 impl Default for BuildSettings {
@@ -171,8 +172,7 @@ impl Default for BuildSettings {
             mirrors: Vec::new(),
             distfiles_max_age: Duration::from_secs(30 * 24 * 3600),
             distfiles_max_bytes: 20 << 30,
-            // Off locally (the store is a directory on this disk already).
-            package_cache_bytes: 0,
+            package_cache_bytes: None,
         }
     }
 }
@@ -351,7 +351,7 @@ impl Settings {
             b.distfiles_max_bytes = v << 20;
         }
         if let Some(v) = fb.package_cache_mb {
-            b.package_cache_bytes = v << 20;
+            b.package_cache_bytes = Some(v << 20);
         }
         if !f.targets.is_empty() || f.default_target.is_some() {
             let mut targets: Vec<Target> = TargetSet::builtin().iter().cloned().collect();
