@@ -28,6 +28,8 @@ pub struct Backend {
 }
 
 /// The outcome of looking for a backend.
+// Made once per process; boxing would only add noise at every caller.
+#[allow(clippy::large_enum_variant)]
 pub enum Detected {
     Ready(Backend),
     /// No builds in this process, and why.
