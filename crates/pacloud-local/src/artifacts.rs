@@ -260,11 +260,13 @@ impl ArtifactStore for DirArtifactStore {
         // Compare-and-swap under an exclusive lock on a per-path lock file
         // (flock: also excludes `pacloud worker` processes on the same data
         // directory); the swap itself is write-to-temporary + rename.
-        let lock_path = self.root.join(".tmp").join(format!("{}.lock", path.as_str().replace('/', "%")));
+        let locks = self.root.join(".locks");
+        let lock_path = locks.join(format!("{}.lock", path.as_str().replace('/', "%")));
         let dest = self.file_path(path);
         let tmp = self.tmp_path();
         let expected = expected.cloned();
         tokio::task::spawn_blocking(move || -> std::io::Result<Option<ObjectVersion>> {
+            std::fs::create_dir_all(&locks)?;
             let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
             lock.lock()?;
             let current = match std::fs::read(&dest) {
@@ -316,6 +318,7 @@ impl ArtifactStore for DirArtifactStore {
                     let ty = e.file_type()?;
                     if ty.is_dir()
                         && rel != ".tmp"
+                        && rel != ".locks"
                         && (prefix.starts_with(&format!("{rel}/")) || rel.starts_with(&prefix))
                     {
                         stack.push(path);
