@@ -102,6 +102,13 @@ pub struct DirArtifactStore {
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// A file's version for compare-and-swap: every replacement is a rename of
+/// a new file, so inode, change time and size identify what a reader saw.
+fn file_version(m: &std::fs::Metadata) -> ObjectVersion {
+    use std::os::unix::fs::MetadataExt;
+    ObjectVersion(format!("{}-{}.{}-{}", m.ino(), m.ctime(), m.ctime_nsec(), m.len()))
+}
+
 fn unavailable(e: std::io::Error) -> ArtifactError {
     ArtifactError::Unavailable(Box::new(e))
 }
@@ -240,14 +247,22 @@ impl ArtifactStore for DirArtifactStore {
     }
 
     async fn get_versioned(&self, path: &ArtifactPath) -> Result<Option<(Vec<u8>, ObjectVersion)>, ArtifactError> {
-        match tokio::fs::read(self.file_path(path)).await {
-            Ok(b) => {
-                let v = ObjectVersion(hex::encode(Sha256::digest(&b)));
-                Ok(Some((b, v)))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(unavailable(e)),
-        }
+        let file = self.file_path(path);
+        tokio::task::spawn_blocking(move || -> std::io::Result<Option<(Vec<u8>, ObjectVersion)>> {
+            let mut f = match std::fs::File::open(&file) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            // The version of the file this handle reads (replacement is by rename).
+            let version = file_version(&f.metadata()?);
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut bytes)?;
+            Ok(Some((bytes, version)))
+        })
+        .await
+        .map_err(|e| ArtifactError::Unavailable(Box::new(e)))?
+        .map_err(unavailable)
     }
 
     async fn put_bytes_if(
@@ -269,15 +284,14 @@ impl ArtifactStore for DirArtifactStore {
             std::fs::create_dir_all(&locks)?;
             let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
             lock.lock()?;
-            let current = match std::fs::read(&dest) {
-                Ok(b) => Some(ObjectVersion(hex::encode(Sha256::digest(&b)))),
+            let current = match std::fs::metadata(&dest) {
+                Ok(m) => Some(file_version(&m)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(e),
             };
             if current != expected {
                 return Ok(None);
             }
-            let version = ObjectVersion(hex::encode(Sha256::digest(&bytes)));
             let written = (|| {
                 use std::io::Write;
                 let mut f = std::fs::File::create(&tmp)?;
@@ -291,7 +305,8 @@ impl ArtifactStore for DirArtifactStore {
             if written.is_err() {
                 let _ = std::fs::remove_file(&tmp);
             }
-            written.map(|_| Some(version))
+            written?;
+            Ok(Some(file_version(&std::fs::metadata(&dest)?)))
         })
         .await
         .map_err(|e| ArtifactError::Unavailable(Box::new(e)))?

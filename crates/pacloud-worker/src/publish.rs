@@ -284,12 +284,22 @@ pub async fn update_index(
 ) -> Result<u32, PublishError> {
     let path = index_path(target)?;
     for attempt in 1..=MAX_INDEX_ATTEMPTS {
-        let (mut index, version) = match store.get_versioned(&path).await? {
-            Some((bytes, v)) => (pkgindex::parse(&String::from_utf8_lossy(&bytes))?, Some(v)),
-            None => (PackageIndex { header: header.clone(), packages: Vec::new() }, None),
+        let (text, version) = match store.get_versioned(&path).await? {
+            Some((bytes, v)) => {
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| IndexError::MalformedLine { line: 0, text: "the stored index is not UTF-8".into() })?;
+                // A monotonic TIMESTAMP: binhost clients only re-read a newer index.
+                let stamp = pkgindex::header_timestamp(&text).map_or(now_secs, |p| now_secs.max(p + 1));
+                (pkgindex::merge_text(&text, &entries, stamp)?, Some(v))
+            }
+            None => {
+                let mut index = PackageIndex { header: header.clone(), packages: Vec::new() };
+                index.merge(entries.iter().cloned());
+                index.set_timestamp(now_secs);
+                (index.render()?, None)
+            }
         };
-        index.merge(entries.iter().cloned());
-        if write_index(store, target, &mut index, version.as_ref(), now_secs).await?.is_some() {
+        if write_index(store, target, text.into_bytes(), version.as_ref()).await?.is_some() {
             return Ok(attempt);
         }
         tokio::time::sleep(jitter(attempt)).await;
@@ -305,24 +315,16 @@ fn jitter(attempt: u32) -> Duration {
     Duration::from_micros(u64::from(nanos) % cap.max(1))
 }
 
-/// The one place `<target>/Packages` is written: sets a monotonic
-/// `TIMESTAMP` (now, or one past the previous one), renders the index and
-/// stores it only if the stored index is still at `expected`. Returns the
-/// new version, or `None` when another writer got there first.
+/// The one place `<target>/Packages` is written: stores the rendered
+/// index only if the stored one is still at `expected` (`None`: only if
+/// there is none). Returns the new version, or `None` when another writer
+/// got there first. (Signing, `Packages.gz` and cache headers hook in here.)
 pub async fn write_index(
     store: &dyn ArtifactStore,
     target: &str,
-    index: &mut PackageIndex,
+    bytes: Vec<u8>,
     expected: Option<&ObjectVersion>,
-    now_secs: u64,
 ) -> Result<Option<ObjectVersion>, PublishError> {
-    let previous = index.header.get("TIMESTAMP").and_then(|t| t.parse::<u64>().ok());
-    let stamp = match previous {
-        Some(p) if expected.is_some() && p >= now_secs => p + 1,
-        _ => now_secs,
-    };
-    index.set_timestamp(stamp);
-    let bytes = index.render()?.into_bytes();
     Ok(store.put_bytes_if(&index_path(target)?, bytes, "text/plain", expected).await?)
 }
 
