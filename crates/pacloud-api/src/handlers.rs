@@ -53,7 +53,8 @@ struct ReadyBody<'a> {
 }
 
 /// Renders an outcome as the v1 API's response.
-fn render(state: &ApiState, outcome: Outcome) -> Response {
+/// `workers`: build workers alive now, when known (`GET /v1/builds/{key}`).
+fn render(state: &ApiState, outcome: Outcome, workers: Option<u64>) -> Response {
     let record = outcome.record();
     let key = record.key.as_str();
     match &outcome {
@@ -83,12 +84,15 @@ fn render(state: &ApiState, outcome: Outcome) -> Response {
         Outcome::Pending { record } => {
             let secs = state.service.config().poll_after.as_secs().max(1);
             let poll = format!("{}/v1/builds/{key}", state.base_path);
-            let body = json!({
+            let mut body = json!({
                 "key": key,
                 "status": record.status.as_str(),
                 "poll": poll,
                 "retry_after": secs,
             });
+            if let (Some(n), Some(map)) = (workers, body.as_object_mut()) {
+                map.insert("workers".into(), json!(n));
+            }
             let mut resp = (StatusCode::ACCEPTED, Json(body)).into_response();
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
             if let Ok(v) = HeaderValue::from_str(&poll) {
@@ -189,13 +193,24 @@ pub async fn create_build(
     let may = may_build(&state, &headers)?;
     let req = build_request(json_object(&headers, body).await?)?;
     let outcome = state.service.request(&req, may).await?;
-    Ok(render(&state, outcome))
+    Ok(render(&state, outcome, None))
 }
 
 /// `GET /v1/builds/{key}`
 pub async fn get_build(State(state): State<Arc<ApiState>>, Path(key): Path<String>) -> Result<Response, ApiError> {
     let key = parse_key(&key)?;
-    Ok(render(&state, state.service.status(&key).await?))
+    let outcome = state.service.status(&key).await?;
+    let workers = match &outcome {
+        Outcome::Pending { .. } => match state.service.workers_alive().await {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(error = &e as &dyn std::error::Error, "cannot count live workers");
+                None
+            }
+        },
+        _ => None,
+    };
+    Ok(render(&state, outcome, workers))
 }
 
 /// `POST /v1/builds/{key}/retry`
@@ -208,7 +223,7 @@ pub async fn retry_build(
     if !may_build(&state, &headers)? {
         return Err(ApiError::Unauthorized);
     }
-    Ok(render(&state, state.service.retry(&key).await?))
+    Ok(render(&state, state.service.retry(&key).await?, None))
 }
 
 /// `GET /v1/builds/{key}/log`: redirects to a signed URL of the build log.

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use aws_sdk_s3::primitives::ByteStream;
 use base64::Engine;
 use pacloud_domain::Millis;
-use pacloud_domain::ports::{ArtifactError, ArtifactPath, ArtifactStore, SignedUrl, StoredObject};
+use pacloud_domain::ports::{ArtifactError, ArtifactPath, ArtifactStore, ObjectVersion, SignedUrl, StoredObject};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
@@ -118,6 +118,57 @@ impl ArtifactStore for S3ArtifactStore {
             .await
             .map_err(unavailable)?;
         Ok(StoredObject { size, sha256: Some(hex::encode(digest)) })
+    }
+
+    async fn get_versioned(&self, path: &ArtifactPath) -> Result<Option<(Vec<u8>, ObjectVersion)>, ArtifactError> {
+        let r = self.client.get_object().bucket(&self.bucket).key(path.as_str()).send().await;
+        match r {
+            Ok(o) => {
+                let etag = o.e_tag().map(str::to_owned).ok_or_else(|| {
+                    ArtifactError::Unavailable(format!("GetObject of {path} returned no ETag").into())
+                })?;
+                let bytes = o.body.collect().await.map_err(unavailable)?.into_bytes().to_vec();
+                Ok(Some((bytes, ObjectVersion(etag))))
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn put_bytes_if(
+        &self,
+        path: &ArtifactPath,
+        bytes: Vec<u8>,
+        content_type: &str,
+        expected: Option<&ObjectVersion>,
+    ) -> Result<Option<ObjectVersion>, ArtifactError> {
+        let digest = Sha256::digest(&bytes);
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(path.as_str())
+            .content_type(content_type)
+            .checksum_sha256(base64::engine::general_purpose::STANDARD.encode(digest))
+            .body(ByteStream::from(bytes));
+        req = match expected {
+            Some(v) => req.if_match(&v.0),
+            None => req.if_none_match("*"),
+        };
+        match req.send().await {
+            Ok(o) => {
+                let etag = o.e_tag().map(str::to_owned).ok_or_else(|| {
+                    ArtifactError::Unavailable(format!("PutObject of {path} returned no ETag").into())
+                })?;
+                Ok(Some(ObjectVersion(etag)))
+            }
+            // 412: the precondition failed; 409: a concurrent conditional
+            // write to the same key won (S3 asks the loser to retry).
+            Err(e) if e.raw_response().is_some_and(|r| matches!(r.status().as_u16(), 412 | 409)) => Ok(None),
+            // If-Match on an object deleted meanwhile.
+            Err(e) if expected.is_some() && e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ArtifactPath>, ArtifactError> {

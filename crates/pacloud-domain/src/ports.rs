@@ -237,6 +237,11 @@ pub struct StoredObject {
     pub sha256: Option<String>,
 }
 
+/// The version of a stored object, for conditional replacement: the ETag
+/// on S3, a digest of the content in a directory. Opaque to callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectVersion(pub String);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedUrl {
     pub url: String,
@@ -276,6 +281,19 @@ pub trait ArtifactStore: Send + Sync + 'static {
     ) -> Result<StoredObject, ArtifactError>;
     /// Every stored path that starts with `prefix` (a directory-like prefix
     /// ending in `/`), in lexical order.
+    /// Reads an object with its current version; `None` when absent.
+    async fn get_versioned(&self, path: &ArtifactPath) -> Result<Option<(Vec<u8>, ObjectVersion)>, ArtifactError>;
+    /// Replaces the object only if it is still at `expected` (`None`: only
+    /// if absent) and returns the new version; `Ok(None)` (and nothing
+    /// written) when another writer changed it first. The primitive that
+    /// keeps concurrent index publishers from losing each other's updates.
+    async fn put_bytes_if(
+        &self,
+        path: &ArtifactPath,
+        bytes: Vec<u8>,
+        content_type: &str,
+        expected: Option<&ObjectVersion>,
+    ) -> Result<Option<ObjectVersion>, ArtifactError>;
     async fn list(&self, prefix: &str) -> Result<Vec<ArtifactPath>, ArtifactError>;
     async fn head(&self, path: &ArtifactPath) -> Result<Option<StoredObject>, ArtifactError>;
     async fn get(&self, path: &ArtifactPath) -> Result<Vec<u8>, ArtifactError>;

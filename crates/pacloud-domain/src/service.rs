@@ -91,6 +91,13 @@ pub enum ServiceError {
     },
 }
 
+/// Where workers write their liveness beats in the artifact store.
+pub const WORKER_BEATS_PREFIX: &str = "workers/";
+/// How often a running worker writes its beat.
+pub const WORKER_BEAT_EVERY: Duration = Duration::from_secs(10);
+/// A worker whose last beat is older than this counts as gone.
+pub const WORKER_ALIVE_WINDOW: Duration = Duration::from_secs(60);
+
 /// The request-handling use cases over the three ports.
 pub struct BuildService {
     store: Arc<dyn MetadataStore>,
@@ -200,6 +207,21 @@ impl BuildService {
             }
         }
         Err(ServiceError::Store(StoreError::Conflict))
+    }
+
+    /// How many build workers wrote a liveness beat (`workers/<name>`, the
+    /// unix milliseconds of the beat) within [`WORKER_ALIVE_WINDOW`].
+    pub async fn workers_alive(&self) -> Result<u64, ServiceError> {
+        let now = self.clock.now();
+        let mut alive = 0;
+        for p in self.artifacts.list(WORKER_BEATS_PREFIX).await? {
+            let Ok(bytes) = self.artifacts.get(&p).await else { continue };
+            let beat = String::from_utf8_lossy(&bytes).trim().parse::<i64>().unwrap_or(0);
+            if beat > 0 && now.0.saturating_sub(beat) <= WORKER_ALIVE_WINDOW.as_millis() as i64 {
+                alive += 1;
+            }
+        }
+        Ok(alive)
     }
 
     /// A signed URL of the build log of `key`, if it has one.

@@ -14,7 +14,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hmac::{Hmac, Mac};
-use pacloud_domain::ports::{ArtifactError, ArtifactPath, ArtifactStore, SignedUrl, StoredObject};
+use pacloud_domain::ports::{ArtifactError, ArtifactPath, ArtifactStore, ObjectVersion, SignedUrl, StoredObject};
 use pacloud_domain::{Clock, Millis};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -101,6 +101,13 @@ pub struct DirArtifactStore {
 }
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A file's version for compare-and-swap: every replacement is a rename of
+/// a new file, so inode, change time and size identify what a reader saw.
+fn file_version(m: &std::fs::Metadata) -> ObjectVersion {
+    use std::os::unix::fs::MetadataExt;
+    ObjectVersion(format!("{}-{}.{}-{}", m.ino(), m.ctime(), m.ctime_nsec(), m.len()))
+}
 
 fn unavailable(e: std::io::Error) -> ArtifactError {
     ArtifactError::Unavailable(Box::new(e))
@@ -239,6 +246,73 @@ impl ArtifactStore for DirArtifactStore {
         result.map(|_| StoredObject { size, sha256: Some(sha) })
     }
 
+    async fn get_versioned(&self, path: &ArtifactPath) -> Result<Option<(Vec<u8>, ObjectVersion)>, ArtifactError> {
+        let file = self.file_path(path);
+        tokio::task::spawn_blocking(move || -> std::io::Result<Option<(Vec<u8>, ObjectVersion)>> {
+            let mut f = match std::fs::File::open(&file) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            // The version of the file this handle reads (replacement is by rename).
+            let version = file_version(&f.metadata()?);
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut bytes)?;
+            Ok(Some((bytes, version)))
+        })
+        .await
+        .map_err(|e| ArtifactError::Unavailable(Box::new(e)))?
+        .map_err(unavailable)
+    }
+
+    async fn put_bytes_if(
+        &self,
+        path: &ArtifactPath,
+        bytes: Vec<u8>,
+        _content_type: &str,
+        expected: Option<&ObjectVersion>,
+    ) -> Result<Option<ObjectVersion>, ArtifactError> {
+        // Compare-and-swap under an exclusive lock on a per-path lock file
+        // (flock: also excludes `pacloud worker` processes on the same data
+        // directory); the swap itself is write-to-temporary + rename.
+        let locks = self.root.join(".locks");
+        let lock_path = locks.join(format!("{}.lock", path.as_str().replace('/', "%")));
+        let dest = self.file_path(path);
+        let tmp = self.tmp_path();
+        let expected = expected.cloned();
+        tokio::task::spawn_blocking(move || -> std::io::Result<Option<ObjectVersion>> {
+            std::fs::create_dir_all(&locks)?;
+            let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
+            lock.lock()?;
+            let current = match std::fs::metadata(&dest) {
+                Ok(m) => Some(file_version(&m)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
+            };
+            if current != expected {
+                return Ok(None);
+            }
+            let written = (|| {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::rename(&tmp, &dest)
+            })();
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            written?;
+            Ok(Some(file_version(&std::fs::metadata(&dest)?)))
+        })
+        .await
+        .map_err(|e| ArtifactError::Unavailable(Box::new(e)))?
+        .map_err(unavailable)
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ArtifactPath>, ArtifactError> {
         let root = self.root.clone();
         let prefix = prefix.to_owned();
@@ -259,6 +333,7 @@ impl ArtifactStore for DirArtifactStore {
                     let ty = e.file_type()?;
                     if ty.is_dir()
                         && rel != ".tmp"
+                        && rel != ".locks"
                         && (prefix.starts_with(&format!("{rel}/")) || rel.starts_with(&prefix))
                     {
                         stack.push(path);

@@ -31,7 +31,8 @@ async fn artifact_contract() {
     let dir = tempfile::tempdir().unwrap();
     let store =
         DirArtifactStore::new(dir.path().join("a"), "http://127.0.0.1:1", SigningKey::new(&[7; 32]), clock()).unwrap();
-    pacloud_contract::artifact_store(Arc::new(store)).await;
+    pacloud_contract::artifact_store(Arc::new(store.clone())).await;
+    pacloud_contract::artifact_cas_race(Arc::new(store)).await;
 }
 
 #[tokio::test]

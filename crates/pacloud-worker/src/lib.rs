@@ -7,10 +7,13 @@
 //! Architecture invariant: every external program (bwrap, docker, emerge)
 //! is started from an argv list through [`runner`], never through a shell.
 
+pub mod fetch;
+pub mod pkgcache;
 pub mod pkgindex;
 pub mod plan;
 pub mod publish;
 pub mod runner;
 pub mod sandbox;
 pub mod spot;
+pub mod testkit;
 pub mod worker;

@@ -370,9 +370,104 @@ fn finish_package(index: &mut PackageIndex, fields: BTreeMap<String, String>, st
     Ok(())
 }
 
+/// The `TIMESTAMP` of an index text's header, if any (reads the header only).
+pub fn header_timestamp(text: &str) -> Option<u64> {
+    text.split("\n\n").next()?.lines().find_map(|l| l.strip_prefix("TIMESTAMP: ")).and_then(|t| t.trim().parse().ok())
+}
+
+/// Merges `entries` into the text of an index the way
+/// [`PackageIndex::merge`] + [`PackageIndex::render`] would, but without
+/// parsing the existing blocks into maps: existing blocks are kept as text
+/// (found by their `CPV` and `BUILD_ID` lines), an existing block with the
+/// same identity as a new entry is replaced, new blocks are inserted in
+/// sorted position, and the header gets `PACKAGES` and `timestamp`. Cost is
+/// one pass over the bytes, so publishing stays cheap at 10,000 entries.
+pub fn merge_text(text: &str, entries: &[PackageEntry], timestamp: u64) -> Result<String, IndexError> {
+    let mut blocks = text.split("\n\n").filter(|b| !b.trim().is_empty());
+    let header_text = blocks.next().unwrap_or("");
+    let mut header: BTreeMap<String, String> = BTreeMap::new();
+    for (i, line) in header_text.lines().enumerate() {
+        let (k, v) = split_line(line)
+            .ok_or_else(|| IndexError::MalformedLine { line: i + 1, text: line.chars().take(120).collect() })?;
+        header.insert(k.to_owned(), v.to_owned());
+    }
+    let identity = |block: &str| -> (String, Option<u64>) {
+        let mut cpv = String::new();
+        let mut id = None;
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("CPV: ") {
+                cpv = v.to_owned();
+            } else if let Some(v) = line.strip_prefix("BUILD_ID: ") {
+                id = v.parse().ok();
+            }
+        }
+        (cpv, id)
+    };
+    let new_ids: Vec<(String, Option<u64>)> =
+        entries.iter().map(|e| (e.get("CPV").unwrap_or("").to_owned(), e.build_id())).collect();
+    let mut kept: Vec<((String, Option<u64>), String)> = Vec::new();
+    for block in blocks {
+        let id = identity(block);
+        if !new_ids.contains(&id) {
+            kept.push((id, format!("{block}\n\n")));
+        }
+    }
+    header.insert("TIMESTAMP".to_owned(), timestamp.to_string());
+    let scratch = PackageIndex { header: header.clone(), packages: entries.to_vec() };
+    for (entry, id) in entries.iter().zip(new_ids) {
+        let mut one = scratch.clone();
+        one.packages = vec![entry.clone()];
+        let rendered = one.render()?;
+        let block = rendered.split_once("\n\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let at = kept.partition_point(|(k, _)| (k.0.as_str(), k.1) <= (id.0.as_str(), id.1));
+        kept.insert(at, (id, block));
+    }
+    header.insert("PACKAGES".to_owned(), kept.len().to_string());
+    header.entry("VERSION".to_owned()).or_insert_with(|| INDEX_VERSION.to_owned());
+    let mut out = String::with_capacity(text.len() + 1024);
+    write_block(&mut out, header.iter())?;
+    for (_, block) in kept {
+        out.push_str(&block);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merge_text_equals_parse_merge_render() {
+        let entry = |cpv: &str, id: u64, extra: &str| {
+            let mut e = PackageEntry::default();
+            for (k, v) in [
+                ("CPV", cpv.to_owned()),
+                ("BUILD_ID", id.to_string()),
+                ("PATH", format!("{cpv}-{id}.gpkg.tar")),
+                ("CHOST", "x86_64-pc-linux-gnu".into()),
+                ("SLOT", "0".into()),
+                ("USE", extra.into()),
+                ("MTIME", "1".into()),
+            ] {
+                e.fields.insert(k.to_owned(), v);
+            }
+            e
+        };
+        let mut index = PackageIndex::default();
+        index.header.insert("CHOST".into(), "x86_64-pc-linux-gnu".into());
+        index.header.insert("ARCH".into(), "amd64".into());
+        index.set_timestamp(100);
+        index.packages = vec![entry("a/x-1", 1, "a"), entry("a/z-1", 1, "b"), entry("b/y-2", 3, "")];
+        let text = index.render().unwrap();
+        let new = vec![entry("a/y-1", 1, "n"), entry("a/z-1", 1, "replaced"), entry("c/c-1", 2, "")];
+        let merged = merge_text(&text, &new, 200).unwrap();
+        let mut expected = parse(&text).unwrap();
+        expected.merge(new.clone());
+        expected.set_timestamp(200);
+        assert_eq!(merged, expected.render().unwrap());
+        assert_eq!(header_timestamp(&merged), Some(200));
+        assert_eq!(parse(&merged).unwrap().packages.len(), 5);
+    }
 
     const SMALL: &str = "\
 ACCEPT_KEYWORDS: amd64

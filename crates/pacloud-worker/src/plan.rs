@@ -11,6 +11,8 @@ use pacloud_domain::target::Target;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::fetch::DistfilesCache;
+use crate::pkgcache::PackageCache;
 use crate::sandbox::{BuildPlan, Limits, PortageInstall};
 
 /// Where and how builds run on this worker.
@@ -28,6 +30,12 @@ pub struct BuildEnv {
     pub run_as: Option<(u32, u32)>,
     /// Builder image for the docker backend (pinned by digest).
     pub image: Option<String>,
+    /// The shared distfiles cache, mounted read-only into both steps.
+    pub distfiles: Option<DistfilesCache>,
+    /// This worker's cache of binary packages fetched from the store.
+    pub package_cache: PackageCache,
+    /// Source mirrors tried first by the fetch step (`GENTOO_MIRRORS`).
+    pub mirrors: Vec<String>,
 }
 
 /// Why a plan could not be made (an infrastructure problem of this worker).
@@ -63,7 +71,14 @@ fn quote(v: &str) -> String {
 }
 
 /// The make.conf of a build (`pkgdir`, `tmpdir` differ for the host config).
-fn make_conf(w: &Path, target: &Target, pkgdir: &Path, tmpdir: &Path, user: (&str, &str)) -> String {
+fn make_conf(
+    w: &Path,
+    target: &Target,
+    pkgdir: &Path,
+    tmpdir: &Path,
+    user: (&str, &str),
+    mirrors: &[String],
+) -> String {
     let mut lines = vec![
         "FEATURES=\"-sandbox -usersandbox -userpriv -userfetch -usersync -ipc-sandbox -network-sandbox -pid-sandbox -news -strict -merge-sync binpkg-multi-instance\"".to_owned(),
         format!("PORTAGE_USERNAME={}", quote(user.0)),
@@ -86,7 +101,27 @@ fn make_conf(w: &Path, target: &Target, pkgdir: &Path, tmpdir: &Path, user: (&st
     for (k, v) in &target.spec.env {
         lines.push(format!("{k}={}", quote(v)));
     }
+    // Always set: an unset GENTOO_MIRRORS means portage's built-in mirror.
+    lines.push(format!("GENTOO_MIRRORS={}", quote(&mirrors.join(" "))));
     lines.join("\n") + "\n"
+}
+
+/// The name under which the distfiles cache appears in [`BuildPlan::repos`]
+/// (read-only mounts); it is not a portage repository.
+pub const DISTFILES_MOUNT: &str = "distfiles-cache";
+
+/// The fetch step of a build: the same work directory and configuration,
+/// with the network on, `emerge --fetchonly --verbose` (downloads sources,
+/// prints the merge list, builds nothing).
+pub fn fetch_plan(build: &BuildPlan) -> BuildPlan {
+    let mut plan = build.clone();
+    plan.job_id = format!("{}-fetch", build.job_id);
+    plan.network = true;
+    let emerge = build.argv[0].clone();
+    let mut argv = vec![emerge, "--fetchonly".into(), "--verbose".into()];
+    argv.extend(build.argv[1..].iter().filter(|a| *a != "--buildpkg").cloned());
+    plan.argv = argv;
+    plan
 }
 
 /// Creates the work directory for one build attempt and returns its plan.
@@ -106,7 +141,7 @@ pub fn prepare(env: &BuildEnv, job: &Job, target: &Target, job_id: &str) -> Resu
     }
     let user = if env.run_as.is_some() { ("nobody", "nogroup") } else { ("root", "root") };
     let write = |path: PathBuf, text: String| std::fs::write(&path, text).map_err(io(&path));
-    write(config.join("make.conf"), make_conf(&w, target, &w.join("pkgdir"), &w.join("tmp"), user))?;
+    write(config.join("make.conf"), make_conf(&w, target, &w.join("pkgdir"), &w.join("tmp"), user, &env.mirrors))?;
     let profile = repo.join("profiles").join(&target.spec.profile);
     let link = config.join("make.profile");
     std::os::unix::fs::symlink(&profile, &link).map_err(io(&link))?;
@@ -120,7 +155,7 @@ pub fn prepare(env: &BuildEnv, job: &Job, target: &Target, job_id: &str) -> Resu
         PortageInstall::Venv(venv) => {
             // The "host" config portage builds for ROOT != / (see VERIFIED.md §1):
             // its packages go to a throw-away directory, never the published PKGDIR.
-            let hostconf = make_conf(&w, target, &w.join("hostpkgdir"), &w.join("hosttmp"), user);
+            let hostconf = make_conf(&w, target, &w.join("hostpkgdir"), &w.join("hosttmp"), user, &env.mirrors);
             write(w.join("hostconf/make.conf"), hostconf)?;
             for d in ["hostpkgdir", "hosttmp"].map(|d| w.join(d)) {
                 std::fs::create_dir_all(&d).map_err(io(&d))?;
@@ -155,10 +190,14 @@ pub fn prepare(env: &BuildEnv, job: &Job, target: &Target, job_id: &str) -> Resu
         spec.atom.to_string(),
         spec.portage_atom(),
     ];
+    let mut repos = vec![(repo_name.clone(), repo.clone())];
+    if let Some(cache) = &env.distfiles {
+        repos.push((DISTFILES_MOUNT.to_owned(), cache.dir.clone()));
+    }
     Ok(BuildPlan {
         job_id: job_id.to_owned(),
         work_dir: w,
-        repos: vec![(repo_name.clone(), repo.clone())],
+        repos,
         portage: env.portage.clone(),
         env: env_vars,
         argv,
@@ -187,6 +226,11 @@ mod tests {
             network: false,
             run_as: None,
             image: None,
+            distfiles: Some(
+                DistfilesCache::new(dir.path().join("distfiles"), Duration::from_secs(60), 1 << 30).unwrap(),
+            ),
+            package_cache: PackageCache::disabled(),
+            mirrors: vec!["http://127.0.0.1:1".into()],
         };
         let targets = TargetSet::builtin();
         let spec = BuildRequest {
@@ -224,6 +268,13 @@ mod tests {
         assert_eq!(plan.argv.last().unwrap(), "=app-misc/hello-2.12-r1");
         assert!(plan.argv.windows(2).any(|w| w[0] == "--usepkg-exclude" && w[1] == "app-misc/hello"));
         assert!(!plan.env.iter().any(|(k, _)| k == "USE"), "USE only through package.use");
+        assert!(make_conf.contains("GENTOO_MIRRORS=\"http://127.0.0.1:1\""));
+        assert!(plan.repos.iter().any(|(n, p)| n == DISTFILES_MOUNT && *p == dir.path().join("distfiles")));
+        let fetch = fetch_plan(&plan);
+        assert!(fetch.network && !plan.network, "only the fetch step has network");
+        assert_eq!(&fetch.argv[1..3], &["--fetchonly", "--verbose"]);
+        assert!(!fetch.argv.iter().any(|a| a == "--buildpkg"));
+        assert_eq!(fetch.argv.last(), plan.argv.last());
         let mut none = env.clone();
         none.repos.clear();
         let spec =

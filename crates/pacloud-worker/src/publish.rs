@@ -1,20 +1,33 @@
-//! Publishing: seed a build's PKGDIR with the target's published packages
-//! (so `--usepkg` reuses them and portage allocates fresh BUILD_IDs), then
-//! locate every new package through the build's `Packages` index (never by
-//! guessing file names), upload each under the PKGDIR-shaped layout
-//! `<target>/<category>/<pn>/<pf>-<build_id>.gpkg.tar` without ever
-//! overwriting, and keep `<target>/Packages` current.
+//! Seeding and publishing.
 //!
-//! The index is derived data: each published package also gets a one-entry
-//! fragment at `<target>/.pkgindex/<PATH>.entry`, and `Packages` is rebuilt
-//! from the fragments. A rebuild re-lists after writing and writes again if
-//! the set changed meanwhile, so concurrent publishers converge on an index
-//! with every package in it.
+//! **Seeding is O(dependencies).** A build's PKGDIR gets the target's
+//! published `Packages` index (one GET) and, for every entry, a sparse
+//! *placeholder* file of the entry's `SIZE` and `MTIME`: portage trusts an
+//! index entry whose file matches both and never opens it, so it resolves
+//! the graph exactly as if every package were there (and allocates fresh
+//! BUILD_IDs). The fetch step's merge list names the binaries the graph
+//! really uses; only those are fetched from the store, verified against the
+//! index's `SIZE` and `SHA1`, and written over their placeholders
+//! ([`materialize`]). A placeholder the build would read is never there.
+//!
+//! **Publishing** locates every new package through the build's `Packages`
+//! index (never by guessing file names), uploads it under
+//! `<target>/<category>/<pn>/<pf>-<build_id>.gpkg.tar` without ever
+//! overwriting, writes a one-entry fragment at
+//! `<target>/.pkgindex/<PATH>.entry` (a durable log [`rebuild_index`] can
+//! repair the index from), and merges the new entries into
+//! `<target>/Packages` with a compare-and-swap: read the index and its
+//! version, merge, write only if it is still at that version, else retry
+//! ([`update_index`]). Per-publish cost is one read and one write of the
+//! index whatever the number of fragments, and no concurrent publisher's
+//! entries are lost. [`write_index`] is the one place the index is written.
 
-use pacloud_domain::ports::{ArtifactError, ArtifactPath, ArtifactStore};
-use std::collections::{BTreeSet, HashSet};
+use pacloud_domain::ports::{ArtifactError, ArtifactPath, ArtifactStore, ObjectVersion};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
+use crate::pkgcache::PackageCache;
 use crate::pkgindex::{self, IndexError, PackageEntry, PackageIndex};
 
 /// One package this build published.
@@ -34,18 +47,24 @@ pub struct PublishedPackage {
 pub enum PublishError {
     #[error("artifact store failed")]
     Store(#[from] ArtifactError),
-    #[error("the build's Packages index is unreadable")]
+    #[error("a Packages index is unreadable")]
     Index(#[from] IndexError),
-    #[error("cannot read {path}")]
+    #[error("cannot read or write {path}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("the build's index lists an unacceptable package path {0:?}")]
+    #[error("an index lists an unacceptable package path {0:?}")]
     BadPath(String),
     #[error("{0} is already published with other content (BUILD_ID collision); retrying allocates a new id")]
     Collision(String),
+    #[error("the build needs binary package {0}, which the target's index does not list")]
+    NotInIndex(String),
+    #[error("published package {path} does not match the index: {check}")]
+    Digest { path: String, check: String },
+    #[error("the index of target {0} kept changing under {1} attempts to update it")]
+    Contended(String, u32),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
@@ -54,38 +73,115 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
 
 const FRAGMENTS: &str = ".pkgindex";
 
-/// Copies the target's published packages into `pkgdir`; returns their
-/// paths relative to it (the `PATH`s the build must not re-publish).
-pub async fn seed(store: &dyn ArtifactStore, target: &str, pkgdir: &Path) -> Result<HashSet<String>, PublishError> {
-    let prefix = format!("{target}/");
-    let mut seeded = HashSet::new();
-    for p in store.list(&prefix).await? {
-        let Some(rel) = p.as_str().strip_prefix(&prefix) else { continue };
-        if rel.starts_with(&format!("{FRAGMENTS}/")) || !rel.ends_with(".gpkg.tar") {
-            continue;
-        }
-        let dest = pkgdir.join(rel);
-        if let Some(parent) = dest.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(io(parent))?;
-        }
-        let bytes = store.get(&p).await?;
-        tokio::fs::write(&dest, bytes).await.map_err(io(&dest))?;
-        seeded.insert(rel.to_owned());
-    }
-    // Portage finds binary packages through the index, not by scanning.
-    if !seeded.is_empty() {
-        let index =
-            ArtifactPath::parse(&format!("{target}/Packages")).map_err(|_| PublishError::BadPath(target.into()))?;
-        match store.get(&index).await {
-            Ok(bytes) => {
-                let dest = pkgdir.join("Packages");
-                tokio::fs::write(&dest, bytes).await.map_err(io(&dest))?;
+fn index_path(target: &str) -> Result<ArtifactPath, PublishError> {
+    ArtifactPath::parse(&format!("{target}/Packages")).map_err(|_| PublishError::BadPath(target.into()))
+}
+
+/// What seeding put into a build's PKGDIR.
+#[derive(Debug, Clone, Default)]
+pub struct Seeded {
+    /// The target's index as the build saw it.
+    pub index: PackageIndex,
+    /// `PATH`s of its entries (never published again by this build).
+    pub paths: HashSet<String>,
+}
+
+/// Writes the target's index and a sparse placeholder per entry into
+/// `pkgdir` (one GET, no package downloaded).
+pub async fn seed(store: &dyn ArtifactStore, target: &str, pkgdir: &Path) -> Result<Seeded, PublishError> {
+    let bytes = match store.get(&index_path(target)?).await {
+        Ok(b) => b,
+        Err(ArtifactError::NotFound(_)) => return Ok(Seeded::default()),
+        Err(e) => return Err(e.into()),
+    };
+    let index = pkgindex::parse(&String::from_utf8_lossy(&bytes))?;
+    let dest = pkgdir.join("Packages");
+    tokio::fs::write(&dest, &bytes).await.map_err(io(&dest))?;
+    let pkgdir = pkgdir.to_owned();
+    let entries = index.packages.clone();
+    let paths = tokio::task::spawn_blocking(move || -> Result<HashSet<String>, PublishError> {
+        let mut paths = HashSet::new();
+        for e in &entries {
+            let Some(rel) = e.path() else { continue };
+            checked_rel_path("t", rel)?;
+            paths.insert(rel.to_owned());
+            let (Some(size), Some(mtime)) = (e.size(), e.get("MTIME").and_then(|m| m.parse::<u64>().ok())) else {
+                continue;
+            };
+            let file = pkgdir.join(rel);
+            if let Some(parent) = file.parent() {
+                std::fs::create_dir_all(parent).map_err(io(parent))?;
             }
-            Err(ArtifactError::NotFound(_)) => {}
-            Err(e) => return Err(e.into()),
+            let f = std::fs::File::create(&file).map_err(io(&file))?;
+            f.set_len(size).map_err(io(&file))?;
+            f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime)).map_err(io(&file))?;
         }
+        Ok(paths)
+    })
+    .await
+    .map_err(|e| PublishError::Io { path: PathBuf::from("seed"), source: std::io::Error::other(e) })??;
+    Ok(Seeded { index, paths })
+}
+
+/// Replaces the placeholders of the binaries the graph uses (`cpv`,
+/// `BUILD_ID`) with the real packages, fetched through `cache` and verified
+/// against the index. Returns how many bytes were materialized.
+pub async fn materialize(
+    store: &dyn ArtifactStore,
+    cache: &PackageCache,
+    target: &str,
+    pkgdir: &Path,
+    seeded: &Seeded,
+    binaries: &[(String, Option<u64>)],
+) -> Result<u64, PublishError> {
+    let mut total = 0;
+    for (cpv, build_id) in binaries {
+        let entry = seeded
+            .index
+            .packages
+            .iter()
+            .find(|e| e.cpv() == Some(cpv.as_str()) && (build_id.is_none() || e.build_id() == *build_id))
+            .ok_or_else(|| PublishError::NotInIndex(format!("{cpv} (BUILD_ID {build_id:?})")))?;
+        let rel = entry.path().ok_or_else(|| PublishError::NotInIndex(cpv.clone()))?;
+        let path = checked_rel_path(target, rel)?;
+        let expect = Expected {
+            size: entry.size().ok_or_else(|| PublishError::NotInIndex(format!("{cpv}: no SIZE")))?,
+            sha1: entry.get("SHA1").map(str::to_owned),
+        };
+        let dest = pkgdir.join(rel);
+        cache.fetch_into(store, &path, &expect, &dest).await?;
+        if let Some(mtime) = entry.get("MTIME").and_then(|m| m.parse::<u64>().ok()) {
+            let f = std::fs::File::options().write(true).open(&dest).map_err(io(&dest))?;
+            f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime)).map_err(io(&dest))?;
+        }
+        total += expect.size;
     }
-    Ok(seeded)
+    Ok(total)
+}
+
+/// What a stored package must match (from the index).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    pub size: u64,
+    /// Lowercase hex SHA-1 as portage writes it in `Packages`.
+    pub sha1: Option<String>,
+}
+
+impl Expected {
+    /// Checks bytes; the error names the failed check.
+    pub fn check(&self, bytes: &[u8]) -> Result<(), String> {
+        if bytes.len() as u64 != self.size {
+            return Err(format!("SIZE {} expected, {} found", self.size, bytes.len()));
+        }
+        if let Some(want) = &self.sha1 {
+            use sha1::Digest;
+            let got = hex::encode(sha1::Sha1::digest(bytes));
+            if !got.eq_ignore_ascii_case(want) {
+                return Err(format!("SHA1 {want} expected, {got} found"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `PATH` from an untrusted index: `<category>/<pn>/<file>.gpkg.tar`.
@@ -122,7 +218,7 @@ async fn sha256_file(path: &Path) -> Result<(String, u64), PublishError> {
 }
 
 /// Uploads every package in `pkgdir` that was not seeded, with its index
-/// fragment, then rebuilds `<target>/Packages`.
+/// fragment, then merges them into `<target>/Packages`.
 pub async fn publish(
     store: &dyn ArtifactStore,
     target: &str,
@@ -130,10 +226,11 @@ pub async fn publish(
     seeded: &HashSet<String>,
     now_secs: u64,
 ) -> Result<Vec<PublishedPackage>, PublishError> {
-    let index_path = pkgdir.join("Packages");
-    let text = tokio::fs::read_to_string(&index_path).await.map_err(io(&index_path))?;
+    let index_file = pkgdir.join("Packages");
+    let text = tokio::fs::read_to_string(&index_file).await.map_err(io(&index_file))?;
     let index = pkgindex::parse(&text)?;
     let mut out = Vec::new();
+    let mut new_entries = Vec::new();
     for entry in &index.packages {
         let Some(rel) = entry.path() else { continue };
         if seeded.contains(rel) {
@@ -154,6 +251,7 @@ pub async fn publish(
         let frag_path = ArtifactPath::parse(&format!("{target}/{FRAGMENTS}/{rel}.entry"))
             .map_err(|_| PublishError::BadPath(rel.to_owned()))?;
         store.put_bytes(&frag_path, fragment.render()?.into_bytes(), "text/plain").await?;
+        new_entries.push(entry.clone());
         out.push(PublishedPackage {
             cpv: entry.cpv().unwrap_or_default().to_owned(),
             path,
@@ -163,38 +261,88 @@ pub async fn publish(
             use_flags: entry.use_flags(),
         });
     }
-    if !out.is_empty() {
-        rebuild_index(store, target, now_secs).await?;
+    if !new_entries.is_empty() {
+        update_index(store, target, &index.header, new_entries, now_secs).await?;
     }
     Ok(out)
 }
 
-/// Rebuilds `<target>/Packages` from the fragments, until a re-list after
-/// writing shows no fragment was added meanwhile.
+/// Attempts of one index update before giving up (each failed attempt
+/// means another publisher's update went in).
+const MAX_INDEX_ATTEMPTS: u32 = 200;
+
+/// Merges `entries` into `<target>/Packages` by compare-and-swap: read with
+/// version, merge, [`write_index`] at that version; on a conflict re-read
+/// and retry after a short randomised pause. `header` is used when the
+/// index does not exist yet. Returns the number of attempts it took.
+pub async fn update_index(
+    store: &dyn ArtifactStore,
+    target: &str,
+    header: &BTreeMap<String, String>,
+    entries: Vec<PackageEntry>,
+    now_secs: u64,
+) -> Result<u32, PublishError> {
+    let path = index_path(target)?;
+    for attempt in 1..=MAX_INDEX_ATTEMPTS {
+        let (text, version) = match store.get_versioned(&path).await? {
+            Some((bytes, v)) => {
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| IndexError::MalformedLine { line: 0, text: "the stored index is not UTF-8".into() })?;
+                // A monotonic TIMESTAMP: binhost clients only re-read a newer index.
+                let stamp = pkgindex::header_timestamp(&text).map_or(now_secs, |p| now_secs.max(p + 1));
+                (pkgindex::merge_text(&text, &entries, stamp)?, Some(v))
+            }
+            None => {
+                let mut index = PackageIndex { header: header.clone(), packages: Vec::new() };
+                index.merge(entries.iter().cloned());
+                index.set_timestamp(now_secs);
+                (index.render()?, None)
+            }
+        };
+        if write_index(store, target, text.into_bytes(), version.as_ref()).await?.is_some() {
+            return Ok(attempt);
+        }
+        tokio::time::sleep(jitter(attempt)).await;
+    }
+    Err(PublishError::Contended(target.to_owned(), MAX_INDEX_ATTEMPTS))
+}
+
+/// A pause of up to `min(attempt, 20)` ms, varied per call so that racing
+/// publishers spread out.
+fn jitter(attempt: u32) -> Duration {
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let cap = u64::from(attempt.min(20)) * 1000;
+    Duration::from_micros(u64::from(nanos) % cap.max(1))
+}
+
+/// The one place `<target>/Packages` is written: stores the rendered
+/// index only if the stored one is still at `expected` (`None`: only if
+/// there is none). Returns the new version, or `None` when another writer
+/// got there first. (Signing, `Packages.gz` and cache headers hook in here.)
+pub async fn write_index(
+    store: &dyn ArtifactStore,
+    target: &str,
+    bytes: Vec<u8>,
+    expected: Option<&ObjectVersion>,
+) -> Result<Option<ObjectVersion>, PublishError> {
+    Ok(store.put_bytes_if(&index_path(target)?, bytes, "text/plain", expected).await?)
+}
+
+/// Rebuilds `<target>/Packages` from the fragments (repair after a lost
+/// index; O(packages), never on the publish path). Entries already in the
+/// index are kept. Returns the number of fragments read.
 pub async fn rebuild_index(store: &dyn ArtifactStore, target: &str, now_secs: u64) -> Result<usize, PublishError> {
     let prefix = format!("{target}/{FRAGMENTS}/");
-    let mut written: Option<BTreeSet<ArtifactPath>> = None;
-    for _ in 0..8 {
-        let listed: BTreeSet<ArtifactPath> = store.list(&prefix).await?.into_iter().collect();
-        if written.as_ref() == Some(&listed) {
-            break;
+    let listed: BTreeSet<ArtifactPath> = store.list(&prefix).await?.into_iter().collect();
+    let mut header = BTreeMap::new();
+    let mut entries: Vec<PackageEntry> = Vec::new();
+    for p in &listed {
+        let fragment = pkgindex::parse(&String::from_utf8_lossy(&store.get(p).await?))?;
+        if header.is_empty() {
+            header = fragment.header.clone();
         }
-        let mut index = PackageIndex::default();
-        let mut entries: Vec<PackageEntry> = Vec::new();
-        for p in &listed {
-            let text = String::from_utf8_lossy(&store.get(p).await?).into_owned();
-            let fragment = pkgindex::parse(&text)?;
-            if index.header.is_empty() {
-                index.header = fragment.header.clone();
-            }
-            entries.extend(fragment.packages);
-        }
-        index.merge(entries);
-        index.set_timestamp(now_secs);
-        let path =
-            ArtifactPath::parse(&format!("{target}/Packages")).map_err(|_| PublishError::BadPath(target.into()))?;
-        store.put_bytes(&path, index.render()?.into_bytes(), "text/plain").await?;
-        written = Some(listed);
+        entries.extend(fragment.packages);
     }
-    Ok(written.map(|w| w.len()).unwrap_or(0))
+    update_index(store, target, &header, entries, now_secs).await?;
+    Ok(listed.len())
 }

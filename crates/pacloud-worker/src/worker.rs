@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+use crate::fetch;
 use crate::plan::{self, BuildEnv};
 use crate::publish;
 use crate::runner::tail_lines;
@@ -105,6 +106,10 @@ enum Infra {
     Artifact(#[from] pacloud_domain::ports::ArtifactError),
     #[error("{0} is not in the artifact store after upload")]
     NotStored(String),
+    #[error("{0}")]
+    Fetch(String),
+    #[error(transparent)]
+    Distfiles(#[from] fetch::DistfileError),
 }
 
 impl Worker {
@@ -139,6 +144,7 @@ impl Worker {
     /// returns when they are done. `abort` kills running builds, whose
     /// messages and leases are then released at once.
     pub async fn run(self: Arc<Self>, stop: CancellationToken, abort: CancellationToken) {
+        let beat = tokio::spawn(self.clone().beat(stop.clone()));
         let mut slots = Vec::new();
         for slot in 0..self.config.concurrency.max(1) {
             let (me, stop, abort) = (self.clone(), stop.clone(), abort.clone());
@@ -147,6 +153,30 @@ impl Worker {
         for s in slots {
             let _ = s.await;
         }
+        let _ = beat.await;
+    }
+
+    /// Writes this worker's liveness beat (`workers/<name>`: unix ms) until
+    /// `stop`, then marks it stopped (`0`), so the API can tell clients
+    /// when no worker is running (`workers` in `GET /v1/builds/{key}`).
+    async fn beat(self: Arc<Self>, stop: CancellationToken) {
+        use pacloud_domain::service::{WORKER_BEAT_EVERY, WORKER_BEATS_PREFIX};
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() % 1_000_000_000)
+            .unwrap_or(0);
+        let Ok(path) = ArtifactPath::parse(&format!("{WORKER_BEATS_PREFIX}{}-{started}", self.name)) else { return };
+        loop {
+            let now = self.clock.now().0.to_string().into_bytes();
+            if let Err(e) = self.artifacts.put_bytes(&path, now, "text/plain").await {
+                tracing::warn!(error = &e as &dyn std::error::Error, "cannot write the worker's liveness beat");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(WORKER_BEAT_EVERY) => {}
+                _ = stop.cancelled() => break,
+            }
+        }
+        let _ = self.artifacts.put_bytes(&path, b"0".to_vec(), "text/plain").await;
     }
 
     async fn slot(&self, slot: usize, stop: CancellationToken, abort: CancellationToken) {
@@ -363,9 +393,65 @@ impl Worker {
     ) -> Result<BuildResult, Infra> {
         let plan = plan::prepare(&self.env, job, target, owner)?;
         let target_name = target.name.as_str();
+        // Seeding: the target's index and sparse placeholders (one GET).
         let seeded = publish::seed(&*self.artifacts, target_name, &plan.pkgdir()).await?;
+        let distdir = plan.work_dir.join("distfiles");
+        if let Some(cache) = &self.env.distfiles {
+            cache.link_into(&distdir)?;
+        }
+        // The fetch step: network on, sources downloaded, nothing built; its
+        // merge list names the binaries the graph uses.
+        let fetch = plan::fetch_plan(&plan);
+        let fetched = self.sandbox.run(&fetch, cancel.clone()).await?;
+        let mut log_text = tokio::fs::read(&fetched.log).await.unwrap_or_default();
+        let fetch_log = String::from_utf8_lossy(&log_text).into_owned();
+        if fetched.timed_out {
+            let reason = format!("the fetch step exceeded the wall-clock limit of {:?}", self.env.limits.wall_clock);
+            return self.failed_early(job, owner, FailureClass::Timeout, reason, log_text).await;
+        }
+        let graph = fetch::parse_merge_list(&fetch_log);
+        let repo = self.env.repos.get(&target.spec.repository).cloned().unwrap_or_default();
+        let expected = fetch::graph_manifests(&repo, &graph.ebuilds);
+        // Whatever the step did, the cache only takes verified files.
+        let admitted = match &self.env.distfiles {
+            Some(cache) => cache.admit(&distdir, &expected),
+            None => Ok(Vec::new()),
+        };
+        if !fetched.succeeded() {
+            let code = fetched.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "a signal".into());
+            if let Some(why) = fetch::fetch_failure_reason(&fetch_log, &graph) {
+                return Err(Infra::Fetch(format!("fetching sources failed (emerge --fetchonly exited {code}): {why}")));
+            }
+            if graph.ebuilds.is_empty() && graph.binaries.is_empty() {
+                // Not even a merge list: the graph does not resolve.
+                let reason = format!("emerge --fetchonly {} exited with status {code}", job.spec.portage_atom());
+                return self.failed_early(job, owner, FailureClass::Build, reason, log_text).await;
+            }
+            log_text.extend_from_slice(
+                b"\n>>> pacloud: binary packages are placeholders during the fetch step; \
+                  their digest messages above are expected (the real files are verified next)\n",
+            );
+        }
+        let admitted = admitted.map_err(|e| Infra::Fetch(format!("fetched sources refused: {e}")))?;
+        if let Some(cache) = &self.env.distfiles {
+            cache.touch(&expected.keys().cloned().collect::<Vec<_>>());
+            if !admitted.is_empty() {
+                tracing::info!(files = ?admitted, "distfiles verified and cached");
+            }
+        }
+        // Only the binaries the graph uses are fetched (verified) over their placeholders.
+        publish::materialize(
+            &*self.artifacts,
+            &self.env.package_cache,
+            target_name,
+            &plan.pkgdir(),
+            &seeded,
+            &graph.binaries,
+        )
+        .await?;
         let outcome = self.sandbox.run(&plan, cancel.clone()).await?;
-        let log_text = tokio::fs::read(&outcome.log).await.unwrap_or_default();
+        log_text.extend_from_slice(b"\n>>> pacloud: build step\n");
+        log_text.extend(tokio::fs::read(&outcome.log).await.unwrap_or_default());
         let log_path = ArtifactPath::parse(&format!("logs/{}/{owner}.log", job.key))
             .map_err(|_| Infra::Sandbox(SandboxError::Unavailable("bad log path".into())))?;
         self.artifacts.put_bytes(&log_path, log_text.clone(), "text/plain").await?;
@@ -391,7 +477,13 @@ impl Worker {
             return Ok(BuildResult::LeaseLost);
         }
         let now_secs = u64::try_from(self.clock.now().as_secs()).unwrap_or(0);
-        let published = publish::publish(&*self.artifacts, target_name, &plan.pkgdir(), &seeded, now_secs).await?;
+        let published =
+            publish::publish(&*self.artifacts, target_name, &plan.pkgdir(), &seeded.paths, now_secs).await?;
+        if let Some(cache) = &self.env.distfiles
+            && let Err(e) = cache.prune(std::time::SystemTime::now())
+        {
+            tracing::warn!(error = &e as &dyn std::error::Error, "cannot prune the distfiles cache");
+        }
         let cpv = job.spec.portage_atom().trim_start_matches('=').to_owned();
         let Some(main) = published.iter().find(|p| p.cpv == cpv) else {
             let reason = format!("emerge succeeded but published no package for ={cpv}");
@@ -415,6 +507,22 @@ impl Worker {
         };
         let deps = published.into_iter().filter(|p| p.cpv != cpv).collect();
         Ok(BuildResult::Built { artifact, deps })
+    }
+
+    /// A failure before the build step: stores the log so far.
+    async fn failed_early(
+        &self,
+        job: &Job,
+        owner: &str,
+        class: FailureClass,
+        reason: String,
+        log_text: Vec<u8>,
+    ) -> Result<BuildResult, Infra> {
+        let log_path = ArtifactPath::parse(&format!("logs/{}/{owner}.log", job.key))
+            .map_err(|_| Infra::Sandbox(SandboxError::Unavailable("bad log path".into())))?;
+        let log_tail = tail_lines(&String::from_utf8_lossy(&log_text), 30);
+        self.artifacts.put_bytes(&log_path, log_text, "text/plain").await?;
+        Ok(BuildResult::Failed { class, reason, log_path: Some(log_path.to_string()), log_tail })
     }
 
     /// Dependencies were built with their default USE: record them as ready

@@ -50,6 +50,8 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> anyhow::Re
         }
         Err(e) => tracing::warn!(error = &e as &dyn std::error::Error, "cannot read the queue's redrive policy"),
     }
+    // Packages come from S3: a worker-local cache saves repeated GETs.
+    settings.build.package_cache_bytes.get_or_insert(10 << 30);
     let settings = &settings;
     let backend = match detect(settings).await {
         Detected::Ready(b) => b,

@@ -4,6 +4,8 @@
 
 use pacloud_domain::ports::{ArtifactStore, JobQueue, MetadataStore};
 use pacloud_domain::{Clock, TargetSet};
+use pacloud_worker::fetch::DistfilesCache;
+use pacloud_worker::pkgcache::PackageCache;
 use pacloud_worker::plan::BuildEnv;
 use pacloud_worker::sandbox::bwrap::BwrapSandbox;
 use pacloud_worker::sandbox::docker::DockerSandbox;
@@ -33,6 +35,8 @@ pub struct Backend {
 }
 
 /// The outcome of looking for a backend.
+// Made once per process; boxing would only add noise at every caller.
+#[allow(clippy::large_enum_variant)]
 pub enum Detected {
     Ready(Backend),
     /// No builds in this process, and why.
@@ -197,7 +201,30 @@ pub async fn detect(settings: &Settings) -> Detected {
             );
         }
     }
-    let env = BuildEnv { work_root, portage, repos, limits, network: b.network, run_as, image: b.image.clone() };
+    let distfiles_dir = settings.data_dir.join("distfiles");
+    let distfiles = match DistfilesCache::new(distfiles_dir.clone(), b.distfiles_max_age, b.distfiles_max_bytes) {
+        Ok(c) => c,
+        Err(e) => return Detected::Unavailable(format!("cannot create {}: {e}", distfiles_dir.display())),
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&distfiles_dir, std::fs::Permissions::from_mode(0o755));
+    }
+    // Off by default locally: the store is a directory on this disk already.
+    let package_cache = PackageCache::new(settings.data_dir.join("package-cache"), b.package_cache_bytes.unwrap_or(0));
+    let env = BuildEnv {
+        work_root,
+        portage,
+        repos,
+        limits,
+        network: b.network,
+        run_as,
+        image: b.image.clone(),
+        distfiles: Some(distfiles),
+        mirrors: b.mirrors.clone(),
+        package_cache,
+    };
     Detected::Ready(Backend { sandbox, env, description })
 }
 

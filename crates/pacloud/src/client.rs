@@ -61,10 +61,34 @@ impl ClientError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum BuildState {
-    Ready { key: String, url: String, sha256: String, size: u64, expires_at: String },
-    Queued { key: String, poll: String, retry_after: Option<u64> },
-    Building { key: String, poll: String, retry_after: Option<u64> },
-    Failed { key: String, class: Option<String>, reason: String, log_url: Option<String> },
+    Ready {
+        key: String,
+        url: String,
+        sha256: String,
+        size: u64,
+        expires_at: String,
+    },
+    Queued {
+        key: String,
+        poll: String,
+        retry_after: Option<u64>,
+        /// Build workers alive now (`GET /v1/builds/{key}` only).
+        #[serde(default)]
+        workers: Option<u64>,
+    },
+    Building {
+        key: String,
+        poll: String,
+        retry_after: Option<u64>,
+        #[serde(default)]
+        workers: Option<u64>,
+    },
+    Failed {
+        key: String,
+        class: Option<String>,
+        reason: String,
+        log_url: Option<String>,
+    },
 }
 
 impl BuildState {
@@ -102,7 +126,15 @@ pub struct Client {
 pub trait Progress {
     fn update(&mut self, state: &str, elapsed: Duration);
     fn finish(&mut self);
+    /// A one-line explanation for the user (on stderr by default).
+    fn note(&mut self, line: &str) {
+        eprintln!("{line}");
+    }
 }
+
+/// The line `pacloud get` prints when the server reports no live worker.
+pub const NO_WORKERS: &str = "pacloud: no build worker is running on the server (none alive in the last minute); \
+the build stays queued until one starts (`pacloud serve` with builds available, or `pacloud worker`)";
 
 /// Plain lines, one per state change (for logs and pipes).
 pub struct LineProgress {
@@ -154,6 +186,9 @@ impl Progress for SpinnerProgress {
     }
     fn finish(&mut self) {
         self.0.finish_and_clear();
+    }
+    fn note(&mut self, line: &str) {
+        self.0.suspend(|| eprintln!("{line}"));
     }
 }
 
@@ -244,6 +279,7 @@ impl Client {
     ) -> Result<PathBuf, ClientError> {
         let started = Instant::now();
         let mut state = self.request(req).await?;
+        let mut told = false;
         loop {
             match state {
                 BuildState::Ready { url, sha256, .. } => {
@@ -254,8 +290,12 @@ impl Client {
                     progress.finish();
                     return Err(ClientError::BuildFailed { key, class: class.unwrap_or_default(), reason, log_url });
                 }
-                BuildState::Queued { ref poll, retry_after, .. }
-                | BuildState::Building { ref poll, retry_after, .. } => {
+                BuildState::Queued { ref poll, retry_after, workers, .. }
+                | BuildState::Building { ref poll, retry_after, workers, .. } => {
+                    if workers == Some(0) && !told {
+                        progress.note(NO_WORKERS);
+                        told = true;
+                    }
                     progress.update(state.name(), started.elapsed());
                     if started.elapsed() >= timeout {
                         progress.finish();

@@ -7,3 +7,4 @@ pub mod build;
 pub mod client;
 pub mod serve;
 pub mod settings;
+pub mod setup;

@@ -163,6 +163,21 @@ fn load_settings(
     Ok(settings)
 }
 
+/// The first-run setup (repository, portage venv, tools), reported line by line.
+async fn first_run(settings: &mut Settings) -> anyhow::Result<()> {
+    let setup = pacloud::setup::prepare(settings)
+        .await
+        .context("builds were asked for (build.backend = \"bwrap\") but cannot run here")?;
+    for note in &setup.notes {
+        tracing::info!("{note}");
+    }
+    if let Some(missing) = &setup.missing {
+        tracing::warn!("builds are off: {missing}");
+        eprintln!("pacloud: builds are off: {missing}");
+    }
+    Ok(())
+}
+
 /// Cancelled on SIGINT or SIGTERM.
 fn shutdown_token() -> tokio_util::sync::CancellationToken {
     let token = tokio_util::sync::CancellationToken::new();
@@ -189,7 +204,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { listen, data_dir, config } => {
             init_logging();
-            let settings = load_settings(config.as_deref(), listen, data_dir)?;
+            let mut settings = load_settings(config.as_deref(), listen, data_dir)?;
+            first_run(&mut settings).await?;
             let listener = tokio::net::TcpListener::bind(settings.listen)
                 .await
                 .with_context(|| format!("binding {}", settings.listen))?;
@@ -234,7 +250,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Worker { backend: WorkerBackend::Local, data_dir, config } => {
             init_logging();
-            let settings = load_settings(config.as_deref(), None, data_dir)?;
+            let mut settings = load_settings(config.as_deref(), None, data_dir)?;
+            first_run(&mut settings).await?;
             let app = pacloud::serve::build_app(&settings, "http://127.0.0.1:0")?;
             let backend = match pacloud::build::detect(&settings).await {
                 pacloud::build::Detected::Ready(b) => b,

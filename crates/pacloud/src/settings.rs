@@ -98,6 +98,14 @@ pub struct BuildFileSettings {
     pub unprivileged: Option<String>,
     pub image: Option<String>,
     pub shutdown_grace_secs: Option<u64>,
+    /// Source mirrors the fetch step tries first (GENTOO_MIRRORS).
+    pub mirrors: Option<Vec<String>>,
+    /// Distfiles unused for this long are pruned from the cache.
+    pub distfiles_max_age_secs: Option<u64>,
+    /// The distfiles cache is pruned to this total (MiB).
+    pub distfiles_max_mb: Option<u64>,
+    /// The worker-local binary package cache (MiB; 0 turns it off).
+    pub package_cache_mb: Option<u64>,
 }
 
 /// Which sandbox builds run in.
@@ -137,6 +145,11 @@ pub struct BuildSettings {
     pub image: Option<String>,
     pub shutdown_grace: Duration,
     pub poll_wait: Duration,
+    pub mirrors: Vec<String>,
+    pub distfiles_max_age: Duration,
+    pub distfiles_max_bytes: u64,
+    /// `None`: the backend's default (off locally, 10 GiB on AWS workers).
+    pub package_cache_bytes: Option<u64>,
 }
 
 impl Default for BuildSettings {
@@ -156,6 +169,10 @@ impl Default for BuildSettings {
             image: None,
             shutdown_grace: Duration::from_secs(30),
             poll_wait: Duration::from_secs(2),
+            mirrors: Vec::new(),
+            distfiles_max_age: Duration::from_secs(30 * 24 * 3600),
+            distfiles_max_bytes: 20 << 30,
+            package_cache_bytes: None,
         }
     }
 }
@@ -329,6 +346,28 @@ impl Settings {
         }
         if let Some(v) = fb.shutdown_grace_secs {
             b.shutdown_grace = Duration::from_secs(v);
+        }
+        if let Some(v) = fb.mirrors {
+            if let Some(bad) = v
+                .iter()
+                .find(|m| !(m.starts_with("http://") || m.starts_with("https://")) || m.contains(char::is_whitespace))
+            {
+                return Err(SettingsError::Build {
+                    key: "mirrors",
+                    value: bad.clone(),
+                    expected: "http:// or https:// URLs",
+                });
+            }
+            b.mirrors = v;
+        }
+        if let Some(v) = fb.distfiles_max_age_secs {
+            b.distfiles_max_age = Duration::from_secs(v);
+        }
+        if let Some(v) = fb.distfiles_max_mb {
+            b.distfiles_max_bytes = v << 20;
+        }
+        if let Some(v) = fb.package_cache_mb {
+            b.package_cache_bytes = Some(v << 20);
         }
         if !f.targets.is_empty() || f.default_target.is_some() {
             let mut targets: Vec<Target> = TargetSet::builtin().iter().cloned().collect();

@@ -10,8 +10,14 @@
 //!    approach (each request in a fresh service and sandbox, every dependency
 //!    compiled from source again): compiles and wall time, as ratios.
 //!
+//! 4. one leaf build with 0 and with N (default 2,000) x 1 MB packages
+//!    already in the target's store, and the ratio (seeding is O(graph));
+//! 5. publishing one 1 MB package into an index of 10, 1,000 and 10,000
+//!    entries (compare-and-swap on the index, no fragment re-read).
+//!
 //! The real bwrap sandbox is wrapped by a timing decorator; nothing else is
-//! changed. Usage: bench-build [--repeat N]   (scripts/bench-build.sh)
+//! changed. Usage: bench-build [--repeat N] [--store-packages N] [--only store|publish|chain|leaf]
+//! (scripts/bench-build.sh)
 
 use anyhow::{Context, bail};
 use async_trait::async_trait;
@@ -19,6 +25,7 @@ use pacloud::serve::{App, build_app};
 use pacloud::settings::Settings;
 use pacloud_domain::BuildRequest;
 use pacloud_domain::service::Outcome;
+use pacloud_worker::publish;
 use pacloud_worker::sandbox::{BuildPlan, Sandbox, SandboxError, SandboxOutcome};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -118,7 +125,9 @@ async fn build(
     }
     let total = t0.elapsed();
     let runs = svc.timing.runs.lock().map(|r| r.clone()).unwrap_or_default();
-    let Some((start, ran)) = runs.get(runs_before).copied() else { bail!("no sandbox run recorded") };
+    // Each build is two sandbox runs: the fetch step and the build step.
+    let Some((start, _)) = runs.get(runs_before).copied() else { bail!("no sandbox run recorded") };
+    let ran = runs[runs_before..].iter().map(|r| r.1).sum();
     Ok((total, start.duration_since(t0), ran))
 }
 
@@ -144,13 +153,114 @@ fn stats(xs: &mut [f64]) -> (f64, f64, f64) {
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mut repeat = 7usize;
+    let mut store_packages = 2000usize;
+    let mut only: Option<String> = None;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--repeat" => repeat = args.next().context("--repeat N")?.parse()?,
-            other => bail!("unknown argument {other:?}; usage: bench-build [--repeat N]"),
+            "--store-packages" => store_packages = args.next().context("--store-packages N")?.parse()?,
+            "--only" => only = Some(args.next().context("--only store|publish|chain|leaf")?),
+            other => bail!(
+                "unknown argument {other:?}; usage: bench-build [--repeat N] [--store-packages N] [--only store|publish|chain|leaf]"
+            ),
         }
     }
+    let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    if run("publish") {
+        publish_bench().await?;
+    }
+    if run("store") {
+        store_size_bench(store_packages).await?;
+    }
+    if run("leaf") {
+        leaf_bench(repeat).await?;
+    }
+    if run("chain") {
+        chain_bench().await?;
+    }
+    Ok(())
+}
 
+/// Puts `n` synthetic packages of `size` bytes into the service's store
+/// (files straight into its directory, entries into its index).
+async fn fill_store(svc: &Service, n: usize, size: usize) -> anyhow::Result<()> {
+    let root = svc._dir.path().join("data/artifacts/fixtures");
+    let entries = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<_>> {
+        (0..n).map(|i| pacloud_worker::testkit::package(&root, &format!("filler{i}"), 1, size)).collect()
+    })
+    .await??;
+    publish::update_index(&*svc.app.artifacts, "fixtures", &pacloud_worker::testkit::header(), entries, 1_800_000_000)
+        .await?;
+    Ok(())
+}
+
+async fn store_size_bench(n: usize) -> anyhow::Result<()> {
+    let flags = [&["foo"][..], &["bar"], &["-foo"], &["foo", "bar"], &["-bar"]];
+    let mut medians = Vec::new();
+    for packages in [0, n] {
+        let svc = service().await?;
+        let t = Instant::now();
+        fill_store(&svc, packages, 1 << 20).await?;
+        let filled = t.elapsed();
+        let mut times = Vec::new();
+        for f in flags {
+            let (total, _, _) = build(&svc, "app-misc/hello", "2.12-r1", f).await?;
+            times.push(total.as_secs_f64() * 1000.0);
+        }
+        let (mean, p50, max) = stats(&mut times);
+        println!(
+            "one leaf build with {packages} x 1 MB packages in the target's store (filled in {:.1} s): request -> ready mean {mean:.0} ms, p50 {p50:.0} ms, max {max:.0} ms ({} builds)",
+            filled.as_secs_f64(),
+            flags.len()
+        );
+        medians.push(p50);
+    }
+    println!("  ratio (p50 with {n} / p50 with 0): {:.2} (target <= 1.10)", medians[1] / medians[0]);
+    Ok(())
+}
+
+async fn publish_bench() -> anyhow::Result<()> {
+    use pacloud_domain::ports::ArtifactStore;
+    let mut p50s = Vec::new();
+    for n in [10usize, 1000, 10000] {
+        let dir = tempfile::tempdir()?;
+        let store = pacloud_local::DirArtifactStore::new(
+            dir.path().join("store"),
+            "http://127.0.0.1:1",
+            pacloud_local::SigningKey::new(&[3; 32]),
+            Arc::new(pacloud_domain::SystemClock),
+        )?;
+        let scratch = dir.path().join("scratch");
+        std::fs::create_dir_all(&scratch)?;
+        // The index: n entries (their package files are not needed to publish another).
+        let entries: Vec<_> = (0..n)
+            .map(|i| pacloud_worker::testkit::package(&scratch, &format!("e{i}"), 1, 16))
+            .collect::<Result<_, _>>()?;
+        publish::update_index(&store, "t", &pacloud_worker::testkit::header(), entries, 1_800_000_000).await?;
+        let mut times = Vec::new();
+        for round in 0..7 {
+            let pkgdir = dir.path().join(format!("build{round}"));
+            std::fs::create_dir_all(&pkgdir)?;
+            let e = pacloud_worker::testkit::package(&pkgdir, &format!("new{round}"), 1, 1 << 20)?;
+            pacloud_worker::testkit::write_index(&pkgdir, vec![e])?;
+            let t = Instant::now();
+            let out = publish::publish(&store, "t", &pkgdir, &Default::default(), 1_800_000_100).await?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            anyhow::ensure!(out.len() == 1, "published {}", out.len());
+        }
+        let index = store.get(&pacloud_domain::ports::ArtifactPath::parse("t/Packages")?).await?;
+        let (mean, p50, max) = stats(&mut times);
+        println!(
+            "publish one 1 MB package into an index of {n} entries ({} KiB): mean {mean:.1} ms, p50 {p50:.1} ms, max {max:.1} ms (7 publishes)",
+            index.len() / 1024
+        );
+        p50s.push(p50);
+    }
+    println!("  ratio p50 10,000 / 10 entries: {:.2} (target: flat within 2x)", p50s[2] / p50s[0]);
+    Ok(())
+}
+
+async fn leaf_bench(repeat: usize) -> anyhow::Result<()> {
     // 1 + 2: overhead and enqueue -> start, over `repeat` distinct leaf builds.
     let svc = service().await?;
     let flags = [&["foo"][..], &["bar"], &["-foo"], &["foo", "bar"], &["-bar"], &["-foo", "-bar"], &["+foo", "-bar"]];
@@ -173,7 +283,10 @@ async fn main() -> anyhow::Result<()> {
         "  worker overhead (request->ready minus sandboxed emerge): mean {om:.0} ms, p50 {op50:.0} ms, max {omax:.0} ms"
     );
     println!("  enqueue -> emerge start: mean {sm:.1} ms, p50 {sp50:.1} ms, max {smax:.1} ms");
+    Ok(())
+}
 
+async fn chain_bench() -> anyhow::Result<()> {
     // 3: the chain, leaf first, through one service.
     let chain = ["chain-e", "chain-d", "chain-c", "chain-b", "chain-a"];
     let svc = service().await?;

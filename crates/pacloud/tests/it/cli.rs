@@ -182,3 +182,109 @@ async fn serve_survives_sigkill_with_nothing_lost() {
     assert_eq!((status, again["status"].as_str()), (202, Some("queued")));
     child.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_says_in_one_line_when_no_worker_is_running() {
+    let app = spawn_app().await; // no workers
+    let (_, body) = app.post_build(&hello(&["foo"])).await;
+    let key = body["key"].as_str().unwrap();
+    let (status, pending) = app.get_build(key).await;
+    assert_eq!((status, pending["workers"].as_u64()), (202, Some(0)), "{pending}");
+    let out_dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(&[
+        "get",
+        "app-misc/hello-2.12-r1",
+        "--use",
+        "foo",
+        "--server",
+        &app.base,
+        "--timeout",
+        "3",
+        "-o",
+        out_dir.path().to_str().unwrap(),
+    ])
+    .await;
+    assert_ne!(code, 0, "{err}");
+    assert_eq!(err.matches("no build worker is running").count(), 1, "said once, in one line: {err}");
+
+    // A worker's liveness beat (what `Worker::run` writes every 10 s) counts.
+    use pacloud_domain::ports::{ArtifactPath, ArtifactStore};
+    let now = pacloud_domain::Clock::now(&*app.clock).0;
+    let beat = ArtifactPath::parse("workers/w1-1").unwrap();
+    app.app.artifacts.put_bytes(&beat, now.to_string().into_bytes(), "text/plain").await.unwrap();
+    let stale = ArtifactPath::parse("workers/w2-1").unwrap();
+    app.app.artifacts.put_bytes(&stale, (now - 61_000).to_string().into_bytes(), "text/plain").await.unwrap();
+    let (_, pending) = app.get_build(key).await;
+    assert_eq!(pending["workers"].as_u64(), Some(1), "one live, one stale: {pending}");
+}
+
+/// The README's start command on a fresh machine: no configuration file, a
+/// fresh data directory, no portage on PATH (the test venv is not visible):
+/// `serve` writes the bundled demo repository, creates its pinned portage
+/// venv under the data directory, and `pacloud get` returns a verified binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_run_from_a_fresh_data_dir_builds_with_no_config() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let data = dir.path().join("data");
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log_path = dir.path().join("serve.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_pacloud"))
+        .args(["serve", "--data-dir", data.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", &home)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let server_url = format!("http://127.0.0.1:{port}");
+    let started = std::time::Instant::now();
+    loop {
+        // Logged once the backend is chosen and the listener serves.
+        if std::fs::read_to_string(&log_path).unwrap_or_default().contains("pacloud serving") {
+            break;
+        }
+        if let Ok(Some(status)) = server.try_wait() {
+            panic!("serve exited {status}: {}", std::fs::read_to_string(&log_path).unwrap());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "not listening after 10 min: {}",
+            std::fs::read_to_string(&log_path).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let startup = std::fs::read_to_string(&log_path).unwrap();
+    assert!(startup.contains("bundled demo repository"), "says which repository: {startup}");
+    assert!(startup.contains("installed portage==3.0.83"), "{startup}");
+    assert!(data.join("portage-venv/bin/emerge").is_file());
+    assert!(startup.contains("build backend: bwrap sandbox"), "{startup}");
+    let out_dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(&[
+        "get",
+        "app-misc/hello-2.12-r1",
+        "--use",
+        "foo -bar",
+        "--server",
+        &server_url,
+        "--timeout",
+        "300",
+        "-o",
+        out_dir.path().to_str().unwrap(),
+    ])
+    .await;
+    let server_log = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(code, 0, "{err}\n{server_log}");
+    let path = std::path::PathBuf::from(out.trim());
+    assert_eq!(path.file_name().unwrap(), "hello-2.12-r1-1.gpkg.tar");
+    assert!(data.join("artifacts/demo/app-misc/hello/hello-2.12-r1-1.gpkg.tar").is_file());
+    let _ = server.start_kill();
+    let _ = server.wait().await;
+}

@@ -9,3 +9,4 @@ mod cli;
 mod docker;
 mod helpers;
 mod key_vectors;
+mod sources;

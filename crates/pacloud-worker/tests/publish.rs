@@ -1,0 +1,158 @@
+//! Seeding and index publishing on the real directory store: many
+//! concurrent publishers all end up in the index; seeding downloads no
+//! package; materializing fetches only the graph's packages, verified.
+
+use async_trait::async_trait;
+use pacloud_domain::ports::{ArtifactError, ArtifactPath, ArtifactStore, ObjectVersion, SignedUrl, StoredObject};
+use pacloud_domain::{Millis, SystemClock};
+use pacloud_local::{DirArtifactStore, SigningKey};
+use pacloud_worker::pkgcache::PackageCache;
+use pacloud_worker::{pkgindex, publish, testkit};
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+fn store(dir: &Path) -> DirArtifactStore {
+    DirArtifactStore::new(dir.join("store"), "http://127.0.0.1:1", SigningKey::new(&[1; 32]), Arc::new(SystemClock))
+        .unwrap()
+}
+
+/// Counts GETs of package files (a decorator over the real store).
+struct Counting {
+    inner: DirArtifactStore,
+    package_gets: AtomicUsize,
+}
+
+#[async_trait]
+impl ArtifactStore for Counting {
+    async fn put_file(&self, p: &ArtifactPath, f: &Path, s: &str) -> Result<StoredObject, ArtifactError> {
+        self.inner.put_file(p, f, s).await
+    }
+    async fn put_file_if_absent(
+        &self,
+        p: &ArtifactPath,
+        f: &Path,
+        s: &str,
+    ) -> Result<Option<StoredObject>, ArtifactError> {
+        self.inner.put_file_if_absent(p, f, s).await
+    }
+    async fn put_bytes(&self, p: &ArtifactPath, b: Vec<u8>, c: &str) -> Result<StoredObject, ArtifactError> {
+        self.inner.put_bytes(p, b, c).await
+    }
+    async fn get_versioned(&self, p: &ArtifactPath) -> Result<Option<(Vec<u8>, ObjectVersion)>, ArtifactError> {
+        self.inner.get_versioned(p).await
+    }
+    async fn put_bytes_if(
+        &self,
+        p: &ArtifactPath,
+        b: Vec<u8>,
+        c: &str,
+        v: Option<&ObjectVersion>,
+    ) -> Result<Option<ObjectVersion>, ArtifactError> {
+        self.inner.put_bytes_if(p, b, c, v).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ArtifactPath>, ArtifactError> {
+        self.inner.list(prefix).await
+    }
+    async fn head(&self, p: &ArtifactPath) -> Result<Option<StoredObject>, ArtifactError> {
+        self.inner.head(p).await
+    }
+    async fn get(&self, p: &ArtifactPath) -> Result<Vec<u8>, ArtifactError> {
+        if p.as_str().ends_with(".gpkg.tar") {
+            self.package_gets.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.get(p).await
+    }
+    async fn signed_url(&self, p: &ArtifactPath, now: Millis, ttl: Duration) -> Result<SignedUrl, ArtifactError> {
+        self.inner.signed_url(p, now, ttl).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_publishers_all_end_up_in_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(store(dir.path()));
+    let publishers = 40;
+    let mut tasks = Vec::new();
+    for i in 0..publishers {
+        let pkgdir = dir.path().join(format!("build-{i}"));
+        std::fs::create_dir_all(&pkgdir).unwrap();
+        let entry = testkit::package(&pkgdir, &format!("p{i}"), 1, 2048).unwrap();
+        testkit::write_index(&pkgdir, vec![entry]).unwrap();
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            publish::publish(&*store, "t", &pkgdir, &HashSet::new(), 1_800_000_000).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().len(), 1);
+    }
+    let text = String::from_utf8(store.get(&ArtifactPath::parse("t/Packages").unwrap()).await.unwrap()).unwrap();
+    let index = pkgindex::parse(&text).unwrap();
+    let cpvs: HashSet<&str> = index.packages.iter().filter_map(|e| e.cpv()).collect();
+    for i in 0..publishers {
+        assert!(cpvs.contains(format!("app-misc/p{i}-1.0").as_str()), "p{i} lost from the index");
+    }
+    assert_eq!(index.packages.len(), publishers);
+    let stamp: u64 = index.header["TIMESTAMP"].parse().unwrap();
+    assert!(stamp >= 1_800_000_000 + publishers as u64 - 1, "TIMESTAMP rises with every update: {stamp}");
+    // The fragments can rebuild the same index (repair path).
+    std::fs::remove_file(dir.path().join("store/t/Packages")).unwrap();
+    assert_eq!(publish::rebuild_index(&*store, "t", 1_900_000_000).await.unwrap(), publishers);
+    let rebuilt = store.get(&ArtifactPath::parse("t/Packages").unwrap()).await.unwrap();
+    assert_eq!(pkgindex::parse(&String::from_utf8(rebuilt).unwrap()).unwrap().packages.len(), publishers);
+}
+
+/// Publishes `n` synthetic packages of `size` bytes to target `t`.
+async fn fill(store: &dyn ArtifactStore, dir: &Path, n: usize, size: usize) {
+    let pkgdir = dir.join("fill");
+    std::fs::create_dir_all(&pkgdir).unwrap();
+    let entries: Vec<_> = (0..n).map(|i| testkit::package(&pkgdir, &format!("q{i}"), 1, size).unwrap()).collect();
+    testkit::write_index(&pkgdir, entries).unwrap();
+    publish::publish(store, "t", &pkgdir, &HashSet::new(), 1_800_000_000).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeding_downloads_no_package_and_materializes_only_the_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Counting { inner: store(dir.path()), package_gets: AtomicUsize::new(0) };
+    fill(&store, dir.path(), 30, 4096).await;
+    let pkgdir = dir.path().join("build");
+    std::fs::create_dir_all(&pkgdir).unwrap();
+    let seeded = publish::seed(&store, "t", &pkgdir).await.unwrap();
+    assert_eq!(store.package_gets.load(Ordering::SeqCst), 0, "seeding GETs no package");
+    assert_eq!(seeded.paths.len(), 30);
+    let placeholder = pkgdir.join("app-misc/q3/q3-1.0-1.gpkg.tar");
+    let meta = std::fs::metadata(&placeholder).unwrap();
+    assert_eq!(meta.len(), 4096, "placeholder has the index's SIZE");
+    assert_eq!(meta.modified().unwrap(), std::time::UNIX_EPOCH + Duration::from_secs(testkit::MTIME));
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(meta.blocks(), 0, "placeholders are sparse");
+
+    let cache = PackageCache::new(dir.path().join("cache"), 1 << 20);
+    let graph = vec![("app-misc/q3-1.0".to_owned(), Some(1)), ("app-misc/q7-1.0".to_owned(), Some(1))];
+    let bytes = publish::materialize(&store, &cache, "t", &pkgdir, &seeded, &graph).await.unwrap();
+    assert_eq!(bytes, 2 * 4096);
+    assert_eq!(store.package_gets.load(Ordering::SeqCst), 2, "only the graph's packages are fetched");
+    let real = std::fs::read(&placeholder).unwrap();
+    assert_eq!(real, std::fs::read(dir.path().join("store/t/app-misc/q3/q3-1.0-1.gpkg.tar")).unwrap());
+    // A second build on this worker: from the local cache, no GET.
+    let pkgdir2 = dir.path().join("build2");
+    std::fs::create_dir_all(&pkgdir2).unwrap();
+    let seeded2 = publish::seed(&store, "t", &pkgdir2).await.unwrap();
+    publish::materialize(&store, &cache, "t", &pkgdir2, &seeded2, &graph).await.unwrap();
+    assert_eq!(store.package_gets.load(Ordering::SeqCst), 2, "the worker-local cache served them");
+
+    // A stored package that does not match the index is refused.
+    std::fs::write(dir.path().join("store/t/app-misc/q9/q9-1.0-1.gpkg.tar"), vec![0u8; 4096]).unwrap();
+    let bad = vec![("app-misc/q9-1.0".to_owned(), Some(1))];
+    let e = publish::materialize(&store, &cache, "t", &pkgdir, &seeded, &bad).await.unwrap_err();
+    assert!(e.to_string().contains("q9") && e.to_string().contains("SHA1"), "{e}");
+    let missing = vec![("app-misc/nope-1.0".to_owned(), Some(1))];
+    assert!(matches!(
+        publish::materialize(&store, &cache, "t", &pkgdir, &seeded, &missing).await,
+        Err(publish::PublishError::NotInIndex(_))
+    ));
+}
