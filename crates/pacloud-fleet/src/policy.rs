@@ -16,8 +16,10 @@
 //!    busy, so only the fresh ones not yet busy count), plus hibernated
 //!    instances without a lease (pacloud: capacity that will resume).
 //! 5. **Freeing soon**: busy instances whose build's expected end (the atom's
-//!    median from history, pacloud) is within one boot; for busy instances
-//!    without an expectation, **10 % of the old ones** (Mozilla), rounded up.
+//!    median from history, else the median of all builds, pacloud) is within
+//!    one boot (a build already past its expected end is not counted: build
+//!    times are heavy-tailed, so the remaining time of a late build grows);
+//!    with no history at all, **10 % of the old busy ones** (Mozilla), rounded up.
 //! 6. **Backlog per instance** (AWS's SQS scaling rule, with pacloud's build
 //!    history): with a median build time m and an acceptable wait w, one new
 //!    instance serves w/m queued builds; without history every queued build
@@ -287,7 +289,12 @@ impl PacloudPolicy {
                         n.freeing += 1;
                     }
                 }
-                (InstanceState::Running, Activity::Busy { expected_done_at: None, .. }) if !fresh => {
+                // No expectation for this atom: with history, assume nothing (build times are
+                // heavy-tailed, the median of all builds dates no single build); without any
+                // history, Mozilla's share of the old ones.
+                (InstanceState::Running, Activity::Busy { expected_done_at: None, .. })
+                    if !fresh && f.median_build_s.is_none() =>
+                {
                     old_busy_unknown_end += 1
                 }
                 _ => {}

@@ -117,6 +117,15 @@ fn expected_build_end_from_history_replaces_the_ten_percent_guess() {
         })
         .collect();
     // Two end within one boot (90 s): 3 - 2 = 1 more.
+    assert_eq!(target(&decide(&pacloud(), f.clone())), Some((5, 0)));
+
+    // Unknown atoms: the median of all builds dates each busy instance's end.
+    f.median_build_s = Some(600);
+    for (n, since) in [NOW - 550, NOW - 700, NOW - 10, NOW - 590].into_iter().enumerate() {
+        f.instances[n].activity = Activity::Busy { since, expected_done_at: None };
+    }
+    // Ends at +50 s and +10 s are within a boot; -100 s (late, heavy tail) and +590 s are not.
+    // 3 - 2 = 1 more; the 10 % rule is not applied on top.
     assert_eq!(target(&decide(&pacloud(), f)), Some((5, 0)));
 }
 
