@@ -40,8 +40,11 @@ struct Args {
     #[arg(long)]
     config: Option<PathBuf>,
     /// One JSON object per policy per line.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "markdown")]
     json: bool,
+    /// A Markdown table (for docs/fleet.md).
+    #[arg(long)]
+    markdown: bool,
     /// Write queue/instances/cost SVG charts of pacloud vs the cheapest baseline here.
     #[arg(long)]
     plot_dir: Option<PathBuf>,
@@ -96,6 +99,24 @@ fn run(a: Args) -> anyhow::Result<()> {
     if a.json {
         for o in &outcomes {
             println!("{}", serde_json::to_string(o)?);
+        }
+    } else if a.markdown {
+        println!("| policy | builds | $/build | wait p50 | wait p95 | instance-h | on-demand h | interrupted | lost build-h | peak |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for o in &outcomes {
+            println!(
+                "| {} | {} | {:.4} | {} s | {} s | {:.1} | {:.1} | {} | {:.2} | {} |",
+                o.policy,
+                o.builds,
+                o.cost_per_build_usd,
+                o.wait_p50_s,
+                o.wait_p95_s,
+                o.instance_hours,
+                o.on_demand_hours,
+                o.interrupted_builds,
+                o.lost_build_hours,
+                o.peak_instances
+            );
         }
     } else {
         println!(
