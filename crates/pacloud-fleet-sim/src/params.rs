@@ -113,6 +113,7 @@ impl Params {
 
     /// The fixed fleet's size.
     pub fn fixed_n(&self) -> u32 {
-        self.fixed_size.unwrap_or_else(|| (1.5 * self.arrival_rate * self.mean_build_s() / 3600.0).ceil().max(1.0) as u32)
+        self.fixed_size
+            .unwrap_or_else(|| (1.5 * self.arrival_rate * self.mean_build_s() / 3600.0).ceil().max(1.0) as u32)
     }
 }

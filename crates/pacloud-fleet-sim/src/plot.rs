@@ -49,16 +49,16 @@ pub fn chart(title: &str, y_label: &str, lines: &[Line<'_>]) -> String {
             py = py(y)
         );
     }
-    let step = if xmax > 48.0 { 12.0 } else if xmax > 12.0 { 3.0 } else { 1.0 };
+    let step = if xmax > 48.0 {
+        12.0
+    } else if xmax > 12.0 {
+        3.0
+    } else {
+        1.0
+    };
     let mut x = 0.0;
     while x <= xmax {
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
-            px(x),
-            h - bottom + 16.0,
-            x
-        );
+        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, px(x), h - bottom + 16.0, x);
         x += step;
     }
     let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">hour of the day</text>"#, w / 2.0, h - 8.0);

@@ -490,11 +490,16 @@ impl World<'_> {
                     (St::Pending, _) => (InstanceState::Pending, Activity::Unknown, false),
                     (st, Some(j)) => {
                         let js = &self.js[j];
-                        let expected =
-                            self.atom_seen.get(&self.jobs[j].atom).map(|d| js.attempt_start + d.saturating_sub(js.progress));
-                        let state =
-                            if st == St::Running { InstanceState::Running } else { InstanceState::Hibernated };
-                        (state, Activity::Busy { since: js.attempt_start, expected_done_at: expected }, js.owner == Some(i))
+                        let expected = self
+                            .atom_seen
+                            .get(&self.jobs[j].atom)
+                            .map(|d| js.attempt_start + d.saturating_sub(js.progress));
+                        let state = if st == St::Running { InstanceState::Running } else { InstanceState::Hibernated };
+                        (
+                            state,
+                            Activity::Busy { since: js.attempt_start, expected_done_at: expected },
+                            js.owner == Some(i),
+                        )
                     }
                     (St::Running, None) => (InstanceState::Running, Activity::Idle { since: x.idle_since }, false),
                     (_, None) => (InstanceState::Hibernated, Activity::Idle { since: x.idle_since }, false),

@@ -50,7 +50,8 @@ impl Policy for WatchPending {
                 .iter()
                 .filter(|i| i.capacity == CapacityType::OnDemand && i.state != InstanceState::Stopping)
                 .count() as u32;
-            let spot_gone = market(f, s.now, &Config { max_price_multiplier: f64::MAX, ..c.clone() }).spot_types.is_empty();
+            let spot_gone =
+                market(f, s.now, &Config { max_price_multiplier: f64::MAX, ..c.clone() }).spot_types.is_empty();
             let od_new = if spot_gone { total.saturating_sub(kept) } else { 0 };
             if od_new > 0 {
                 out.push(Action::OnDemandFallback {

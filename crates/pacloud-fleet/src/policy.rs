@@ -199,10 +199,9 @@ pub fn market(f: &FamilySnapshot, now: Secs, c: &Config) -> Market {
     let caps = price_caps(f, now, c.max_price_multiplier);
     for p in caps.iter().filter(|p| p.current > p.cap) {
         let k = (p.instance_type.clone(), p.zone.clone(), true);
-        unavailable.entry(k).or_insert((
-            now + c.unavailable_for_s,
-            UnavailableReason::PriceAboveCap { price: p.current, cap: p.cap },
-        ));
+        unavailable
+            .entry(k)
+            .or_insert((now + c.unavailable_for_s, UnavailableReason::PriceAboveCap { price: p.current, cap: p.cap }));
     }
     let spot_blocked = |t: &str, z: &str| unavailable.contains_key(&(t.to_owned(), z.to_owned(), true));
     let type_errors = |t: &str| {

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use pacloud_fleet_sim::plot::{Line, chart};
 use pacloud_fleet::Config;
+use pacloud_fleet_sim::plot::{Line, chart};
 use pacloud_fleet_sim::{Outcome, POLICIES, Params, simulate_with, trace};
 
 /// Simulates a day of the worker fleet under pacloud's policy and the seeds' baselines.
@@ -86,7 +86,8 @@ fn run(a: Args) -> anyhow::Result<()> {
         None => Config::default(),
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("--config {}: not a policy configuration", path.display()))?
+            serde_json::from_str(&text)
+                .with_context(|| format!("--config {}: not a policy configuration", path.display()))?
         }
     };
     config.validate().context("--config")?;
@@ -101,7 +102,9 @@ fn run(a: Args) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(o)?);
         }
     } else if a.markdown {
-        println!("| policy | builds | $/build | wait p50 | wait p95 | instance-h | on-demand h | interrupted | lost build-h | peak |");
+        println!(
+            "| policy | builds | $/build | wait p50 | wait p95 | instance-h | on-demand h | interrupted | lost build-h | peak |"
+        );
         println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for o in &outcomes {
             println!(
@@ -131,7 +134,17 @@ fn run(a: Args) -> anyhow::Result<()> {
         );
         println!(
             "{:<14} {:>6} {:>9} {:>10} {:>8} {:>8} {:>9} {:>8} {:>9} {:>9} {:>6}",
-            "policy", "builds", "cost $", "$/build", "wait p50", "wait p95", "inst-h", "od-h", "interr.", "lost h", "peak"
+            "policy",
+            "builds",
+            "cost $",
+            "$/build",
+            "wait p50",
+            "wait p95",
+            "inst-h",
+            "od-h",
+            "interr.",
+            "lost h",
+            "peak"
         );
         for o in &outcomes {
             println!(

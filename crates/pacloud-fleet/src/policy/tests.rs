@@ -147,7 +147,8 @@ fn hibernated_instance_without_lease_counts_as_capacity_that_will_resume() {
     f.queue.visible = 2;
     let mut h = inst("hib", InstanceState::Hibernated, 3000, Activity::Idle { since: NOW - 100 });
     h.holds_lease = false;
-    let mut hl = inst("hib-lease", InstanceState::Hibernated, 3000, Activity::Busy { since: NOW - 900, expected_done_at: None });
+    let mut hl =
+        inst("hib-lease", InstanceState::Hibernated, 3000, Activity::Busy { since: NOW - 900, expected_done_at: None });
     hl.holds_lease = true;
     f.instances = vec![h, hl];
     // Both count as fleet capacity (not replaced); one takes a queued build: 2 + (2 - 1).
@@ -166,7 +167,12 @@ fn price_cap_is_a_multiple_of_the_24_hour_average_and_never_above_on_demand() {
         });
     }
     // Older than 24 h: not part of the average.
-    f.spot_prices.push(PricePoint { instance_type: "c6i.xlarge".into(), zone: "us-east-1a".into(), usd_per_hour: 9.0, at: NOW - 90_000 });
+    f.spot_prices.push(PricePoint {
+        instance_type: "c6i.xlarge".into(),
+        zone: "us-east-1a".into(),
+        usd_per_hour: 9.0,
+        at: NOW - 90_000,
+    });
     let caps = price_caps(&f, NOW, 1.2);
     assert_eq!(caps.len(), 1);
     assert!((caps[0].average_24h - 0.05).abs() < 1e-9);
@@ -175,7 +181,12 @@ fn price_cap_is_a_multiple_of_the_24_hour_average_and_never_above_on_demand() {
     assert!((price_caps(&f, NOW, 1.2)[0].cap - 0.055).abs() < 1e-9);
 
     // The current price (latest point) above the cap marks the type unavailable.
-    f.spot_prices.push(PricePoint { instance_type: "c6i.xlarge".into(), zone: "us-east-1a".into(), usd_per_hour: 0.2, at: NOW });
+    f.spot_prices.push(PricePoint {
+        instance_type: "c6i.xlarge".into(),
+        zone: "us-east-1a".into(),
+        usd_per_hour: 0.2,
+        at: NOW,
+    });
     f.queue.visible = 1;
     let a = decide(&pacloud(), f.clone());
     assert!(a.iter().any(|a| matches!(a, Action::MarkUnavailable { instance_type, reason: UnavailableReason::PriceAboveCap { .. }, .. } if instance_type == "c6i.xlarge")));
@@ -184,7 +195,11 @@ fn price_cap_is_a_multiple_of_the_24_hour_average_and_never_above_on_demand() {
     // Only c6i as candidate: every type over its cap -> on-demand.
     f.instance_types = vec!["c6i.xlarge".into()];
     let a = decide(&pacloud(), f);
-    assert!(a.contains(&Action::OnDemandFallback { family: CpuFamily::X86_64, count: 1, reason: FallbackReason::SpotPriceAboveCap }));
+    assert!(a.contains(&Action::OnDemandFallback {
+        family: CpuFamily::X86_64,
+        count: 1,
+        reason: FallbackReason::SpotPriceAboveCap
+    }));
     assert_eq!(target(&a), Some((1, 1)));
 }
 
@@ -200,7 +215,11 @@ fn on_demand_fallback_after_spot_capacity_errors_on_every_type() {
     f.capacity_errors = vec![capacity_error("c6i.xlarge", 30), capacity_error("c6a.xlarge", 60)];
     let a = decide(&pacloud(), f.clone());
     // 4 - ceil(0.1) = 3 new, all on-demand.
-    assert!(a.contains(&Action::OnDemandFallback { family: CpuFamily::X86_64, count: 3, reason: FallbackReason::SpotCapacityErrors }));
+    assert!(a.contains(&Action::OnDemandFallback {
+        family: CpuFamily::X86_64,
+        count: 3,
+        reason: FallbackReason::SpotCapacityErrors
+    }));
     assert_eq!(target(&a), Some((4, 3)));
     let marks = a.iter().filter(|a| matches!(a, Action::MarkUnavailable { until, .. } if *until > NOW)).count();
     assert_eq!(marks, 2);
