@@ -47,7 +47,9 @@ s3.put_object(Bucket="pacloud-code", Key="lambda.zip", Body=buf.getvalue())
 
 with open(template_path) as f:
     sam = yaml_parse(f.read())
-sam["Resources"]["ApiFunction"]["Properties"]["CodeUri"] = "s3://pacloud-code/lambda.zip"
+for res in sam["Resources"].values():
+    if res.get("Type") == "AWS::Serverless::Function":
+        res["Properties"]["CodeUri"] = "s3://pacloud-code/lambda.zip"
 ec2 = boto3.client("ec2", **creds)
 def moto_ami(arch):
     images = ec2.describe_images(Owners=["amazon"], Filters=[{"Name": "architecture", "Values": [arch]}])["Images"]

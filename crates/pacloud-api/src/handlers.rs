@@ -50,6 +50,10 @@ struct ReadyBody<'a> {
     atom: &'a pacloud_domain::Atom,
     version: &'a pacloud_domain::Version,
     target: &'a pacloud_domain::TargetName,
+    build_seconds: f64,
+    /// Compute cost of the build, when the worker reported its machine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost_usd: Option<f64>,
 }
 
 /// Renders an outcome as the v1 API's response.
@@ -78,6 +82,8 @@ fn render(state: &ApiState, outcome: Outcome, workers: Option<u64>) -> Response 
                 atom: &record.spec.atom,
                 version: &record.spec.version,
                 target: &record.spec.target,
+                build_seconds: a.build_seconds,
+                cost_usd: a.cost_usd(),
             };
             (StatusCode::OK, Json(body)).into_response()
         }

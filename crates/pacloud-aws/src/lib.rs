@@ -12,8 +12,12 @@
 //!   redrive policy for dead letters.
 //! - [`S3ArtifactStore`]: PutObject with a SHA-256 checksum, conditional
 //!   create (`If-None-Match: *`), presigned GET URLs, HeadObject, listing.
+//! - [`fleet::FleetClient`]: what the scaler Lambda reads and does on EC2
+//!   and SQS (worker fleets and instances by tag, spot prices, fleet
+//!   history, ModifyFleet, TerminateInstances), with bounded backoff.
 
 mod dynamo;
+pub mod fleet;
 pub mod provision;
 mod s3;
 mod sqs;
@@ -63,6 +67,21 @@ pub struct Clients {
 
 /// Builds the SDK clients from `config` (one HTTPS client, rustls + ring).
 pub async fn clients(config: &AwsConfig) -> Clients {
+    let sdk = sdk_config(config, None).await;
+    let s3_config = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(config.force_path_style).build();
+    Clients {
+        dynamodb: aws_sdk_dynamodb::Client::new(&sdk),
+        sqs: aws_sdk_sqs::Client::new(&sdk),
+        s3: aws_sdk_s3::Client::from_conf(s3_config),
+    }
+}
+
+/// The shared SDK configuration: one HTTPS client (rustls + ring), endpoint,
+/// region and credentials from `config`, and an optional retry policy.
+pub(crate) async fn sdk_config(
+    config: &AwsConfig,
+    retry: Option<aws_config::retry::RetryConfig>,
+) -> aws_config::SdkConfig {
     use aws_smithy_http_client::tls;
     let http = aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
@@ -78,13 +97,10 @@ pub async fn clients(config: &AwsConfig) -> Clients {
         loader =
             loader.credentials_provider(aws_sdk_s3::config::Credentials::new(ak, sk, None, None, "pacloud-static"));
     }
-    let sdk = loader.load().await;
-    let s3_config = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(config.force_path_style).build();
-    Clients {
-        dynamodb: aws_sdk_dynamodb::Client::new(&sdk),
-        sqs: aws_sdk_sqs::Client::new(&sdk),
-        s3: aws_sdk_s3::Client::from_conf(s3_config),
+    if let Some(r) = retry {
+        loader = loader.retry_config(r);
     }
+    loader.load().await
 }
 
 /// The three ports on AWS.

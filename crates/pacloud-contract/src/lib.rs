@@ -99,6 +99,7 @@ pub async fn metadata_store(store: Arc<dyn MetadataStore>) {
         use_recorded: vec![],
         build_seconds: 0.1,
         log_path: None,
+        compute: None,
     };
     let late = apply(&*store, &l.key, |c| c.complete("w1", artifact.clone(), SystemClock.now())).await;
     assert!(late.is_err(), "the old holder cannot publish after losing its lease");
@@ -331,6 +332,12 @@ pub async fn complete_as_worker(
         use_recorded: spec.use_flags.enabled().map(str::to_owned).collect(),
         build_seconds: 1.0,
         log_path: None,
+        // A spot c6i.xlarge at $0.072/h: the record's cost is 0.072 / 3600 USD.
+        compute: Some(pacloud_domain::ComputeInfo {
+            instance_type: "c6i.xlarge".into(),
+            capacity_type: "spot".into(),
+            usd_per_hour: 0.072,
+        }),
     };
     pacloud_domain::ports::apply(store, key, |r| r.complete(worker, artifact.clone(), now)).await.expect("complete");
     artifact

@@ -19,7 +19,7 @@ pub mod time;
 
 pub use grammar::{Atom, Category, PackageName, UseFlag, UseSet, Version};
 pub use key::BuildKey;
-pub use record::{ArtifactInfo, BuildRecord, FailureClass, FailureInfo, Lease, Status, TransitionError};
+pub use record::{ArtifactInfo, BuildRecord, ComputeInfo, FailureClass, FailureInfo, Lease, Status, TransitionError};
 pub use request::{BuildRequest, BuildSpec, ValidationError};
 pub use target::{Target, TargetName, TargetSet};
 pub use time::{Clock, Millis, SystemClock};

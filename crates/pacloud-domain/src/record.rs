@@ -70,6 +70,30 @@ pub struct ArtifactInfo {
     pub use_recorded: Vec<String>,
     pub build_seconds: f64,
     pub log_path: Option<String>,
+    /// Where the build ran and what that costs (absent: not reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute: Option<ComputeInfo>,
+}
+
+/// The machine a build ran on, for its cost (issue: fleet economics).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComputeInfo {
+    /// EC2 instance type (`c6i.xlarge`), or `local`.
+    pub instance_type: String,
+    /// `spot`, `on-demand` or `local`.
+    pub capacity_type: String,
+    /// What the machine costs per hour, USD (spot: the price when the build started).
+    pub usd_per_hour: f64,
+}
+
+impl ArtifactInfo {
+    /// The build's compute cost in USD: price per hour × build seconds
+    /// (None without a reported machine or with a nonsensical figure).
+    pub fn cost_usd(&self) -> Option<f64> {
+        let c = self.compute.as_ref()?;
+        let cost = c.usd_per_hour * self.build_seconds / 3600.0;
+        (c.usd_per_hour.is_finite() && c.usd_per_hour >= 0.0 && cost.is_finite() && cost >= 0.0).then_some(cost)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -330,6 +354,7 @@ mod tests {
             use_recorded: vec![],
             build_seconds: 1.0,
             log_path: None,
+            compute: None,
         }
     }
 
@@ -421,5 +446,22 @@ mod tests {
         assert!(r.mark_unsent(Millis(1_500)).unwrap().is_stale(Millis(60_000), MIN), "unsent is stale at once");
         let b = r.claim("w", Millis(2_000), MIN).unwrap();
         assert!(!b.is_stale(Millis(1_000_000), MIN), "only queued records go stale");
+    }
+
+    #[test]
+    fn cost_is_price_times_build_time_when_the_machine_is_known() {
+        let mut a = artifact();
+        a.build_seconds = 1800.0;
+        assert_eq!(a.cost_usd(), None);
+        a.compute = Some(crate::ComputeInfo {
+            instance_type: "c6i.xlarge".into(),
+            capacity_type: "spot".into(),
+            usd_per_hour: 0.068,
+        });
+        assert!((a.cost_usd().unwrap() - 0.034).abs() < 1e-12);
+        a.compute.as_mut().unwrap().usd_per_hour = f64::NAN;
+        assert_eq!(a.cost_usd(), None);
+        let json = serde_json::to_value(artifact()).unwrap();
+        assert!(json.get("compute").is_none(), "absent, not null: old records stay as they were");
     }
 }

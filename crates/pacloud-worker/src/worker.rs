@@ -43,6 +43,9 @@ pub struct WorkerConfig {
     pub failure_ttl: Duration,
     /// First retry delay after an infrastructure failure (doubles).
     pub retry_backoff: Duration,
+    /// The machine this worker runs on and its price, recorded with every
+    /// build for its cost (`GET /v1/builds/{key}` shows `cost_usd`). None: not reported.
+    pub compute: Option<pacloud_domain::ComputeInfo>,
 }
 
 impl Default for WorkerConfig {
@@ -54,6 +57,7 @@ impl Default for WorkerConfig {
             max_attempts: 5,
             failure_ttl: Duration::from_secs(3600),
             retry_backoff: Duration::from_secs(10),
+            compute: None,
         }
     }
 }
@@ -504,6 +508,7 @@ impl Worker {
             use_recorded: main.use_flags.clone(),
             build_seconds: outcome.duration.as_secs_f64(),
             log_path,
+            compute: self.config.compute.clone(),
         };
         let deps = published.into_iter().filter(|p| p.cpv != cpv).collect();
         Ok(BuildResult::Built { artifact, deps })
@@ -545,6 +550,7 @@ impl Worker {
                 use_recorded: dep.use_flags,
                 build_seconds: 0.0,
                 log_path: None,
+                compute: None,
             };
             let record = BuildRecord::new_ready(dep_spec, artifact, self.clock.now());
             if let Err(e) = self.store.create(&record).await {

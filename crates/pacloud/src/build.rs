@@ -281,6 +281,7 @@ pub fn start_workers_on(
         max_attempts: settings.max_receives,
         failure_ttl: b.failure_ttl,
         retry_backoff: b.retry_backoff,
+        compute: compute_from(|k| std::env::var(k).ok()),
     };
     let worker = Arc::new(Worker::new(
         store,
@@ -297,4 +298,50 @@ pub fn start_workers_on(
     let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
     let join = tokio::spawn(worker.run(stop.clone(), abort.clone()));
     Workers { stop, abort, recheck, join }
+}
+
+/// The worker machine's type and price for per-build cost, from
+/// `PACLOUD_INSTANCE_TYPE`, `PACLOUD_CAPACITY_TYPE` (`spot`, `on-demand`,
+/// `local`) and `PACLOUD_PRICE_USD_PER_HOUR` (set by the worker's launch
+/// environment). All three or nothing; a wrong value is logged and ignored
+/// (the cost is then not reported, the builds still run).
+pub fn compute_from(get: impl Fn(&str) -> Option<String>) -> Option<pacloud_domain::ComputeInfo> {
+    let (t, c, p) = (get("PACLOUD_INSTANCE_TYPE")?, get("PACLOUD_CAPACITY_TYPE")?, get("PACLOUD_PRICE_USD_PER_HOUR")?);
+    let price = match p.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => v,
+        _ => {
+            tracing::warn!(
+                value = p,
+                "PACLOUD_PRICE_USD_PER_HOUR is not a price in USD (>= 0): build cost not recorded"
+            );
+            return None;
+        }
+    };
+    if !matches!(c.as_str(), "spot" | "on-demand" | "local") {
+        tracing::warn!(value = c, "PACLOUD_CAPACITY_TYPE must be spot, on-demand or local: build cost not recorded");
+        return None;
+    }
+    Some(pacloud_domain::ComputeInfo { instance_type: t, capacity_type: c, usd_per_hour: price })
+}
+
+#[cfg(test)]
+mod compute_tests {
+    use super::compute_from;
+
+    #[test]
+    fn compute_needs_all_three_and_a_valid_price() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        let all = [
+            ("PACLOUD_INSTANCE_TYPE", "c6i.xlarge"),
+            ("PACLOUD_CAPACITY_TYPE", "spot"),
+            ("PACLOUD_PRICE_USD_PER_HOUR", "0.068"),
+        ];
+        let c = compute_from(env(&all)).unwrap();
+        assert_eq!((c.instance_type.as_str(), c.capacity_type.as_str(), c.usd_per_hour), ("c6i.xlarge", "spot", 0.068));
+        assert!(compute_from(env(&all[..2])).is_none());
+        assert!(compute_from(env(&[all[0], all[1], ("PACLOUD_PRICE_USD_PER_HOUR", "-1")])).is_none());
+        assert!(compute_from(env(&[all[0], ("PACLOUD_CAPACITY_TYPE", "reserved"), all[2]])).is_none());
+    }
 }

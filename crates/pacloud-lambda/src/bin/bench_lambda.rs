@@ -170,6 +170,7 @@ async fn complete_as_worker(ports: &pacloud_aws::AwsPorts, key: &str, dir: &std:
         use_recorded: vec![],
         build_seconds: 1.0,
         log_path: None,
+        compute: None,
     };
     let done = claimed.complete("bench-worker", artifact, SystemClock.now()).expect("complete");
     ports.store.replace(&done, claimed.revision).await.expect("complete write");

@@ -47,6 +47,10 @@ async fn ready_build_gives_a_signed_url_whose_bytes_match() {
     assert_eq!(sha256(&got), ready["sha256"].as_str().unwrap(), "downloaded bytes match the recorded sha256");
     let (status, polled) = app.get_build(key).await;
     assert_eq!((status, polled["status"].as_str()), (200, Some("ready")));
+    // The worker reported its machine: price per hour × build seconds.
+    assert_eq!(polled["build_seconds"], 1.0);
+    let cost = polled["cost_usd"].as_f64().expect("cost_usd on a finished build");
+    assert!((cost - 0.072 / 3600.0).abs() < 1e-12, "{polled}");
     assert_eq!(app.drain_queue().await.len(), 1, "the hit enqueued nothing");
 }
 

@@ -1,0 +1,400 @@
+//! The scaler's AWS side: builds a [`pacloud_fleet::FamilySnapshot`] from
+//! SQS and EC2, and applies the policy's actions with ModifyFleet and
+//! TerminateInstances.
+//!
+//! Fleets and instances are found by tag, never by CloudFormation
+//! reference: `pacloud:role=worker` and `pacloud:cpu-family=<family>`. The
+//! worker reports what it does in two tags of its own instance (the contract
+//! with the worker): `pacloud:activity` = `idle:<unix>`, `busy:<unix>` or
+//! `busy:<unix>:<expected end unix>`, and `pacloud:lease` = `1` while it holds
+//! a build lease. An instance without the tag is `Activity::Unknown`: the
+//! policy never terminates it as idle.
+//!
+//! Throttling and transient errors are retried by the SDK's standard retry
+//! policy with bounded exponential backoff ([`retry_policy`]: 4 attempts,
+//! 200 ms initial, 5 s cap); what still fails is returned as a [`FleetError`]
+//! and the scaler's next tick (one minute later) starts over.
+
+use std::time::Duration;
+
+use aws_sdk_ec2::types::{
+    DefaultTargetCapacityType, Filter, InstanceLifecycleType, InstanceStateName, TargetCapacitySpecificationRequest,
+};
+use pacloud_fleet::{
+    Activity, CapacityError, CapacityType, CpuFamily, FleetTarget, Instance, InstanceState, PricePoint, QueueDepth,
+    Secs,
+};
+
+use crate::AwsConfig;
+
+/// Tag keys shared with the infra template and the worker.
+pub const TAG_ROLE: &str = "pacloud:role";
+pub const TAG_FAMILY: &str = "pacloud:cpu-family";
+pub const TAG_ACTIVITY: &str = "pacloud:activity";
+pub const TAG_LEASE: &str = "pacloud:lease";
+
+/// A call that failed after the SDK's retries.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("{op} failed: {source}")]
+    Api { op: &'static str, source: Box<dyn std::error::Error + Send + Sync> },
+    #[error("{op}: unexpected answer: {detail}")]
+    Unexpected { op: &'static str, detail: String },
+}
+
+fn api<E: std::error::Error + Send + Sync + 'static>(op: &'static str) -> impl FnOnce(E) -> FleetError {
+    move |e| FleetError::Api { op, source: Box::new(e) }
+}
+
+/// The scaler's retry policy: standard mode, 4 attempts, backoff from 200 ms up to 5 s.
+pub fn retry_policy() -> aws_config::retry::RetryConfig {
+    aws_config::retry::RetryConfig::standard()
+        .with_max_attempts(4)
+        .with_initial_backoff(Duration::from_millis(200))
+        .with_max_backoff(Duration::from_secs(5))
+}
+
+/// A worker fleet found by its tags.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerFleet {
+    pub fleet_id: String,
+    pub family: CpuFamily,
+    pub target: FleetTarget,
+}
+
+/// EC2 and SQS clients for the scaler.
+#[derive(Debug, Clone)]
+pub struct FleetClient {
+    pub ec2: aws_sdk_ec2::Client,
+    pub sqs: aws_sdk_sqs::Client,
+}
+
+impl FleetClient {
+    /// Clients from `config` with [`retry_policy`].
+    pub async fn connect(config: &AwsConfig) -> FleetClient {
+        let sdk = crate::sdk_config(config, Some(retry_policy())).await;
+        FleetClient { ec2: aws_sdk_ec2::Client::new(&sdk), sqs: aws_sdk_sqs::Client::new(&sdk) }
+    }
+
+    /// Visible and in-flight messages of a queue.
+    pub async fn queue_depth(&self, queue_url: &str) -> Result<QueueDepth, FleetError> {
+        use aws_sdk_sqs::types::QueueAttributeName as A;
+        let out = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(queue_url)
+            .attribute_names(A::ApproximateNumberOfMessages)
+            .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .map_err(api("GetQueueAttributes"))?;
+        let get = |k: A| -> Result<u32, FleetError> {
+            let v = out.attributes().and_then(|a| a.get(&k)).map(String::as_str).unwrap_or("0");
+            v.parse().map_err(|_| FleetError::Unexpected { op: "GetQueueAttributes", detail: format!("{k:?}={v:?}") })
+        };
+        Ok(QueueDepth {
+            visible: get(A::ApproximateNumberOfMessages)?,
+            in_flight: get(A::ApproximateNumberOfMessagesNotVisible)?,
+        })
+    }
+
+    /// Active `maintain` fleets tagged `pacloud:role=worker`, with their family.
+    pub async fn worker_fleets(&self) -> Result<Vec<WorkerFleet>, FleetError> {
+        use aws_sdk_ec2::types::FleetStateCode as S;
+        let mut out = Vec::new();
+        let mut pages = self.ec2.describe_fleets().into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(api("DescribeFleets"))?;
+            for f in page.fleets() {
+                let tag = |k: &str| f.tags().iter().find(|t| t.key() == Some(k)).and_then(|t| t.value());
+                if tag(TAG_ROLE) != Some("worker") {
+                    continue;
+                }
+                if !matches!(f.fleet_state(), Some(S::Active | S::Modifying | S::Submitted)) {
+                    continue;
+                }
+                let (Some(id), Some(family)) = (f.fleet_id(), tag(TAG_FAMILY).and_then(|v| v.parse().ok())) else {
+                    tracing::warn!(fleet = ?f.fleet_id(), "worker fleet without a valid {TAG_FAMILY} tag: ignored");
+                    continue;
+                };
+                let spec = f.target_capacity_specification();
+                let n = |v: Option<i32>| v.unwrap_or(0).max(0) as u32;
+                out.push(WorkerFleet {
+                    fleet_id: id.to_owned(),
+                    family,
+                    target: FleetTarget {
+                        total: n(spec.and_then(|s| s.total_target_capacity())),
+                        on_demand: n(spec.and_then(|s| s.on_demand_target_capacity())),
+                    },
+                });
+            }
+        }
+        out.sort_by(|a, b| (a.family, &a.fleet_id).cmp(&(b.family, &b.fleet_id)));
+        Ok(out)
+    }
+
+    /// The family's worker instances that are not terminated.
+    pub async fn worker_instances(&self, family: CpuFamily) -> Result<Vec<Instance>, FleetError> {
+        let filter = |n: &str, v: &[&str]| {
+            Filter::builder().name(n).set_values(Some(v.iter().map(|s| s.to_string()).collect())).build()
+        };
+        let mut out = Vec::new();
+        let mut pages = self
+            .ec2
+            .describe_instances()
+            .filters(filter(&format!("tag:{TAG_ROLE}"), &["worker"]))
+            .filters(filter(&format!("tag:{TAG_FAMILY}"), &[family.as_str()]))
+            .filters(filter("instance-state-name", &["pending", "running", "stopping", "stopped", "shutting-down"]))
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(api("DescribeInstances"))?;
+            for r in page.reservations() {
+                for i in r.instances() {
+                    let tags: Vec<(&str, &str)> =
+                        i.tags().iter().filter_map(|t| Some((t.key()?, t.value().unwrap_or("")))).collect();
+                    let state = match i.state().and_then(|s| s.name()) {
+                        Some(InstanceStateName::Pending) => InstanceState::Pending,
+                        Some(InstanceStateName::Running) => InstanceState::Running,
+                        Some(InstanceStateName::Stopped) => InstanceState::Hibernated,
+                        _ => InstanceState::Stopping,
+                    };
+                    let spot = i.instance_lifecycle() == Some(&InstanceLifecycleType::Spot);
+                    out.push(instance_from_parts(
+                        i.instance_id().unwrap_or_default(),
+                        i.instance_type().map(|t| t.as_str()).unwrap_or_default(),
+                        i.placement().and_then(|p| p.availability_zone()).unwrap_or_default(),
+                        spot,
+                        state,
+                        i.launch_time().map_or(0, |t| t.secs().max(0) as u64),
+                        &tags,
+                    ));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Linux spot prices of `types` since `since` (at most 24 h are used).
+    pub async fn spot_prices(&self, types: &[String], since: Secs) -> Result<Vec<PricePoint>, FleetError> {
+        use aws_sdk_ec2::types::InstanceType;
+        let mut out = Vec::new();
+        let mut pages = self
+            .ec2
+            .describe_spot_price_history()
+            .set_instance_types(Some(types.iter().map(|t| InstanceType::from(t.as_str())).collect()))
+            .product_descriptions("Linux/UNIX")
+            .start_time(aws_smithy_types::DateTime::from_secs(since as i64))
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(api("DescribeSpotPriceHistory"))?;
+            for p in page.spot_price_history() {
+                let (Some(t), Some(z), Some(v), Some(at)) =
+                    (p.instance_type(), p.availability_zone(), p.spot_price(), p.timestamp())
+                else {
+                    continue;
+                };
+                let Ok(usd) = v.parse::<f64>() else { continue };
+                out.push(PricePoint {
+                    instance_type: t.as_str().to_owned(),
+                    zone: z.to_owned(),
+                    usd_per_hour: usd,
+                    at: at.secs().max(0) as u64,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Capacity errors in the fleet's history since `since` (every event type is
+    /// scanned: launch failures are reported as errors or information depending on the fleet).
+    pub async fn capacity_errors(
+        &self,
+        fleet_id: &str,
+        since: Secs,
+        types: &[String],
+    ) -> Result<Vec<CapacityError>, FleetError> {
+        let out = self
+            .ec2
+            .describe_fleet_history()
+            .fleet_id(fleet_id)
+            .start_time(aws_smithy_types::DateTime::from_secs(since as i64))
+            .send()
+            .await
+            .map_err(api("DescribeFleetHistory"))?;
+        Ok(out
+            .history_records()
+            .iter()
+            .filter_map(|r| {
+                let info = r.event_information()?;
+                let text =
+                    format!("{} {}", info.event_sub_type().unwrap_or(""), info.event_description().unwrap_or(""));
+                capacity_error_from_text(&text, types, r.timestamp()?.secs().max(0) as u64)
+            })
+            .collect())
+    }
+
+    /// ModifyFleet: the target capacity, `on_demand` of it on-demand.
+    pub async fn set_target(&self, fleet_id: &str, total: u32, on_demand: u32) -> Result<(), FleetError> {
+        let on_demand = on_demand.min(total);
+        let spec = TargetCapacitySpecificationRequest::builder()
+            .total_target_capacity(total as i32)
+            .on_demand_target_capacity(on_demand as i32)
+            .spot_target_capacity((total - on_demand) as i32)
+            .default_target_capacity_type(DefaultTargetCapacityType::Spot)
+            .build();
+        let out = self
+            .ec2
+            .modify_fleet()
+            .fleet_id(fleet_id)
+            .target_capacity_specification(spec)
+            .send()
+            .await
+            .map_err(api("ModifyFleet"))?;
+        if out.r#return() == Some(false) {
+            return Err(FleetError::Unexpected { op: "ModifyFleet", detail: "Return=false".into() });
+        }
+        Ok(())
+    }
+
+    /// Terminates those of `ids` that a fresh read still shows in state
+    /// `want` and free of work (idle, no lease; a worker may have taken a
+    /// build since the snapshot); returns the ids terminated.
+    pub async fn terminate_checked(
+        &self,
+        family: CpuFamily,
+        ids: &[String],
+        want: InstanceState,
+    ) -> Result<Vec<String>, FleetError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = self.worker_instances(family).await?;
+        let still: Vec<String> = now
+            .iter()
+            .filter(|i| ids.contains(&i.id) && i.state == want)
+            .filter(|i| want == InstanceState::Pending || !i.may_hold_work())
+            .map(|i| i.id.clone())
+            .collect();
+        if still.is_empty() {
+            return Ok(still);
+        }
+        self.ec2
+            .terminate_instances()
+            .set_instance_ids(Some(still.clone()))
+            .send()
+            .await
+            .map_err(api("TerminateInstances"))?;
+        Ok(still)
+    }
+}
+
+/// An [`Instance`] from DescribeInstances fields and tags (pure; tested).
+pub fn instance_from_parts(
+    id: &str,
+    instance_type: &str,
+    zone: &str,
+    spot: bool,
+    state: InstanceState,
+    launched_at: Secs,
+    tags: &[(&str, &str)],
+) -> Instance {
+    let tag = |k: &str| tags.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
+    Instance {
+        id: id.to_owned(),
+        instance_type: instance_type.to_owned(),
+        zone: zone.to_owned(),
+        capacity: if spot { CapacityType::Spot } else { CapacityType::OnDemand },
+        state,
+        launched_at,
+        activity: tag(TAG_ACTIVITY).map_or(Activity::Unknown, parse_activity),
+        holds_lease: matches!(tag(TAG_LEASE), Some("1" | "true")),
+    }
+}
+
+/// `idle:<unix>`, `busy:<unix>` or `busy:<unix>:<end>`; anything else is Unknown.
+pub fn parse_activity(v: &str) -> Activity {
+    let mut parts = v.split(':');
+    let kind = parts.next();
+    let since = parts.next().and_then(|s| s.parse::<u64>().ok());
+    let end = parts.next().map(|s| s.parse::<u64>().ok());
+    match (kind, since, end, parts.next()) {
+        (Some("idle"), Some(since), None, None) => Activity::Idle { since },
+        (Some("busy"), Some(since), None, None) => Activity::Busy { since, expected_done_at: None },
+        (Some("busy"), Some(since), Some(Some(end)), None) => Activity::Busy { since, expected_done_at: Some(end) },
+        _ => Activity::Unknown,
+    }
+}
+
+/// A capacity error from a fleet history error's text: it must name
+/// insufficient capacity, and one of `types`; the zone is the first token
+/// that looks like one (`us-east-1a`), or empty.
+pub fn capacity_error_from_text(text: &str, types: &[String], at: Secs) -> Option<CapacityError> {
+    let lower = text.to_ascii_lowercase();
+    if !(lower.contains("insufficientinstancecapacity")
+        || lower.contains("insufficient capacity")
+        || lower.contains("no spot capacity"))
+    {
+        return None;
+    }
+    let words: Vec<&str> =
+        text.split(|c: char| c.is_whitespace() || matches!(c, ',' | ';' | '(' | ')' | '"')).collect();
+    let instance_type = types.iter().find(|t| words.contains(&t.as_str()))?.clone();
+    let zone = words
+        .iter()
+        .find(|w| {
+            let b = w.as_bytes();
+            w.matches('-').count() == 2
+                && b.len() >= 10
+                && b[b.len() - 1].is_ascii_lowercase()
+                && b[b.len() - 2].is_ascii_digit()
+        })
+        .map_or(String::new(), |z| z.to_string());
+    let capacity = if lower.contains("on-demand") { CapacityType::OnDemand } else { CapacityType::Spot };
+    Some(CapacityError { instance_type, zone, capacity, at })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activity_tags_parse_and_anything_else_is_unknown() {
+        assert_eq!(parse_activity("idle:100"), Activity::Idle { since: 100 });
+        assert_eq!(parse_activity("busy:100"), Activity::Busy { since: 100, expected_done_at: None });
+        assert_eq!(parse_activity("busy:100:400"), Activity::Busy { since: 100, expected_done_at: Some(400) });
+        for bad in ["", "idle", "idle:x", "sleeping:1", "busy:1:x", "idle:1:2", "busy:1:2:3"] {
+            assert_eq!(parse_activity(bad), Activity::Unknown, "{bad}");
+        }
+        let i = instance_from_parts(
+            "i-1",
+            "c6i.xlarge",
+            "us-east-1a",
+            true,
+            InstanceState::Running,
+            5,
+            &[(TAG_LEASE, "1")],
+        );
+        assert_eq!(i.activity, Activity::Unknown);
+        assert!(i.holds_lease && i.may_hold_work());
+    }
+
+    #[test]
+    fn capacity_errors_are_read_from_fleet_history_text() {
+        let types = vec!["c6i.xlarge".to_string(), "c5.xlarge".to_string()];
+        let e = capacity_error_from_text(
+            "spotFleetRequestConfigurationInvalid c5.xlarge, ami-123, Linux/UNIX, us-east-1b, Spot price: 0.07 (InsufficientInstanceCapacity)",
+            &types,
+            42,
+        )
+        .unwrap();
+        assert_eq!(
+            (e.instance_type.as_str(), e.zone.as_str(), e.capacity, e.at),
+            ("c5.xlarge", "us-east-1b", CapacityType::Spot, 42)
+        );
+        assert!(capacity_error_from_text("c5.xlarge: iamFleetRoleInvalid", &types, 1).is_none());
+        assert!(capacity_error_from_text("InsufficientInstanceCapacity m7.metal", &types, 1).is_none());
+    }
+}

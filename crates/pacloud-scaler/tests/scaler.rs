@@ -1,0 +1,138 @@
+//! The scaler against moto's EC2 and SQS (everything moto implements:
+//! DescribeFleets, DescribeInstances by tag, DescribeSpotPriceHistory,
+//! TerminateInstances, GetQueueAttributes). moto does not implement
+//! ModifyFleet or DescribeFleetHistory: the first is covered by the SDK
+//! replay test in `pacloud-aws/tests/fleet_replay.rs`; here their absence is
+//! the "API error" case — the scaler must then take no irreversible action.
+
+use pacloud_aws::fleet::FleetClient;
+use pacloud_aws::testkit::Moto;
+use pacloud_aws::testkit::fleet::{create_worker_fleet, queue_with, run_worker, state_of};
+use pacloud_fleet::{Action, Activity, CpuFamily, FleetTarget, PacloudPolicy, TerminateReason};
+use pacloud_scaler::{Settings, handle, tick};
+use serde_json::json;
+
+const NOW: u64 = 2_000_000_000;
+
+async fn setup(moto: &Moto) -> FleetClient {
+    FleetClient::connect(&moto.base_config()).await
+}
+
+fn settings(queue_url: &str) -> Settings {
+    Settings { queue_url: queue_url.into(), family_queues: Default::default(), policy: PacloudPolicy::default() }
+}
+
+fn idle_for(secs: u64) -> String {
+    format!("idle:{}", NOW - secs)
+}
+
+#[tokio::test]
+async fn snapshot_reads_queue_fleet_and_tagged_instances() {
+    let moto = Moto::start();
+    let c = setup(&moto).await;
+    let q = queue_with(&c, "jobs", 2, 1).await;
+    let fleet_id = create_worker_fleet(&c, "x86-64", 2).await;
+    let idle = run_worker(&c, "x86-64", Some(&idle_for(50)), false).await;
+    let busy = run_worker(&c, "x86-64", Some(&format!("busy:{}:{}", NOW - 10, NOW + 600)), true).await;
+    let silent = run_worker(&c, "x86-64", None, false).await;
+    let _other_family = run_worker(&c, "arm64", Some("idle:1"), false).await;
+
+    let fleets = c.worker_fleets().await.unwrap();
+    assert_eq!(fleets.len(), 1);
+    assert_eq!(fleets[0].fleet_id, fleet_id);
+    assert_eq!(fleets[0].family, CpuFamily::X86_64);
+    assert_eq!(fleets[0].target, FleetTarget { total: 2, on_demand: 0 });
+
+    let (snap, warnings) = pacloud_scaler::family_snapshot(&c, &settings(&q), &fleets[0], NOW).await.unwrap();
+    assert_eq!((snap.queue.visible, snap.queue.in_flight), (2, 1));
+    // moto's own fleet instances are untagged: only the three x86-64 workers.
+    let mut ids: Vec<&str> = snap.instances.iter().map(|i| i.id.as_str()).collect();
+    ids.sort();
+    let mut want = vec![idle.as_str(), busy.as_str(), silent.as_str()];
+    want.sort();
+    assert_eq!(ids, want);
+    let by = |id: &str| snap.instances.iter().find(|i| i.id == id).unwrap().clone();
+    assert_eq!(by(&idle).activity, Activity::Idle { since: NOW - 50 });
+    assert_eq!(by(&busy).activity, Activity::Busy { since: NOW - 10, expected_done_at: Some(NOW + 600) });
+    assert!(by(&busy).holds_lease);
+    assert_eq!(by(&silent).activity, Activity::Unknown);
+    // DescribeFleetHistory is not in moto: reported, not fatal.
+    assert!(warnings.iter().any(|w| w.contains("fleet history")), "{warnings:?}");
+}
+
+#[tokio::test]
+async fn tick_terminates_only_the_long_idle_instance() {
+    let moto = Moto::start();
+    let c = setup(&moto).await;
+    let q = queue_with(&c, "jobs", 0, 0).await;
+    // Three workers, one surplus: the policy wants 2 = the fleet's target, so no ModifyFleet is needed.
+    create_worker_fleet(&c, "x86-64", 2).await;
+    let long = run_worker(&c, "x86-64", Some(&idle_for(3600)), false).await;
+    let short = run_worker(&c, "x86-64", Some(&idle_for(30)), false).await;
+    let busy = run_worker(&c, "x86-64", Some(&format!("busy:{}", NOW - 3600)), true).await;
+
+    let report = tick(&c, &settings(&q), NOW).await.unwrap();
+    assert_eq!(report.families.len(), 1);
+    let f = &report.families[0];
+    assert!(
+        f.actions.contains(&Action::Terminate {
+            family: CpuFamily::X86_64,
+            instance_ids: vec![long.clone()],
+            reason: TerminateReason::Idle
+        }),
+        "{:?}",
+        f.actions
+    );
+    assert!(!f.actions.iter().any(|a| matches!(a, Action::SetTargetCapacity { .. })), "{:?}", f.actions);
+    assert_eq!(f.terminated, vec![long.clone()]);
+    assert_eq!(state_of(&c, &long).await, "terminated");
+    assert_eq!(state_of(&c, &short).await, "running");
+    assert_eq!(state_of(&c, &busy).await, "running");
+
+    // Idempotent: the next tick has nothing left to do.
+    let again = tick(&c, &settings(&q), NOW + 60).await.unwrap();
+    assert!(again.families[0].terminated.is_empty());
+}
+
+#[tokio::test]
+async fn a_failing_modify_fleet_means_no_termination() {
+    let moto = Moto::start();
+    let c = setup(&moto).await;
+    let q = queue_with(&c, "jobs", 0, 0).await;
+    // The fleet says 5; the policy wants 0 after terminating both idle workers: ModifyFleet
+    // (not implemented by moto: an API error) must succeed before anything is terminated.
+    create_worker_fleet(&c, "x86-64", 5).await;
+    let a = run_worker(&c, "x86-64", Some(&idle_for(3600)), false).await;
+    let b = run_worker(&c, "x86-64", Some(&idle_for(3600)), false).await;
+
+    let report = tick(&c, &settings(&q), NOW).await.unwrap();
+    let f = &report.families[0];
+    assert!(f.actions.iter().any(|x| matches!(x, Action::SetTargetCapacity { total: 0, .. })), "{:?}", f.actions);
+    assert!(f.actions.iter().any(|x| matches!(x, Action::Terminate { .. })));
+    assert!(f.terminated.is_empty());
+    assert!(f.errors.iter().any(|e| e.contains("ModifyFleet")), "{:?}", f.errors);
+    assert_eq!(state_of(&c, &a).await, "running");
+    assert_eq!(state_of(&c, &b).await, "running");
+}
+
+#[tokio::test]
+async fn missing_fleet_and_bad_events_take_no_action() {
+    let moto = Moto::start();
+    let c = setup(&moto).await;
+    let q = queue_with(&c, "jobs", 3, 0).await;
+    let idle = run_worker(&c, "x86-64", Some(&idle_for(3600)), false).await;
+    let mut s = settings(&q);
+    s.family_queues.insert(CpuFamily::X86_64, q.clone());
+
+    let out = handle(&c, &s, &json!({"source": "aws.events", "detail-type": "Scheduled Event"}), NOW).await;
+    assert_eq!(out["families"][0]["errors"][0], "no worker fleet", "{out}");
+    assert_eq!(state_of(&c, &idle).await, "running");
+
+    let out = handle(&c, &s, &json!({"hello": "world"}), NOW).await;
+    assert!(out["ignored"].as_str().unwrap().contains("unrecognised event"), "{out}");
+
+    let batch = json!({"Records": [{"eventSource": "aws:sqs", "messageId": "m", "body": "not json"}]});
+    let out = handle(&c, &s, &batch, NOW).await;
+    assert_eq!(out["batchItemFailures"], json!([]));
+    assert_eq!(state_of(&c, &idle).await, "running");
+}
