@@ -387,6 +387,17 @@ impl UseSet {
         Self::parse_list(&[s]).map_err(|(_, e)| e)
     }
 
+    /// A set from names and states that are already known to be flags
+    /// (IUSE names of a tree index).
+    pub(crate) fn from_states<I: IntoIterator<Item = (String, bool)>>(states: I) -> Self {
+        UseSet(states.into_iter().collect())
+    }
+
+    /// The requested state of `name`, if the set names it.
+    pub fn get(&self, name: &str) -> Option<bool> {
+        self.0.get(name).copied()
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&str, bool)> {
         self.0.iter().map(|(k, v)| (k.as_str(), *v))
     }

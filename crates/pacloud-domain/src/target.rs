@@ -64,7 +64,9 @@ impl<'de> Deserialize<'de> for TargetName {
     }
 }
 
-/// What a target fixes. Every field takes part in the target's hash.
+/// What a target fixes. Every field but `tree_index` takes part in the
+/// target's hash (`tree_index` decides the key version, which is itself the
+/// first line of every key, so the two kinds of keys never meet).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetSpec {
@@ -86,6 +88,12 @@ pub struct TargetSpec {
     /// Further make.conf variables that change the binary, by name.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Whether requests are checked against the target's tree index and
+    /// keyed by effective USE (key version 2). Such a target answers 503
+    /// until a worker has stored its index. Off: flags as written (key
+    /// version 1), nothing checked.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tree_index: bool,
 }
 
 impl TargetSpec {
@@ -184,6 +192,7 @@ impl Target {
             snapshot: "latest".into(),
             builder: "host".into(),
             env: BTreeMap::new(),
+            tree_index: false,
         };
         #[allow(clippy::expect_used)]
         Target::new(TargetName("default".into()), spec).expect("built-in target is valid")

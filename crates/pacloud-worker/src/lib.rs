@@ -13,4 +13,5 @@ pub mod publish;
 pub mod runner;
 pub mod sandbox;
 pub mod spot;
+pub mod tree_index;
 pub mod worker;

@@ -230,6 +230,8 @@ pub fn start_workers_on(
         failure_ttl: b.failure_ttl,
         retry_backoff: b.retry_backoff,
     };
+    let targets = Arc::new(TargetSet::clone(&settings.targets));
+    tokio::spawn(pacloud_worker::tree_index::ensure_all(artifacts.clone(), backend.env.clone(), targets));
     let worker = Arc::new(Worker::new(
         store,
         queue,
