@@ -8,3 +8,4 @@ mod builds;
 mod cli;
 mod helpers;
 mod key_vectors;
+mod usekey;
