@@ -160,6 +160,20 @@ async fn tree_index_matches_effective_use_py_for_every_subset_ebuild() {
             assert_eq!(pkg.forced, forced, "forced IUSE flags of {cpv}");
         }
     }
+    // The index entries docs/key.md's version 2 vectors use are the real ones.
+    let key_md = std::fs::read_to_string(workspace().join("docs/key.md")).unwrap();
+    let mut checked = 0;
+    for block in key_md.split("```vector-v2\n").skip(1) {
+        let line = |name: &str| block.lines().find_map(|l| l.strip_prefix(name)).unwrap().to_owned();
+        let request: Value = serde_json::from_str(&line("request: ")).unwrap();
+        let (atom, version) = (request["atom"].as_str().unwrap(), request["version"].as_str().unwrap());
+        if let Some(entry) = doc.packages.get(atom).and_then(|vs| vs.get(version)) {
+            let documented: pacloud_domain::tree::PackageUse = serde_json::from_str(&line("index: ")).unwrap();
+            assert_eq!(&documented, entry, "docs/key.md's index entry of {atom}-{version}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 5, "docs/key.md vectors checked against the subset: {checked}");
     // The issue's example: the 23.0 profile turns nls on for hello, whose
     // IUSE has no +nls.
     let hello = &doc.packages["app-misc/hello"]["2.10-r1"];
