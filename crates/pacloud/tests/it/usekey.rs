@@ -330,3 +330,143 @@ async fn a_chain_dependency_is_a_cache_hit_for_its_default_configuration() {
     let (s, b) = app.post_build(&req("app-misc/usekey-app", "1.0", &["-ssl"])).await;
     assert_eq!((s, b["rule"].as_str()), (400, Some("use.force")), "{b}");
 }
+
+/// A Gentoo user's portage for `pacloud emerge`: a venv of its own whose
+/// python imports the test venv's portage (so its EPREFIX, the "host"
+/// configuration portage reads when ROOT is not /, is this scratch venv and
+/// not the shared one), plus a config root and a scratch ROOT.
+struct UserPortage {
+    venv: PathBuf,
+    config: PathBuf,
+    root: PathBuf,
+}
+
+fn user_portage(dir: &Path, package_use: &str) -> UserPortage {
+    let shared = venv();
+    let uv = dir.join("user-venv");
+    let ok = std::process::Command::new(shared.join("bin/python"))
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&uv)
+        .status()
+        .expect("python -m venv");
+    assert!(ok.success());
+    let site = std::fs::read_dir(shared.join("lib"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("python3"))
+        .expect("lib/python3.*")
+        .join("site-packages");
+    let py = site.parent().unwrap().file_name().unwrap().to_owned();
+    std::fs::write(uv.join("lib").join(&py).join("site-packages/pacloud-portage.pth"), format!("{}\n", site.display()))
+        .unwrap();
+    std::os::unix::fs::symlink(shared.join("lib/portage"), uv.join("lib/portage")).unwrap();
+    std::fs::create_dir_all(uv.join("share")).unwrap();
+    std::os::unix::fs::symlink(shared.join("share/portage"), uv.join("share/portage")).unwrap();
+    let emerge = std::fs::read_to_string(shared.join("bin/emerge")).unwrap();
+    let body = emerge.split_once('\n').unwrap().1;
+    std::fs::write(uv.join("bin/emerge"), format!("#!{}\n{body}", uv.join("bin/python").display())).unwrap();
+    std::fs::set_permissions(uv.join("bin/emerge"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let repo = workspace().join("tests/fixtures/repo");
+    let profile = repo.join("profiles/default");
+    let repos_conf = format!("[DEFAULT]\nmain-repo = pacloud-fixtures\n\n[pacloud-fixtures]\nlocation = {}\n", repo.display());
+    let make_conf = |w: &Path| {
+        for d in ["pkgdir", "tmp", "distfiles", "logs"] {
+            std::fs::create_dir_all(w.join(d)).unwrap();
+        }
+        format!(
+            "FEATURES=\"-sandbox -usersandbox -userpriv -userfetch -usersync -ipc-sandbox -network-sandbox -pid-sandbox -news -strict -merge-sync -binpkg-request-signature\"\n\
+             PORTAGE_USERNAME=\"root\"\nPORTAGE_GRPNAME=\"root\"\nPKGDIR=\"{w}/pkgdir\"\nPORTAGE_TMPDIR=\"{w}/tmp\"\n\
+             DISTDIR=\"{w}/distfiles\"\nPORTAGE_LOGDIR=\"{w}/logs\"\nBINPKG_FORMAT=\"gpkg\"\nACCEPT_LICENSE=\"*\"\n\
+             EMERGE_WARNING_DELAY=\"0\"\nCLEAN_DELAY=\"0\"\n",
+            w = w.display()
+        )
+    };
+    for (etc, w, pu) in [
+        (uv.join("etc/portage"), dir.join("host-work"), None),
+        (dir.join("config/etc/portage"), dir.join("user-work"), Some(package_use)),
+    ] {
+        std::fs::create_dir_all(etc.join("repos.conf")).unwrap();
+        std::fs::write(etc.join("make.conf"), make_conf(&w)).unwrap();
+        std::fs::write(etc.join("repos.conf/pacloud-fixtures.conf"), &repos_conf).unwrap();
+        std::os::unix::fs::symlink(&profile, etc.join("make.profile")).unwrap();
+        if let Some(pu) = pu {
+            std::fs::write(etc.join("package.use"), pu).unwrap();
+        }
+    }
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    UserPortage { venv: uv, config: dir.join("config"), root }
+}
+
+impl UserPortage {
+    /// Runs the `pacloud` binary with this user's environment.
+    async fn pacloud(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_pacloud"));
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", self.venv.join("bin").display()))
+            .env("HOME", "/tmp")
+            .env("LANG", "C.UTF-8")
+            .env("PORTAGE_CONFIGROOT", &self.config)
+            .env("ROOT", &self.root)
+            .env("SYSROOT", &self.root)
+            .env("EPREFIX", "")
+            .kill_on_drop(true);
+        tokio::time::timeout(Duration::from_secs(300), cmd.output())
+            .await
+            .expect("pacloud emerge finishes within 300 s")
+            .expect("pacloud runs")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pacloud_emerge_builds_the_merge_list_and_portage_installs_it() {
+    let app = spawn_builder_with(fixtures_v2).await;
+    let tmp = tempfile::tempdir().unwrap();
+    // The user's configuration: package.use for both packages of the chain.
+    let user = user_portage(tmp.path(), "app-misc/usekey-app gui\napp-misc/usekey-lib doc\n");
+    // Wait until the target's tree index is there.
+    let _ = post_when_indexed(&app, &req("app-misc/usekey-lib", "1.0", &["doc"])).await;
+    app.drain_queue().await;
+
+    // emerge rejects the arguments: its own message and status, nothing requested.
+    let out = user.pacloud(&["emerge", "--server", &app.base, "--", "--bogus-option", "app-misc/usekey-app"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("unrecognized arguments: --bogus-option"), "{stderr}");
+    let out = user.pacloud(&["emerge", "--server", &app.base, "--", "app-misc/no-such-package"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("there are no ebuilds to satisfy"), "{out:?}");
+    assert_eq!(app.depth().await.visible, 0, "nothing requested");
+
+    // --pretend shows what it would request, with each package's USE.
+    let out = user.pacloud(&["emerge", "--server", &app.base, "--pretend", "--", "app-misc/usekey-app"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("would request app-misc/usekey-lib-1.0 USE=\"cli doc\""), "{stdout}");
+    assert!(stdout.contains("would request app-misc/usekey-app-1.0 USE=\"gui nls ssl -selinux\""), "{stdout}");
+    assert_eq!(app.depth().await.visible, 0, "--pretend requests nothing");
+
+    // The real thing: builds on the server, then portage installs binaries.
+    let out = user.pacloud(&["emerge", "--server", &app.base, "--target", "fixtures", "--", "app-misc/usekey-app"]).await;
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "pacloud emerge failed:\n{stdout}\n{stderr}");
+    assert!(stderr.contains("app-misc/usekey-app-1.0") && stderr.contains("ready"), "progress lines: {stderr}");
+    let read = |p: &str| std::fs::read_to_string(user.root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}\n{stdout}\n{stderr}"));
+    assert_eq!(read("usr/share/usekey-app/use").split_whitespace().collect::<Vec<_>>(), ["gui", "nls", "ssl"]);
+    assert_eq!(read("usr/share/usekey-lib/use").split_whitespace().collect::<Vec<_>>(), ["cli", "doc"]);
+    // Installed from the server's binaries, not built locally.
+    for pkg in ["usekey-app-1.0", "usekey-lib-1.0"] {
+        let vdb = user.root.join("var/db/pkg/app-misc").join(pkg);
+        assert!(vdb.join("BUILD_ID").is_file(), "{pkg} was installed from a binary package ({})", vdb.display());
+    }
+    assert!(stdout.contains("Emerging binary") || stdout.contains("binary"), "{stdout}");
+    // Each configuration was built once on the server, under its key.
+    let (s, lib) = app.post_build(&req("app-misc/usekey-lib", "1.0", &["cli", "doc"])).await;
+    assert_eq!((s, lib["status"].as_str()), (200, Some("ready")), "{lib}");
+    let (s, appb) = app.post_build(&req("app-misc/usekey-app", "1.0", &["gui"])).await;
+    assert_eq!((s, appb["status"].as_str()), (200, Some("ready")), "{appb}");
+    assert_eq!(app.logs(appb["key"].as_str().unwrap()).len(), 1);
+}
