@@ -87,12 +87,8 @@ impl BuildKey {
         version: &Version,
         use_flags: &UseSet,
     ) -> Vec<u8> {
-        format!(
-            "{}\ntarget:{target_hash}\natom:{atom}\nversion:{version}\nuse:{}\n",
-            kv.line(),
-            use_flags.canonical()
-        )
-        .into_bytes()
+        format!("{}\ntarget:{target_hash}\natom:{atom}\nversion:{version}\nuse:{}\n", kv.line(), use_flags.canonical())
+            .into_bytes()
     }
 
     pub fn compute(target_hash: &str, atom: &Atom, version: &Version, use_flags: &UseSet) -> BuildKey {

@@ -12,16 +12,16 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::key::BuildKey;
+use crate::key::KeyVersion;
 use crate::ports::{
     ArtifactError, ArtifactPath, ArtifactStore, Created, Job, JobQueue, MetadataStore, QueueError, SignedUrl,
     StoreError,
 };
 use crate::record::{BuildRecord, FailureClass, FailureInfo, Status, TransitionError};
-use crate::key::KeyVersion;
 use crate::request::{BuildRequest, BuildSpec, SpecError};
 use crate::target::{Target, TargetSet};
-use crate::tree::{Cpv, NotInTree, TreeIndex, TreeIndexError, UseRefusal};
 use crate::time::Clock;
+use crate::tree::{Cpv, NotInTree, TreeIndex, TreeIndexError, UseRefusal};
 
 /// Tunables of request handling.
 #[derive(Debug, Clone)]

@@ -245,7 +245,10 @@ mod tests {
         for req in ["", "cli", "+cli", "cli -doc", "-selinux", "ssl nls", "doc -doc"] {
             assert_eq!(eff(req).unwrap(), want, "{req:?}");
         }
-        assert_eq!(eff("-cli python_targets_python3_12").unwrap(), "-cli -doc +nls +python_targets_python3_12 -selinux +ssl");
+        assert_eq!(
+            eff("-cli python_targets_python3_12").unwrap(),
+            "-cli -doc +nls +python_targets_python3_12 -selinux +ssl"
+        );
     }
 
     #[test]
@@ -280,7 +283,10 @@ mod tests {
         assert_eq!(idx.get(&atom, &"2.10-r1".parse().unwrap()).unwrap().on, vec!["nls".to_string()]);
         let e = idx.get(&atom, &"2.12".parse().unwrap()).unwrap_err();
         assert_eq!(e.to_string(), "app-misc/hello-2.12 is not in the tree of target default (versions there: 2.10-r1)");
-        assert!(matches!(idx.get(&"app-misc/nope".parse().unwrap(), &"1".parse().unwrap()), Err(NotInTree::Package { .. })));
+        assert!(matches!(
+            idx.get(&"app-misc/nope".parse().unwrap(), &"1".parse().unwrap()),
+            Err(NotInTree::Package { .. })
+        ));
         let mut other = doc.clone();
         other["target_hash"] = "0".repeat(64).into();
         assert!(matches!(TreeIndex::parse(other.to_string().as_bytes(), &t), Err(TreeIndexError::WrongTarget { .. })));

@@ -164,7 +164,9 @@ pub async fn ensure_all(artifacts: Arc<dyn ArtifactStore>, env: BuildEnv, target
                 seconds = started.elapsed().as_secs_f64(),
                 "tree index stored"
             ),
-            Err(e) => tracing::error!(target = %t.name, error = &e as &dyn std::error::Error, "cannot build the tree index"),
+            Err(e) => {
+                tracing::error!(target = %t.name, error = &e as &dyn std::error::Error, "cannot build the tree index")
+            }
         }
     }
 }

@@ -245,7 +245,13 @@ pub async fn run(opts: &EmergeOptions) -> Result<(), EmergeError> {
     let mut board = Board {
         rows: items
             .iter()
-            .map(|it| Row { cpv: it.cpv(), state: "requesting".into(), detail: String::new(), started: now, done: None })
+            .map(|it| Row {
+                cpv: it.cpv(),
+                state: "requesting".into(),
+                detail: String::new(),
+                started: now,
+                done: None,
+            })
             .collect(),
         tty: std::io::stderr().is_terminal(),
         drawn: 0,
@@ -264,9 +270,9 @@ pub async fn run(opts: &EmergeOptions) -> Result<(), EmergeError> {
             let mut state = client.request(&req).await;
             loop {
                 let next = match &state {
-                    Ok(BuildState::Queued { poll, retry_after, .. } | BuildState::Building { poll, retry_after, .. }) => {
-                        Some((poll.clone(), retry_after.unwrap_or(2).clamp(1, 10)))
-                    }
+                    Ok(
+                        BuildState::Queued { poll, retry_after, .. } | BuildState::Building { poll, retry_after, .. },
+                    ) => Some((poll.clone(), retry_after.unwrap_or(2).clamp(1, 10))),
                     _ => None,
                 };
                 let _ = tx.send((i, state));
@@ -302,8 +308,11 @@ pub async fn run(opts: &EmergeOptions) -> Result<(), EmergeError> {
         }
     }
     board.draw();
-    let failed: Vec<(usize, &Done)> =
-        outcome.iter().enumerate().filter_map(|(i, o)| o.as_ref().filter(|d| !matches!(d, Done::Ready)).map(|d| (i, d))).collect();
+    let failed: Vec<(usize, &Done)> = outcome
+        .iter()
+        .enumerate()
+        .filter_map(|(i, o)| o.as_ref().filter(|d| !matches!(d, Done::Ready)).map(|d| (i, d)))
+        .collect();
     if !failed.is_empty() {
         eprintln!("pacloud: these builds did not succeed; nothing was installed:");
         for (i, d) in &failed {

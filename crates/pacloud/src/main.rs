@@ -332,7 +332,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (true, Some(file)) => {
                     use pacloud_domain::tree::{Cpv, TreeIndex};
                     let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-                    let idx = TreeIndex::parse(&bytes, t).map_err(|e| Usage(format!("--index {}: {e}", file.display())))?;
+                    let idx =
+                        TreeIndex::parse(&bytes, t).map_err(|e| Usage(format!("--index {}: {e}", file.display())))?;
                     let pkg = idx.get(&spec.atom, &spec.version).map_err(|e| Usage(e.to_string()))?;
                     spec.use_flags = pkg
                         .effective(&Cpv(&spec.atom, &spec.version), &spec.use_flags)

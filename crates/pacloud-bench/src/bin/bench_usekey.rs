@@ -126,7 +126,9 @@ async fn main() -> anyhow::Result<()> {
             "--venv" => venv = args.next().context("--venv PATH")?.into(),
             "--subset" => subset = args.next().context("--subset PATH")?.into(),
             "--ebuilds" => ebuilds = args.next().context("--ebuilds N")?.parse()?,
-            other => bail!("unknown argument {other:?}; usage: bench-usekey [--venv PATH] [--subset PATH] [--ebuilds N]"),
+            other => {
+                bail!("unknown argument {other:?}; usage: bench-usekey [--venv PATH] [--subset PATH] [--ebuilds N]")
+            }
         }
     }
     let dir = tempfile::tempdir()?;
@@ -212,7 +214,9 @@ async fn main() -> anyhow::Result<()> {
     let (m1, p50_1, p99_1) = handler(&app.router, BODY_V1, n).await?;
     let (m2, p50_2, p99_2) = handler(&app.router, BODY_V2, n).await?;
     println!("cache-hit handler (in-process Router, {n} calls each):");
-    println!("  key v1, no tree check (anchor):                  mean {m1:.2} us, p50 {p50_1:.2} us, p99 {p99_1:.2} us");
+    println!(
+        "  key v1, no tree check (anchor):                  mean {m1:.2} us, p50 {p50_1:.2} us, p99 {p99_1:.2} us"
+    );
     println!(
         "  key v2, tree check ({ebuilds}-ebuild index in memory): mean {m2:.2} us, p50 {p50_2:.2} us, p99 {p99_2:.2} us"
     );

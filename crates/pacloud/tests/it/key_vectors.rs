@@ -98,8 +98,7 @@ fn doc_v2_vectors_match_the_implementation() {
     let doc = doc();
     let dir = tempfile::tempdir().unwrap();
     let settings = doc_settings(&doc, dir.path());
-    let blocks: Vec<&str> =
-        doc.split("```vector-v2\n").skip(1).map(|b| b.split("```").next().unwrap()).collect();
+    let blocks: Vec<&str> = doc.split("```vector-v2\n").skip(1).map(|b| b.split("```").next().unwrap()).collect();
     assert!(blocks.len() >= 8, "at least 8 version 2 vectors, found {}", blocks.len());
     let (mut keys, mut refusals) = (0, 0);
     for block in blocks {

@@ -117,7 +117,8 @@ fn effective_use_py(cpvs: &[String], dir: &Path) -> Oracle {
                 _ => continue,
             };
             let list = if key == "iuse" {
-                let mut v: Vec<String> = v.split_whitespace().map(|w| w.trim_start_matches(['+', '-']).to_owned()).collect();
+                let mut v: Vec<String> =
+                    v.split_whitespace().map(|w| w.trim_start_matches(['+', '-']).to_owned()).collect();
                 v.sort();
                 v.dedup();
                 v
@@ -137,11 +138,8 @@ async fn tree_index_matches_effective_use_py_for_every_subset_ebuild() {
     let bytes = subset_index(&tmp.path().join("gen")).await;
     let index = TreeIndex::parse(&bytes, &subset_target()).expect("a valid index for the subset target");
     let doc: &TreeIndexDoc = index.doc();
-    let cpvs: Vec<String> = doc
-        .packages
-        .iter()
-        .flat_map(|(cp, vs)| vs.keys().map(move |v| format!("{cp}-{v}")))
-        .collect();
+    let cpvs: Vec<String> =
+        doc.packages.iter().flat_map(|(cp, vs)| vs.keys().map(move |v| format!("{cp}-{v}"))).collect();
     let ebuilds = walkdir_ebuilds(&subset().join("repo"));
     assert_eq!(cpvs.len(), ebuilds, "one entry per ebuild of the subset");
     assert_eq!(doc.ebuilds as usize, ebuilds);
@@ -232,9 +230,8 @@ async fn subset_answers_are_checked_against_the_tree() {
     assert_eq!(job["spec"]["use"], json!(["nls"]), "the job carries the effective USE");
     assert_eq!(job["spec"]["key_version"], 2);
     // The key is the documented version 2 encoding.
-    let enc = "pacloud-key-v2\ntarget:".to_owned()
-        + target.hash()
-        + "\natom:app-misc/hello\nversion:2.10-r1\nuse:+nls\n";
+    let enc =
+        "pacloud-key-v2\ntarget:".to_owned() + target.hash() + "\natom:app-misc/hello\nversion:2.10-r1\nuse:+nls\n";
     assert_eq!(a["key"], sha256(enc.as_bytes()));
 
     // Unknown package and version: 404 naming the cpv.
@@ -243,10 +240,18 @@ async fn subset_answers_are_checked_against_the_tree() {
     assert!(b["message"].as_str().unwrap().contains("app-misc/nope"), "{b}");
     let (s, b) = app.post_build(&req("app-misc/hello", "2.12", &[])).await;
     assert_eq!((s, b["field"].as_str()), (404, Some("version")), "{b}");
-    assert!(b["message"].as_str().unwrap().contains("app-misc/hello-2.12") && b["message"].as_str().unwrap().contains("2.10-r1"), "{b}");
+    assert!(
+        b["message"].as_str().unwrap().contains("app-misc/hello-2.12")
+            && b["message"].as_str().unwrap().contains("2.10-r1"),
+        "{b}"
+    );
     // A flag outside IUSE: 400 naming it.
     let (s, b) = app.post_build(&req("app-misc/hello", "2.10-r1", &["nls", "gtk"])).await;
-    assert_eq!((s, b["flag"].as_str(), b["rule"].as_str(), b["field"].as_str()), (400, Some("gtk"), Some("iuse"), Some("use")), "{b}");
+    assert_eq!(
+        (s, b["flag"].as_str(), b["rule"].as_str(), b["field"].as_str()),
+        (400, Some("gtk"), Some("iuse"), Some("use")),
+        "{b}"
+    );
     // Masked by the real profile (sed: selinux) and forced (bzip2: abi_x86_64).
     let (s, b) = app.post_build(&req("sys-apps/sed", "4.9-r1", &["selinux"])).await;
     assert_eq!((s, b["flag"].as_str(), b["rule"].as_str()), (400, Some("selinux"), Some("use.mask")), "{b}");
@@ -370,7 +375,8 @@ fn user_portage(dir: &Path, package_use: &str) -> UserPortage {
 
     let repo = workspace().join("tests/fixtures/repo");
     let profile = repo.join("profiles/default");
-    let repos_conf = format!("[DEFAULT]\nmain-repo = pacloud-fixtures\n\n[pacloud-fixtures]\nlocation = {}\n", repo.display());
+    let repos_conf =
+        format!("[DEFAULT]\nmain-repo = pacloud-fixtures\n\n[pacloud-fixtures]\nlocation = {}\n", repo.display());
     let make_conf = |w: &Path| {
         for d in ["pkgdir", "tmp", "distfiles", "logs"] {
             std::fs::create_dir_all(w.join(d)).unwrap();
@@ -450,11 +456,13 @@ async fn pacloud_emerge_builds_the_merge_list_and_portage_installs_it() {
     assert_eq!(app.depth().await.visible, 0, "--pretend requests nothing");
 
     // The real thing: builds on the server, then portage installs binaries.
-    let out = user.pacloud(&["emerge", "--server", &app.base, "--target", "fixtures", "--", "app-misc/usekey-app"]).await;
+    let out =
+        user.pacloud(&["emerge", "--server", &app.base, "--target", "fixtures", "--", "app-misc/usekey-app"]).await;
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "pacloud emerge failed:\n{stdout}\n{stderr}");
     assert!(stderr.contains("app-misc/usekey-app-1.0") && stderr.contains("ready"), "progress lines: {stderr}");
-    let read = |p: &str| std::fs::read_to_string(user.root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}\n{stdout}\n{stderr}"));
+    let read =
+        |p: &str| std::fs::read_to_string(user.root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}\n{stdout}\n{stderr}"));
     assert_eq!(read("usr/share/usekey-app/use").split_whitespace().collect::<Vec<_>>(), ["gui", "nls", "ssl"]);
     assert_eq!(read("usr/share/usekey-lib/use").split_whitespace().collect::<Vec<_>>(), ["cli", "doc"]);
     // Installed from the server's binaries, not built locally.
