@@ -246,6 +246,18 @@ mod tests {
     }
 
     #[test]
+    fn tree_index_is_configured_but_not_hashed() {
+        let a = Target::builtin_default();
+        let mut v = serde_json::to_value(&a.spec).unwrap();
+        assert!(v.get("tree_index").is_none(), "off is not written");
+        v["tree_index"] = true.into();
+        let spec: TargetSpec = serde_json::from_value(v).unwrap();
+        assert!(spec.tree_index);
+        let b = Target::new("default".parse().unwrap(), spec).unwrap();
+        assert_eq!(a.hash(), b.hash(), "the key version line separates the two kinds of keys");
+    }
+
+    #[test]
     fn rejects_newlines_and_bad_env() {
         let mut spec = Target::builtin_default().spec;
         spec.cflags = "-O2\nprofile:evil".into();
