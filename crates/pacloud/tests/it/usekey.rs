@@ -213,7 +213,9 @@ async fn subset_answers_are_checked_against_the_tree() {
 
     let tmp = tempfile::tempdir().unwrap();
     let bytes = subset_index(&tmp.path().join("gen")).await;
-    app.app.artifacts.put_bytes(&TreeIndex::path(&target).unwrap(), bytes, "application/json").await.unwrap();
+    app.app.artifacts.put_bytes(&TreeIndex::path(&target).unwrap(), bytes.clone(), "application/json").await.unwrap();
+    let index_file = tmp.path().join("index.json");
+    std::fs::write(&index_file, &bytes).unwrap();
 
     // hello: nls is on by the profile; [], ["nls"], ["+nls"] are one key.
     let (s1, a) = app.post_build(&req("app-misc/hello", "2.10-r1", &[])).await;
@@ -233,6 +235,40 @@ async fn subset_answers_are_checked_against_the_tree() {
     let enc =
         "pacloud-key-v2\ntarget:".to_owned() + target.hash() + "\natom:app-misc/hello\nversion:2.10-r1\nuse:+nls\n";
     assert_eq!(a["key"], sha256(enc.as_bytes()));
+
+    // Offline, from the stored index: `pacloud key --index` and the Python
+    // reference give the server's key.
+    let config = tmp.path().join("targets.toml");
+    std::fs::write(
+        &config,
+        "default_target = \"subset\"\n[targets.subset]\nprofile = \"default/linux/amd64/23.0\"\nchost = \"x86_64-pc-linux-gnu\"\n\
+         cflags = \"-O2 -pipe\"\ncxxflags = \"-O2 -pipe\"\nrepository = \"gentoo\"\nsnapshot = \"gentoo-subset\"\n\
+         builder = \"host\"\ntree_index = true\n",
+    )
+    .unwrap();
+    let cli = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pacloud"))
+            .args(["key", "app-misc/hello-2.10-r1", "--use", "+nls", "--config"])
+            .arg(&config)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, key, _) = cli(&["--index", index_file.to_str().unwrap()]);
+    assert_eq!((code, key.as_str()), (Some(0), a["key"].as_str().unwrap()));
+    let (code, _, err) = cli(&[]);
+    assert_eq!(code, Some(2), "a version 2 target needs --index: {err}");
+    let out = std::process::Command::new("python3")
+        .arg(workspace().join("scripts/pacloud_key.py"))
+        .args(["--index", index_file.to_str().unwrap(), "app-misc/hello", "2.10-r1"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), a["key"].as_str().unwrap(), "pacloud_key.py --index");
 
     // Unknown package and version: 404 naming the cpv.
     let (s, b) = app.post_build(&req("app-misc/nope", "1.0", &[])).await;
