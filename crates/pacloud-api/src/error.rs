@@ -8,6 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use pacloud_domain::request::SpecError;
 use pacloud_domain::service::ServiceError;
+use pacloud_domain::tree::{NotInTree, UseRefusal};
 use serde_json::json;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,15 @@ pub enum ApiError {
     UnknownTarget(String),
     #[error("{0}")]
     NotFound(String),
+    /// The target's tree has no such package or version.
+    #[error(transparent)]
+    NotInTree(NotInTree),
+    /// A flag outside IUSE, or against the profile's masks and forces.
+    #[error(transparent)]
+    UseRefused(UseRefusal),
+    /// The target's tree index is not stored yet.
+    #[error("the tree index of target {0} is not built yet; retry later")]
+    TreeIndexPending(String),
     #[error("{0}")]
     Conflict(String),
     #[error("method not allowed")]
@@ -47,14 +57,16 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Invalid { .. } | ApiError::MalformedJson(_) | ApiError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            ApiError::Invalid { .. } | ApiError::MalformedJson(_) | ApiError::BodyRead(_) | ApiError::UseRefused(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized | ApiError::BadToken => StatusCode::UNAUTHORIZED,
-            ApiError::UnknownTarget(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::UnknownTarget(_) | ApiError::NotFound(_) | ApiError::NotInTree(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::TreeIndexPending(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -85,6 +97,24 @@ impl ApiError {
                 json!({"error": "unknown_target", "field": "target", "message": self.to_string()})
             }
             ApiError::NotFound(_) => json!({"error": "not_found", "message": self.to_string()}),
+            ApiError::NotInTree(e) => {
+                let field = match e {
+                    NotInTree::Package { .. } => "atom",
+                    NotInTree::Version { .. } => "version",
+                };
+                json!({"error": "not_found", "field": field, "message": self.to_string()})
+            }
+            ApiError::UseRefused(e) => {
+                let rule = match e {
+                    UseRefusal::NotInIuse { .. } => "iuse",
+                    UseRefusal::Masked { .. } => "use.mask",
+                    UseRefusal::Forced { .. } => "use.force",
+                };
+                json!({"error": "invalid_request", "field": "use", "flag": e.flag(), "rule": rule, "message": self.to_string()})
+            }
+            ApiError::TreeIndexPending(t) => {
+                json!({"error": "tree_index_pending", "target": t, "message": self.to_string()})
+            }
             ApiError::Conflict(_) => json!({"error": "conflict", "message": self.to_string()}),
             ApiError::MethodNotAllowed => {
                 json!({"error": "method_not_allowed", "message": self.to_string()})
@@ -103,6 +133,10 @@ impl From<ServiceError> for ApiError {
             ServiceError::Spec(SpecError::Invalid(v)) => ApiError::Invalid { field: v.field, message: v.message },
             ServiceError::Spec(SpecError::UnknownTarget(t)) => ApiError::UnknownTarget(t),
             ServiceError::AuthRequired => ApiError::Unauthorized,
+            ServiceError::NotInTree(e) => ApiError::NotInTree(e),
+            ServiceError::Use(e) => ApiError::UseRefused(e),
+            ServiceError::TreeIndexPending { target } => ApiError::TreeIndexPending(target),
+            e @ ServiceError::TreeIndexBroken { .. } => ApiError::Unavailable(e),
             ServiceError::UnknownKey(k) => ApiError::NotFound(format!("no build with key {k}")),
             e @ ServiceError::NotRetryable(_) => ApiError::Conflict(e.to_string()),
             ServiceError::Store(_) | ServiceError::Queue(_) | ServiceError::Artifact(_) => ApiError::Unavailable(e),
@@ -124,6 +158,9 @@ impl IntoResponse for ApiError {
             }
             ApiError::Unavailable(_) => {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            ApiError::TreeIndexPending(_) => {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
             }
             _ => {}
         }

@@ -259,6 +259,7 @@ pub async fn targets(State(state): State<Arc<ApiState>>) -> Response {
                 "repository": t.spec.repository,
                 "snapshot": t.spec.snapshot,
                 "builder": t.spec.builder,
+                "tree_index": t.spec.tree_index,
                 "env": t.spec.env,
             })
         })

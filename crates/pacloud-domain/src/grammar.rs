@@ -370,12 +370,16 @@ impl UseSet {
     /// flags separated by ASCII whitespace. On error returns the index of
     /// the offending element.
     pub fn parse_list<S: AsRef<str>>(items: &[S]) -> Result<Self, (usize, GrammarError)> {
+        Self::parse_list_max(items, MAX_USE_FLAGS)
+    }
+
+    fn parse_list_max<S: AsRef<str>>(items: &[S], max: usize) -> Result<Self, (usize, GrammarError)> {
         let mut flags = Vec::new();
         for (i, item) in items.iter().enumerate() {
             for word in item.as_ref().split(|c: char| c.is_ascii_whitespace()).filter(|w| !w.is_empty()) {
                 flags.push(word.parse::<UseFlag>().map_err(|e| (i, e))?);
-                if flags.len() > MAX_USE_FLAGS {
-                    return Err((i, GrammarError::TooManyFlags { count: flags.len(), max: MAX_USE_FLAGS }));
+                if flags.len() > max {
+                    return Err((i, GrammarError::TooManyFlags { count: flags.len(), max }));
                 }
             }
         }
@@ -385,6 +389,17 @@ impl UseSet {
     /// Parses one space-separated string such as `"foo -bar +baz"`.
     pub fn parse_str(s: &str) -> Result<Self, GrammarError> {
         Self::parse_list(&[s]).map_err(|(_, e)| e)
+    }
+
+    /// A set from names and states that are already known to be flags
+    /// (IUSE names of a tree index).
+    pub(crate) fn from_states<I: IntoIterator<Item = (String, bool)>>(states: I) -> Self {
+        UseSet(states.into_iter().collect())
+    }
+
+    /// The requested state of `name`, if the set names it.
+    pub fn get(&self, name: &str) -> Option<bool> {
+        self.0.get(name).copied()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, bool)> {
@@ -431,8 +446,11 @@ impl Serialize for UseSet {
 
 impl<'de> Deserialize<'de> for UseSet {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Stored specs of key version 2 hold every IUSE flag of the ebuild,
+        // which may be more than a request may name; jobs and records are
+        // bounded by their own size limits instead.
         let v = Vec::<String>::deserialize(d)?;
-        UseSet::parse_list(&v).map_err(|(_, e)| serde::de::Error::custom(e))
+        UseSet::parse_list_max(&v, usize::MAX).map_err(|(_, e)| serde::de::Error::custom(e))
     }
 }
 
@@ -562,6 +580,9 @@ mod tests {
         assert_eq!(UseSet::parse_str("-b a").unwrap().portage(), "a -b");
         let many: Vec<String> = (0..=MAX_USE_FLAGS).map(|i| format!("f{i}")).collect();
         assert!(matches!(UseSet::parse_list(&many), Err((256, GrammarError::TooManyFlags { .. }))));
+        // A stored spec (key version 2: every IUSE flag) may hold more.
+        let stored: UseSet = serde_json::from_value(serde_json::json!(many)).unwrap();
+        assert_eq!(stored.len(), MAX_USE_FLAGS + 1);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The build key: lowercase hex SHA-256 of a versioned, line-oriented
 //! canonical encoding of (key version, target hash, atom, version,
-//! normalised USE). docs/key.md documents the encoding byte for byte with
-//! test vectors that `tests` below check, so any client can compute a key
+//! normalised USE). Version 1 hashes the flags as written (normalised);
+//! version 2, used by targets with a tree index, hashes the effective USE
+//! restricted to IUSE (`tree::PackageUse::effective`). docs/key.md documents
+//! both byte for byte with test vectors, so any client can compute a key
 //! offline.
 
 use serde::{Deserialize, Serialize};
@@ -11,8 +13,54 @@ use std::str::FromStr;
 
 use crate::grammar::{Atom, UseSet, Version};
 
-/// The current key version. Bumping it moves every request to a new key.
+/// The first line of a version 1 key (flags as written, normalised).
 pub const KEY_VERSION: &str = "pacloud-key-v1";
+/// The first line of a version 2 key (effective USE restricted to IUSE).
+pub const KEY_VERSION_2: &str = "pacloud-key-v2";
+
+/// Which key encoding a spec uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(into = "u32", try_from = "u32")]
+pub enum KeyVersion {
+    /// Flags as written: targets without a tree index, and records made
+    /// before key version 2.
+    #[default]
+    V1,
+    /// The effective USE over the whole IUSE of the ebuild.
+    V2,
+}
+
+impl KeyVersion {
+    pub fn line(self) -> &'static str {
+        match self {
+            KeyVersion::V1 => KEY_VERSION,
+            KeyVersion::V2 => KEY_VERSION_2,
+        }
+    }
+    pub fn is_v1(&self) -> bool {
+        *self == KeyVersion::V1
+    }
+}
+
+impl From<KeyVersion> for u32 {
+    fn from(v: KeyVersion) -> u32 {
+        match v {
+            KeyVersion::V1 => 1,
+            KeyVersion::V2 => 2,
+        }
+    }
+}
+
+impl TryFrom<u32> for KeyVersion {
+    type Error = String;
+    fn try_from(v: u32) -> Result<Self, String> {
+        match v {
+            1 => Ok(KeyVersion::V1),
+            2 => Ok(KeyVersion::V2),
+            n => Err(format!("unknown key version {n}")),
+        }
+    }
+}
 
 /// A build key: exactly 64 lowercase hex digits.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -24,14 +72,37 @@ pub struct BuildKey(String);
 pub struct BadKey;
 
 impl BuildKey {
-    /// The canonical bytes a key is the hash of.
+    /// The canonical bytes a version 1 key is the hash of.
     pub fn canonical_encoding(target_hash: &str, atom: &Atom, version: &Version, use_flags: &UseSet) -> Vec<u8> {
-        format!("{KEY_VERSION}\ntarget:{target_hash}\natom:{atom}\nversion:{version}\nuse:{}\n", use_flags.canonical())
+        Self::canonical_encoding_of(KeyVersion::V1, target_hash, atom, version, use_flags)
+    }
+
+    /// The canonical bytes of a key of version `kv`. Both versions have the
+    /// same five lines; version 2's `use` line holds every IUSE flag of the
+    /// ebuild with its effective state.
+    pub fn canonical_encoding_of(
+        kv: KeyVersion,
+        target_hash: &str,
+        atom: &Atom,
+        version: &Version,
+        use_flags: &UseSet,
+    ) -> Vec<u8> {
+        format!("{}\ntarget:{target_hash}\natom:{atom}\nversion:{version}\nuse:{}\n", kv.line(), use_flags.canonical())
             .into_bytes()
     }
 
     pub fn compute(target_hash: &str, atom: &Atom, version: &Version, use_flags: &UseSet) -> BuildKey {
-        BuildKey(hex::encode(Sha256::digest(Self::canonical_encoding(target_hash, atom, version, use_flags))))
+        Self::compute_of(KeyVersion::V1, target_hash, atom, version, use_flags)
+    }
+
+    pub fn compute_of(
+        kv: KeyVersion,
+        target_hash: &str,
+        atom: &Atom,
+        version: &Version,
+        use_flags: &UseSet,
+    ) -> BuildKey {
+        BuildKey(hex::encode(Sha256::digest(Self::canonical_encoding_of(kv, target_hash, atom, version, use_flags))))
     }
 
     pub fn as_str(&self) -> &str {

@@ -16,9 +16,10 @@ pub mod request;
 pub mod service;
 pub mod target;
 pub mod time;
+pub mod tree;
 
 pub use grammar::{Atom, Category, PackageName, UseFlag, UseSet, Version};
-pub use key::BuildKey;
+pub use key::{BuildKey, KeyVersion};
 pub use record::{ArtifactInfo, BuildRecord, ComputeInfo, FailureClass, FailureInfo, Lease, Status, TransitionError};
 pub use request::{BuildRequest, BuildSpec, ValidationError};
 pub use target::{Target, TargetName, TargetSet};

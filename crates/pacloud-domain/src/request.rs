@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::grammar::{Atom, AtomError, GrammarError, UseSet, Version};
-use crate::key::BuildKey;
+use crate::key::{BuildKey, KeyVersion};
 use crate::target::{TargetName, TargetSet};
 
 /// A client mistake: which field, and what rule it broke.
@@ -41,11 +41,15 @@ pub struct BuildSpec {
     pub use_flags: UseSet,
     pub target: TargetName,
     pub target_hash: String,
+    /// The key encoding; version 2 specs hold the effective USE (every IUSE
+    /// flag with its state). Absent in records and jobs made before it: 1.
+    #[serde(default, skip_serializing_if = "KeyVersion::is_v1")]
+    pub key_version: KeyVersion,
 }
 
 impl BuildSpec {
     pub fn key(&self) -> BuildKey {
-        BuildKey::compute(&self.target_hash, &self.atom, &self.version, &self.use_flags)
+        BuildKey::compute_of(self.key_version, &self.target_hash, &self.atom, &self.version, &self.use_flags)
     }
     /// `=category/package-version`, the atom portage is asked to build.
     pub fn portage_atom(&self) -> String {
@@ -93,7 +97,14 @@ impl BuildRequest {
             }
         };
         let t = targets.get(&target).ok_or_else(|| SpecError::UnknownTarget(target.to_string()))?;
-        Ok(BuildSpec { atom, version, use_flags, target, target_hash: t.hash().to_owned() })
+        Ok(BuildSpec {
+            atom,
+            version,
+            use_flags,
+            target,
+            target_hash: t.hash().to_owned(),
+            key_version: KeyVersion::V1,
+        })
     }
 }
 

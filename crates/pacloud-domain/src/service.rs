@@ -1,22 +1,27 @@
 //! Request handling, written once against the ports: look a key up, create
 //! the record and enqueue one job on a miss, re-enqueue a record whose
 //! message was lost, retry failures whose cache time ran out, and sign
-//! download URLs on a hit. The HTTP API (local server and Lambda alike)
-//! calls only this.
+//! download URLs on a hit. Requests for a target with a tree index are
+//! checked against it (404 for a cpv it lacks, 400 for a flag outside IUSE
+//! or against the profile) and keyed by effective USE; the index is loaded
+//! lazily from the artifact store and cached per target hash. The HTTP API
+//! (local server and Lambda alike) calls only this.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::key::BuildKey;
+use crate::key::KeyVersion;
 use crate::ports::{
     ArtifactError, ArtifactPath, ArtifactStore, Created, Job, JobQueue, MetadataStore, QueueError, SignedUrl,
     StoreError,
 };
 use crate::record::{BuildRecord, FailureClass, FailureInfo, Status, TransitionError};
-use crate::request::{BuildRequest, SpecError};
-use crate::target::TargetSet;
+use crate::request::{BuildRequest, BuildSpec, SpecError};
+use crate::target::{Target, TargetSet};
 use crate::time::Clock;
+use crate::tree::{Cpv, NotInTree, TreeIndex, TreeIndexError, UseRefusal};
 
 /// Tunables of request handling.
 #[derive(Debug, Clone)]
@@ -73,6 +78,24 @@ pub enum ServiceError {
     Spec(#[from] SpecError),
     #[error("building needs credentials")]
     AuthRequired,
+    /// The target's tree has no such package or version.
+    #[error(transparent)]
+    NotInTree(#[from] NotInTree),
+    /// A requested flag the ebuild does not have, or that the profile
+    /// masks or forces against the request.
+    #[error(transparent)]
+    Use(#[from] UseRefusal),
+    /// The target checks requests against a tree index no worker has
+    /// stored yet; retry later (never answered with a wrong key).
+    #[error("the tree index of target {target} is not built yet; a worker with its repository builds it")]
+    TreeIndexPending { target: String },
+    /// The stored tree index cannot be used.
+    #[error("the tree index of target {target} is unusable")]
+    TreeIndexBroken {
+        target: String,
+        #[source]
+        source: TreeIndexError,
+    },
     #[error("no build with key {0}")]
     UnknownKey(String),
     #[error("build {0} is ready; there is nothing to retry")]
@@ -107,6 +130,8 @@ pub struct BuildService {
     clock: Arc<dyn Clock>,
     config: ServiceConfig,
     ready: RwLock<HashMap<BuildKey, Arc<BuildRecord>>>,
+    /// Loaded tree indexes by target hash (they change only with it).
+    trees: RwLock<HashMap<String, Arc<TreeIndex>>>,
 }
 
 /// How many times a request re-reads after losing a conditional write.
@@ -121,7 +146,16 @@ impl BuildService {
         clock: Arc<dyn Clock>,
         config: ServiceConfig,
     ) -> Self {
-        BuildService { store, queue, artifacts, targets, clock, config, ready: RwLock::new(HashMap::new()) }
+        BuildService {
+            store,
+            queue,
+            artifacts,
+            targets,
+            clock,
+            config,
+            ready: RwLock::new(HashMap::new()),
+            trees: RwLock::new(HashMap::new()),
+        }
     }
 
     pub fn targets(&self) -> &TargetSet {
@@ -144,7 +178,7 @@ impl BuildService {
     /// cause a build (it holds credentials, or none are configured); a cache
     /// hit or a build already under way needs none.
     pub async fn request(&self, req: &BuildRequest, may_build: bool) -> Result<Outcome, ServiceError> {
-        let spec = req.validate(&self.targets)?;
+        let spec = self.spec(req).await?;
         let key = spec.key();
         if let Some(hit) = self.cached_ready(&key).await? {
             return Ok(hit);
@@ -174,6 +208,44 @@ impl BuildService {
             }
         }
         Err(ServiceError::Store(StoreError::Conflict))
+    }
+
+    /// Validates a request into the spec that is built: on a target with a
+    /// tree index, checked against it and holding the effective USE (key
+    /// version 2); otherwise the flags as written (key version 1).
+    pub async fn spec(&self, req: &BuildRequest) -> Result<BuildSpec, ServiceError> {
+        let mut spec = req.validate(&self.targets)?;
+        let Some(target) = self.targets.get(&spec.target).filter(|t| t.spec.tree_index) else {
+            return Ok(spec);
+        };
+        let index = self.tree_index(target).await?;
+        let pkg = index.get(&spec.atom, &spec.version)?;
+        spec.use_flags = pkg.effective(&Cpv(&spec.atom, &spec.version), &spec.use_flags)?;
+        spec.key_version = KeyVersion::V2;
+        Ok(spec)
+    }
+
+    /// The tree index of `target`: from memory, else loaded from the
+    /// artifact store (`TreeIndex::path`) and kept.
+    pub async fn tree_index(&self, target: &Target) -> Result<Arc<TreeIndex>, ServiceError> {
+        if let Some(hit) = self.trees.read().ok().and_then(|m| m.get(target.hash()).cloned()) {
+            return Ok(hit);
+        }
+        let broken = |source| ServiceError::TreeIndexBroken { target: target.name.to_string(), source };
+        let path = TreeIndex::path(target)
+            .map_err(|e| ServiceError::Inconsistent { key: target.name.to_string(), source: Box::new(e) })?;
+        let bytes = match self.artifacts.get(&path).await {
+            Ok(b) => b,
+            Err(ArtifactError::NotFound(_)) => {
+                return Err(ServiceError::TreeIndexPending { target: target.name.to_string() });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let index = Arc::new(TreeIndex::parse(&bytes, target).map_err(broken)?);
+        if let Ok(mut m) = self.trees.write() {
+            m.insert(target.hash().to_owned(), index.clone());
+        }
+        Ok(index)
     }
 
     /// Answers a poll by key. Never causes a new build, but re-sends the

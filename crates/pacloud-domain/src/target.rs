@@ -64,7 +64,9 @@ impl<'de> Deserialize<'de> for TargetName {
     }
 }
 
-/// What a target fixes. Every field takes part in the target's hash.
+/// What a target fixes. Every field but `tree_index` takes part in the
+/// target's hash (`tree_index` decides the key version, which is itself the
+/// first line of every key, so the two kinds of keys never meet).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetSpec {
@@ -86,6 +88,12 @@ pub struct TargetSpec {
     /// Further make.conf variables that change the binary, by name.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Whether requests are checked against the target's tree index and
+    /// keyed by effective USE (key version 2). Such a target answers 503
+    /// until a worker has stored its index. Off: flags as written (key
+    /// version 1), nothing checked.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tree_index: bool,
 }
 
 impl TargetSpec {
@@ -184,6 +192,7 @@ impl Target {
             snapshot: "latest".into(),
             builder: "host".into(),
             env: BTreeMap::new(),
+            tree_index: false,
         };
         #[allow(clippy::expect_used)]
         Target::new(TargetName("default".into()), spec).expect("built-in target is valid")
@@ -234,6 +243,18 @@ mod tests {
         let c = Target::new("default".parse().unwrap(), spec).unwrap();
         assert_ne!(a.hash(), c.hash());
         assert_eq!(a.hash().len(), 64);
+    }
+
+    #[test]
+    fn tree_index_is_configured_but_not_hashed() {
+        let a = Target::builtin_default();
+        let mut v = serde_json::to_value(&a.spec).unwrap();
+        assert!(v.get("tree_index").is_none(), "off is not written");
+        v["tree_index"] = true.into();
+        let spec: TargetSpec = serde_json::from_value(v).unwrap();
+        assert!(spec.tree_index);
+        let b = Target::new("default".parse().unwrap(), spec).unwrap();
+        assert_eq!(a.hash(), b.hash(), "the key version line separates the two kinds of keys");
     }
 
     #[test]

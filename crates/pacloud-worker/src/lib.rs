@@ -16,4 +16,5 @@ pub mod runner;
 pub mod sandbox;
 pub mod spot;
 pub mod testkit;
+pub mod tree_index;
 pub mod worker;

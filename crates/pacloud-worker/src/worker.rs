@@ -533,14 +533,47 @@ impl Worker {
     /// Dependencies were built with their default USE: record them as ready
     /// for the request that names no USE, unless a record exists already.
     async fn record_dependencies(&self, spec: &BuildSpec, deps: Vec<publish::PublishedPackage>) {
+        // A target with a tree index keys its dependencies by effective USE
+        // (key version 2): what portage recorded, restricted to the IUSE the
+        // index has for that cpv. Without an index: version 1, no flags.
+        let index = match self.targets.get(&spec.target).filter(|t| t.spec.tree_index) {
+            None => None,
+            Some(t) => {
+                let loaded = match pacloud_domain::tree::TreeIndex::path(t) {
+                    Ok(p) => match self.artifacts.get(&p).await {
+                        Ok(bytes) => pacloud_domain::tree::TreeIndex::parse(&bytes, t).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                match loaded {
+                    Ok(i) => Some(i),
+                    Err(e) => {
+                        tracing::warn!(target = %t.name, error = %e, "no tree index: dependencies are not recorded");
+                        return;
+                    }
+                }
+            }
+        };
         for dep in deps {
             let Ok((atom, version)) = parse_versioned_atom(&dep.cpv) else { continue };
+            let (use_flags, key_version) = match &index {
+                None => (UseSet::default(), pacloud_domain::KeyVersion::V1),
+                Some(idx) => match idx.get(&atom, &version) {
+                    Ok(pkg) => (pkg.from_recorded(&dep.use_flags), pacloud_domain::KeyVersion::V2),
+                    Err(e) => {
+                        tracing::warn!(cpv = %dep.cpv, error = %e, "dependency not in the tree index; not recorded");
+                        continue;
+                    }
+                },
+            };
             let dep_spec = BuildSpec {
                 atom,
                 version,
-                use_flags: UseSet::default(),
+                use_flags,
                 target: spec.target.clone(),
                 target_hash: spec.target_hash.clone(),
+                key_version,
             };
             let artifact = ArtifactInfo {
                 path: dep.path.to_string(),

@@ -283,6 +283,8 @@ pub fn start_workers_on(
         retry_backoff: b.retry_backoff,
         compute: compute_from(|k| std::env::var(k).ok()),
     };
+    let targets = Arc::new(TargetSet::clone(&settings.targets));
+    tokio::spawn(pacloud_worker::tree_index::ensure_all(artifacts.clone(), backend.env.clone(), targets));
     let worker = Arc::new(Worker::new(
         store,
         queue,

@@ -252,6 +252,18 @@ impl Client {
         self.decode(&url, resp).await
     }
 
+    /// The server's default target (`GET /v1/targets`).
+    pub async fn default_target(&self) -> Result<String, ClientError> {
+        let url = self.url("/v1/targets");
+        let resp = self.http.get(&url).send().await.map_err(|source| ClientError::Http { url: url.clone(), source })?;
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Http { url: url.clone(), source })?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(ClientError::Protocol)?;
+        v["default"].as_str().map(str::to_owned).ok_or_else(|| ClientError::Server {
+            status: 200,
+            message: "GET /v1/targets names no default target".into(),
+        })
+    }
+
     /// `GET /v1/builds/{key}` (or a `poll` link).
     pub async fn poll(&self, path: &str) -> Result<BuildState, ClientError> {
         let url = self.url(path);

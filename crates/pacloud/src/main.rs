@@ -81,6 +81,33 @@ enum Command {
         /// Settings file defining targets (also PACLOUD_CONFIG).
         #[arg(long, env = "PACLOUD_CONFIG")]
         config: Option<PathBuf>,
+        /// The target's tree index (`<target>/tree-index/<hash>.json`), for a
+        /// target that keys by effective USE (key version 2).
+        #[arg(long)]
+        index: Option<PathBuf>,
+    },
+    /// Build a whole merge list on the server, then install it with emerge.
+    ///
+    /// Runs `emerge --pretend --verbose ARGS` with your configuration
+    /// (PORTAGE_CONFIGROOT, ROOT, EPREFIX honoured), requests every package
+    /// it would build, shows their progress, and runs
+    /// `emerge --getbinpkg --binpkg-respect-use=y ARGS` once all are built.
+    Emerge {
+        #[arg(long, env = "PACLOUD_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+        #[arg(long, env = "PACLOUD_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        #[arg(long)]
+        target: Option<String>,
+        /// Only show what would be requested.
+        #[arg(long)]
+        pretend: bool,
+        /// Give up waiting for the builds after this many seconds.
+        #[arg(long, default_value_t = 24 * 3600)]
+        timeout: u64,
+        /// The emerge arguments (after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
     },
 }
 
@@ -115,6 +142,12 @@ fn main() -> ExitCode {
             if let Some(u) = e.downcast_ref::<Usage>() {
                 eprintln!("pacloud: {u}");
                 return ExitCode::from(2);
+            }
+            if let Some(em) = e.downcast_ref::<pacloud::emerge::EmergeError>() {
+                if !matches!(em, pacloud::emerge::EmergeError::Rejected { .. }) {
+                    eprintln!("pacloud: {em}");
+                }
+                return ExitCode::from(em.exit_code().clamp(1, 255) as u8);
             }
             if let Some(c) = e.downcast_ref::<pacloud::client::ClientError>() {
                 eprintln!("pacloud: {c}");
@@ -294,16 +327,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Key { package, use_flags, target, config } => {
+        Command::Key { package, use_flags, target, config, index } => {
             let (atom, version, use_flags) = parse_package(&package, &use_flags)?;
             let settings =
                 Settings::load(config.as_deref(), |k| std::env::var(k).ok()).map_err(|e| Usage(format!("{e:#}")))?;
-            let spec =
+            let mut spec =
                 BuildRequest { atom, version, use_flags, target }.validate(&settings.targets).map_err(|e| match e {
                     SpecError::Invalid(v) => Usage(v.to_string()),
                     SpecError::UnknownTarget(t) => Usage(format!("--target: unknown target {t:?}")),
                 })?;
+            let t = settings.targets.get(&spec.target).context("target")?;
+            match (t.spec.tree_index, index) {
+                (false, _) => {}
+                (true, None) => {
+                    return Err(Usage(format!(
+                        "target {} keys by effective USE (key version 2): pass --index <its tree index file>",
+                        t.name
+                    ))
+                    .into());
+                }
+                (true, Some(file)) => {
+                    use pacloud_domain::tree::{Cpv, TreeIndex};
+                    let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                    let idx =
+                        TreeIndex::parse(&bytes, t).map_err(|e| Usage(format!("--index {}: {e}", file.display())))?;
+                    let pkg = idx.get(&spec.atom, &spec.version).map_err(|e| Usage(e.to_string()))?;
+                    spec.use_flags = pkg
+                        .effective(&Cpv(&spec.atom, &spec.version), &spec.use_flags)
+                        .map_err(|e| Usage(e.to_string()))?;
+                    spec.key_version = pacloud_domain::KeyVersion::V2;
+                }
+            }
             println!("{}", spec.key());
+            Ok(())
+        }
+        Command::Emerge { server, token, target, pretend, timeout, args } => {
+            let opts = pacloud::emerge::EmergeOptions {
+                server,
+                token,
+                target,
+                pretend,
+                args,
+                emerge: "emerge".into(),
+                timeout: Duration::from_secs(timeout),
+            };
+            pacloud::emerge::run(&opts).await?;
             Ok(())
         }
     }

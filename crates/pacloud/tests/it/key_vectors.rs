@@ -48,7 +48,7 @@ fn doc_settings(doc: &str, dir: &std::path::Path) -> Settings {
     Settings::load(Some(&file), |_| None).expect("the doc's target block is a valid settings file")
 }
 
-fn request(v: &Value) -> BuildRequest {
+pub(crate) fn request(v: &Value) -> BuildRequest {
     BuildRequest {
         atom: v["atom"].as_str().unwrap().into(),
         version: v["version"].as_str().unwrap().into(),
@@ -87,4 +87,50 @@ async fn server_answers_with_the_doc_keys() {
         assert_eq!(status, 202, "{body}");
         assert_eq!(body["key"], v.key.as_str(), "server key of {}", v.request);
     }
+}
+
+/// The version 2 vectors: the doc's index entry applied to the request by
+/// the domain crate gives the doc's canonical bytes and key, or its refusal.
+#[test]
+fn doc_v2_vectors_match_the_implementation() {
+    use pacloud_domain::KeyVersion;
+    use pacloud_domain::tree::{Cpv, PackageUse, UseRefusal};
+    let doc = doc();
+    let dir = tempfile::tempdir().unwrap();
+    let settings = doc_settings(&doc, dir.path());
+    let blocks: Vec<&str> = doc.split("```vector-v2\n").skip(1).map(|b| b.split("```").next().unwrap()).collect();
+    assert!(blocks.len() >= 8, "at least 8 version 2 vectors, found {}", blocks.len());
+    let (mut keys, mut refusals) = (0, 0);
+    for block in blocks {
+        let field = |name: &str| block.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).map(str::to_owned);
+        let request: Value = serde_json::from_str(&field("request").unwrap()).unwrap();
+        let pkg: PackageUse = serde_json::from_str(&field("index").unwrap()).unwrap();
+        let spec = super::key_vectors::request(&request).validate(&settings.targets).unwrap();
+        let result = pkg.effective(&Cpv(&spec.atom, &spec.version), &spec.use_flags);
+        match (field("canonical"), field("refused")) {
+            (Some(canonical), None) => {
+                let eff = result.unwrap_or_else(|e| panic!("{request}: {e}"));
+                let canonical: String = serde_json::from_str(&canonical).unwrap();
+                let bytes =
+                    BuildKey::canonical_encoding_of(KeyVersion::V2, &spec.target_hash, &spec.atom, &spec.version, &eff);
+                assert_eq!(String::from_utf8(bytes).unwrap(), canonical, "canonical bytes of {request}");
+                let key = BuildKey::compute_of(KeyVersion::V2, &spec.target_hash, &spec.atom, &spec.version, &eff);
+                assert_eq!(key.as_str(), field("key").unwrap(), "key of {request}");
+                keys += 1;
+            }
+            (None, Some(refused)) => {
+                let (rule, flag) = refused.split_once(' ').unwrap();
+                let e = result.expect_err(&refused);
+                let got = match &e {
+                    UseRefusal::NotInIuse { .. } => "iuse",
+                    UseRefusal::Masked { .. } => "use.mask",
+                    UseRefusal::Forced { .. } => "use.force",
+                };
+                assert_eq!((got, e.flag()), (rule, flag), "{request}");
+                refusals += 1;
+            }
+            other => panic!("a vector has a key or a refusal: {other:?}"),
+        }
+    }
+    assert!(keys >= 5 && refusals >= 3, "{keys} keys, {refusals} refusals");
 }

@@ -10,3 +10,4 @@ mod docker;
 mod helpers;
 mod key_vectors;
 mod sources;
+mod usekey;
