@@ -332,7 +332,7 @@ mod compute_tests {
 
     #[test]
     fn compute_needs_all_three_and_a_valid_price() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
+        let env = |pairs: Vec<(&'static str, &'static str)>| {
             move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
         };
         let all = [
@@ -340,10 +340,10 @@ mod compute_tests {
             ("PACLOUD_CAPACITY_TYPE", "spot"),
             ("PACLOUD_PRICE_USD_PER_HOUR", "0.068"),
         ];
-        let c = compute_from(env(&all)).unwrap();
+        let c = compute_from(env(all.to_vec())).unwrap();
         assert_eq!((c.instance_type.as_str(), c.capacity_type.as_str(), c.usd_per_hour), ("c6i.xlarge", "spot", 0.068));
-        assert!(compute_from(env(&all[..2])).is_none());
-        assert!(compute_from(env(&[all[0], all[1], ("PACLOUD_PRICE_USD_PER_HOUR", "-1")])).is_none());
-        assert!(compute_from(env(&[all[0], ("PACLOUD_CAPACITY_TYPE", "reserved"), all[2]])).is_none());
+        assert!(compute_from(env(all[..2].to_vec())).is_none());
+        assert!(compute_from(env(vec![all[0], all[1], ("PACLOUD_PRICE_USD_PER_HOUR", "-1")])).is_none());
+        assert!(compute_from(env(vec![all[0], ("PACLOUD_CAPACITY_TYPE", "reserved"), all[2]])).is_none());
     }
 }

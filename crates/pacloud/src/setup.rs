@@ -184,6 +184,7 @@ pub fn choose_repository(settings: &mut Settings) -> Result<Vec<String>, SetupEr
         snapshot: "1".into(),
         builder: "host".into(),
         env: Default::default(),
+        tree_index: false,
     };
     if let Ok(demo) = Target::new("demo".parse().map_err(|_| unreachable_name())?, spec) {
         let mut all: Vec<Target> = settings.targets.iter().cloned().collect();
