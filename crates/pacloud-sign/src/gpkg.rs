@@ -114,7 +114,8 @@ fn read_members(src: &Path) -> Result<(String, Vec<Member>), SignError> {
     for entry in archive.entries_with_seek().map_err(io_err(src))? {
         let entry = entry.map_err(io_err(src))?;
         let name = entry.path().map_err(io_err(src))?.to_string_lossy().into_owned();
-        let (dir, base) = name.split_once('/').ok_or_else(|| format_err(format!("member {name:?} is not in a directory")))?;
+        let (dir, base) =
+            name.split_once('/').ok_or_else(|| format_err(format!("member {name:?} is not in a directory")))?;
         if dir.is_empty() || base.is_empty() || base.contains('/') {
             return Err(format_err(format!("member {name:?} is not at depth one")));
         }
@@ -185,7 +186,11 @@ pub fn sign_gpkg(signer: &Signer, src: &Path, dst: &Path) -> Result<PackageDiges
         if tee.n != m.size {
             return Err(format_err(format!("{} is truncated", m.base)));
         }
-        let d = Digests { size: m.size, blake2b: hex::encode(tee.blake2b.finalize()), sha512: hex::encode(tee.sha512.finalize()) };
+        let d = Digests {
+            size: m.size,
+            blake2b: hex::encode(tee.blake2b.finalize()),
+            sha512: hex::encode(tee.sha512.finalize()),
+        };
         manifest.push_str(&manifest_line(&m.base, &d));
         manifest.push_str(&manifest_line(&format!("{}.sig", m.base), &Digests::of(sig.as_bytes())));
         sigs.push(sig);

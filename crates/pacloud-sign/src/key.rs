@@ -70,8 +70,15 @@ impl Signer {
                 .map_err(|e| SignError::Key { path: path.to_owned(), reason: e.to_string() }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let secret = generate(user_id)?;
-                save_secret(path, &secret)?;
-                Ok(Self::from_secret(secret, KeySource::Generated(path.to_owned())))
+                match save_secret(path, &secret) {
+                    Ok(()) => Ok(Self::from_secret(secret, KeySource::Generated(path.to_owned()))),
+                    // Another process (`pacloud worker` beside `serve`) saved
+                    // one first: use that one.
+                    Err(SignError::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {
+                        Self::load_or_generate(path, user_id)
+                    }
+                    Err(e) => Err(e),
+                }
             }
             Err(e) => Err(SignError::Io { path: path.to_owned(), source: e }),
         }
@@ -88,7 +95,9 @@ impl Signer {
         let (secret, _) = SignedSecretKey::from_string(text)?;
         secret.verify_bindings()?;
         if secret.primary_key.secret_params().is_encrypted() {
-            return Err(SignError::Pgp("the secret key is passphrase-protected; pacloud needs an unprotected key".into()));
+            return Err(SignError::Pgp(
+                "the secret key is passphrase-protected; pacloud needs an unprotected key".into(),
+            ));
         }
         Ok(Self::from_secret(secret, source))
     }
@@ -200,12 +209,8 @@ fn save_secret(path: &Path, secret: &SignedSecretKey) -> Result<(), SignError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io_err(&tmp))?;
     f.write_all(armored.as_bytes()).and_then(|_| f.sync_all()).map_err(io_err(&tmp))?;
     let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);
@@ -280,8 +285,10 @@ impl SigningKey for RemoteRsaKey {
                 backtrace: None,
             });
         }
-        let sig = (self.sign)(digest)
-            .map_err(|message| pgp::errors::Error::Message { message: format!("remote signer: {message}"), backtrace: None })?;
+        let sig = (self.sign)(digest).map_err(|message| pgp::errors::Error::Message {
+            message: format!("remote signer: {message}"),
+            backtrace: None,
+        })?;
         // The signature must verify before it is used (a wrong key or
         // algorithm on the remote side must not produce a bad package).
         let bytes = SignatureBytes::Mpis(vec![Mpi::from_slice(&sig)]);

@@ -12,5 +12,6 @@ pub mod plan;
 pub mod publish;
 pub mod runner;
 pub mod sandbox;
+pub mod sign;
 pub mod spot;
 pub mod worker;

@@ -51,6 +51,11 @@ pub struct FileSettings {
     pub requeue_after_secs: Option<u64>,
     pub poll_after_secs: Option<u64>,
     pub max_receives: Option<u32>,
+    /// The binhost signing key (armored OpenPGP secret key); default
+    /// `<data_dir>/binhost-signing-key.asc`, generated on first start.
+    pub binhost_key: Option<PathBuf>,
+    /// Sign published packages (GLEP 78); default true.
+    pub sign_packages: Option<bool>,
     pub default_target: Option<String>,
     #[serde(default)]
     pub targets: BTreeMap<String, TargetSpec>,
@@ -191,6 +196,10 @@ pub struct Settings {
     pub requeue_after: Duration,
     pub poll_after: Duration,
     pub max_receives: u32,
+    /// A configured binhost signing key file (else the data directory's).
+    pub binhost_key: Option<PathBuf>,
+    /// Whether published packages are signed (GLEP 78).
+    pub sign_packages: bool,
     pub targets: TargetSet,
     pub build: BuildSettings,
     pub aws: AwsFileSettings,
@@ -218,6 +227,8 @@ impl Default for Settings {
             requeue_after: Duration::from_secs(15 * 60),
             poll_after: Duration::from_secs(5),
             max_receives: 5,
+            binhost_key: None,
+            sign_packages: true,
             targets: TargetSet::builtin(),
             build: BuildSettings::default(),
             aws: AwsFileSettings::default(),
@@ -226,6 +237,12 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// The binhost signing key file in use (configured, or in the data
+    /// directory).
+    pub fn binhost_key_path(&self) -> PathBuf {
+        self.binhost_key.clone().unwrap_or_else(|| self.data_dir.join("binhost-signing-key.asc"))
+    }
+
     /// Defaults, overlaid by `file` (if given) and then by `env`
     /// (a lookup such as `|k| std::env::var(k).ok()`).
     pub fn load(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Settings, SettingsError> {
@@ -265,6 +282,12 @@ impl Settings {
         }
         if let Some(v) = f.max_receives {
             self.max_receives = v;
+        }
+        if f.binhost_key.is_some() {
+            self.binhost_key = f.binhost_key;
+        }
+        if let Some(v) = f.sign_packages {
+            self.sign_packages = v;
         }
         self.aws = f.aws;
         let b = &mut self.build;
@@ -348,6 +371,16 @@ impl Settings {
         }
         if let Some(v) = env("PACLOUD_PUBLIC_URL") {
             self.public_url = Some(v);
+        }
+        if let Some(v) = env("PACLOUD_BINHOST_KEY") {
+            self.binhost_key = Some(v.into());
+        }
+        if let Some(v) = env("PACLOUD_SIGN_PACKAGES") {
+            self.sign_packages = match v.as_str() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" => false,
+                _ => return Err(bad("PACLOUD_SIGN_PACKAGES", &v, "true or false")),
+            };
         }
         if let Some(v) = env("PACLOUD_TOKENS") {
             self.tokens = v.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect();
