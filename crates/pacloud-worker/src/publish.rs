@@ -190,10 +190,19 @@ pub async fn rebuild_index(store: &dyn ArtifactStore, target: &str, now_secs: u6
             entries.extend(fragment.packages);
         }
         index.merge(entries);
-        index.set_timestamp(now_secs);
         let path =
             ArtifactPath::parse(&format!("{target}/Packages")).map_err(|_| PublishError::BadPath(target.into()))?;
-        store.put_bytes(&path, index.render()?.into_bytes(), "text/plain").await?;
+        let previous = match store.get(&path).await {
+            Ok(bytes) => pkgindex::header_timestamp(&bytes),
+            Err(ArtifactError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        index.prepare_for_binhost(previous, now_secs, pkgindex::BINHOST_TTL_SECS);
+        let text = index.render()?;
+        let gz_path =
+            ArtifactPath::parse(&format!("{target}/Packages.gz")).map_err(|_| PublishError::BadPath(target.into()))?;
+        store.put_bytes(&gz_path, pkgindex::gzip(&text), "application/gzip").await?;
+        store.put_bytes(&path, text.into_bytes(), "text/plain").await?;
         written = Some(listed);
     }
     Ok(written.map(|w| w.len()).unwrap_or(0))
