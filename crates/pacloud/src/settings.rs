@@ -84,6 +84,9 @@ pub struct AwsFileSettings {
     pub force_path_style: bool,
     /// The instance metadata service (spot interruption notices).
     pub imds_endpoint: Option<String>,
+    /// The KMS key (id, ARN or alias) that signs binhost packages
+    /// (`PACLOUD_AWS_SIGNING_KEY_ID`); docs/aws.md.
+    pub signing_key_id: Option<String>,
     pub spot_poll_ms: Option<u64>,
 }
 
@@ -419,6 +422,7 @@ impl Settings {
             ("PACLOUD_AWS_ENDPOINT_URL", &mut self.aws.endpoint_url),
             ("PACLOUD_AWS_REGION", &mut self.aws.region),
             ("PACLOUD_IMDS_ENDPOINT", &mut self.aws.imds_endpoint),
+            ("PACLOUD_AWS_SIGNING_KEY_ID", &mut self.aws.signing_key_id),
         ] {
             if let Some(v) = env(name) {
                 *slot = Some(v);

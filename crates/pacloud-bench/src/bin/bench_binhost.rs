@@ -180,7 +180,9 @@ fn main() -> anyhow::Result<()> {
             "--pacloud" => bin = args.next().context("--pacloud PATH")?.into(),
             "--seconds" => seconds = args.next().context("--seconds N")?.parse().context("--seconds N")?,
             "--big-mb" => big_mb = args.next().context("--big-mb N")?.parse().context("--big-mb N")?,
-            other => bail!("unknown argument {other:?}; usage: bench-binhost [--pacloud PATH] [--seconds N] [--big-mb N]"),
+            other => {
+                bail!("unknown argument {other:?}; usage: bench-binhost [--pacloud PATH] [--seconds N] [--big-mb N]")
+            }
         }
     }
     let tmp = tempfile::tempdir()?;
@@ -212,7 +214,12 @@ fn main() -> anyhow::Result<()> {
             println!("{label:<52} {:>9.0} MB/s {:>9.0} MB/s {:>8.2}", p.mb_s, n.mb_s, p.mb_s / n.mb_s);
         } else {
             println!("{label:<52} {:>8.0} req/s {:>8.0} req/s {:>8.2}", p.rps, n.rps, p.rps / n.rps);
-            println!("{:<52} {:>14} {:>14}", "  latency p50 / p99", format!("{} / {}", p.p50, p.p99), format!("{} / {}", n.p50, n.p99));
+            println!(
+                "{:<52} {:>14} {:>14}",
+                "  latency p50 / p99",
+                format!("{} / {}", p.p50, p.p99),
+                format!("{} / {}", n.p50, n.p99)
+            );
         }
     }
     Ok(())
