@@ -64,14 +64,14 @@ where
     KmsError::Call { op, key_id: key_id.to_owned(), source: crate::boxed_sdk(e) }
 }
 
+/// Signs a SHA-512 digest, returning the raw signature or an error text
+/// (the shape of `pacloud_sign::key::RemoteSignFn`).
+pub type DigestSignFn = dyn Fn(&[u8]) -> Result<Vec<u8>, String> + Send + Sync;
+
 /// A blocking "sign this SHA-512 digest" function over KMS `Sign`, for
 /// `pacloud_sign::RemoteRsaKey`. Call it only from a blocking thread
 /// (signing runs on tokio's blocking pool): it waits on `handle`.
-pub fn digest_signer(
-    client: aws_sdk_kms::Client,
-    key_id: String,
-    handle: tokio::runtime::Handle,
-) -> Box<dyn Fn(&[u8]) -> Result<Vec<u8>, String> + Send + Sync> {
+pub fn digest_signer(client: aws_sdk_kms::Client, key_id: String, handle: tokio::runtime::Handle) -> Box<DigestSignFn> {
     Box::new(move |digest: &[u8]| {
         let req = client
             .sign()

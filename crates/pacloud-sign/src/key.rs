@@ -146,6 +146,9 @@ impl Signer {
         Ok(self.public.to_armored_string(ArmorOptions::default())?)
     }
 
+    // rpgp implements `SigningKey` for `Box<&dyn SigningKey>` (not for a
+    // bare `&dyn`), which is what its `&impl SigningKey` functions take.
+    #[allow(clippy::redundant_allocation)]
     fn signing_key(&self) -> Box<&dyn SigningKey> {
         Box::new(self.key.as_ref())
     }
