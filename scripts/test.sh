@@ -8,13 +8,15 @@ cd "$(dirname "$0")/.."
 log() { printf '== %s\n' "$*" >&2; }
 
 # Debian packages the tests use: bubblewrap (build sandbox), zstd and tar
-# (GPKG packages), python3-venv (the test venv and the first-run venv).
+# (GPKG packages), python3-venv (the test venv and the first-run venv), gnupg
+# (portage verifies signed binary packages with gpg).
 need=()
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
 command -v zstd >/dev/null 2>&1 || need+=(zstd)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 # wget: portage's default FETCHCOMMAND (the fetch step's source downloads).
 command -v wget >/dev/null 2>&1 || need+=(wget)
+command -v gpg >/dev/null 2>&1 || need+=(gnupg)
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3 python3-venv)
 # The worker image's tests: shellcheck, network namespaces with iptables and
 # ping (the IMDS guard), debootstrap (the stand-in container's rootfs).

@@ -264,7 +264,20 @@ pub async fn targets(State(state): State<Arc<ApiState>>) -> Response {
             })
         })
         .collect();
-    Json(json!({"default": set.default_name(), "targets": list})).into_response()
+    let signing_key = state
+        .binhost_key
+        .as_ref()
+        .map(|k| json!({"fingerprint": k.fingerprint, "url": format!("{}/v1/signing-key.asc", state.base_path)}));
+    Json(json!({"default": set.default_name(), "targets": list, "signing_key": signing_key})).into_response()
+}
+
+/// `GET /v1/signing-key.asc`: the armored public key binhost packages are
+/// signed with (`application/pgp-keys`).
+pub async fn signing_key(State(state): State<Arc<ApiState>>) -> Response {
+    match &state.binhost_key {
+        Some(k) => ([(header::CONTENT_TYPE, "application/pgp-keys")], k.armored.clone()).into_response(),
+        None => ApiError::NotFound("this service publishes unsigned packages: no signing key".into()).into_response(),
+    }
 }
 
 /// `GET /healthz`

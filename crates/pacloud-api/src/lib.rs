@@ -30,6 +30,18 @@ pub struct ApiState {
     /// Prefix of every link the API returns (e.g. an API Gateway stage
     /// `/prod`); empty when the API is served at the root.
     pub base_path: String,
+    /// The binhost signing key clients import (`GET /v1/signing-key.asc`);
+    /// `None` when packages are published unsigned.
+    pub binhost_key: Option<PublicKeyInfo>,
+}
+
+/// The public half of the binhost signing key.
+#[derive(Debug, Clone)]
+pub struct PublicKeyInfo {
+    /// The armored certificate (`-----BEGIN PGP PUBLIC KEY BLOCK-----`).
+    pub armored: String,
+    /// Its OpenPGP fingerprint, upper-case hex.
+    pub fingerprint: String,
 }
 
 /// The whole HTTP API.
@@ -40,6 +52,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/builds/{key}/retry", post(handlers::retry_build))
         .route("/v1/builds/{key}/log", get(handlers::build_log))
         .route("/v1/targets", get(handlers::targets))
+        .route("/v1/signing-key.asc", get(handlers::signing_key))
         .route("/healthz", get(handlers::health))
         .route("/openapi.json", get(handlers::openapi))
         .route("/package", get(handlers::compat_package))

@@ -18,6 +18,7 @@
 
 mod dynamo;
 pub mod fleet;
+pub mod kms;
 pub mod provision;
 mod s3;
 mod sqs;
@@ -63,6 +64,7 @@ pub struct Clients {
     pub dynamodb: aws_sdk_dynamodb::Client,
     pub sqs: aws_sdk_sqs::Client,
     pub s3: aws_sdk_s3::Client,
+    pub kms: aws_sdk_kms::Client,
 }
 
 /// Builds the SDK clients from `config` (one HTTPS client, rustls + ring).
@@ -73,6 +75,7 @@ pub async fn clients(config: &AwsConfig) -> Clients {
         dynamodb: aws_sdk_dynamodb::Client::new(&sdk),
         sqs: aws_sdk_sqs::Client::new(&sdk),
         s3: aws_sdk_s3::Client::from_conf(s3_config),
+        kms: aws_sdk_kms::Client::new(&sdk),
     }
 }
 
@@ -118,6 +121,16 @@ pub async fn connect(config: &AwsConfig) -> AwsPorts {
         queue: SqsQueue::new(c.sqs.clone(), config.queue_url.clone(), config.dlq_url.clone()),
         artifacts: S3ArtifactStore::new(c.s3.clone(), config.bucket.clone(), config.url_ttl),
     }
+}
+
+/// Boxes an SDK error with its service detail (the display of a raw
+/// `SdkError` is only "service error").
+pub(crate) fn boxed_sdk<E, R>(e: aws_sdk_kms::error::SdkError<E, R>) -> Box<dyn std::error::Error + Send + Sync>
+where
+    E: std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    Box::new(std::io::Error::other(aws_sdk_kms::error::DisplayErrorContext(e).to_string()))
 }
 
 /// Boxes an SDK error as a port error's source.

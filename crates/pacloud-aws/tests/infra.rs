@@ -29,6 +29,11 @@ async fn the_template_lints_deploys_and_its_resources_work() {
         ..moto.base_config()
     };
     assert!(field("WorkerInstanceProfileArn").starts_with("arn:aws:iam::"));
+    // The stack created the binhost signing key (moto's CloudFormation makes
+    // every AWS::KMS::Key symmetric and its DescribeKey then fails on the
+    // template's key policy, so the key's RSA use is tested in tests/kms.rs).
+    let key_arn = field("BinhostSigningKeyArn");
+    assert!(key_arn.starts_with("arn:aws:kms:us-east-1:"), "{key_arn}");
     let ports = pacloud_aws::connect(&cfg).await;
     assert_eq!(ports.queue.max_receive_count().await.unwrap(), Some(5), "the redrive policy is in place");
     pacloud_contract::metadata_store(Arc::new(ports.store)).await;

@@ -50,6 +50,8 @@ pub async fn build_state(config: &LambdaConfig) -> Arc<ApiState> {
         service: Arc::new(service),
         tokens: Tokens::new(&config.tokens),
         base_path: config.base_path.clone(),
+        // KMS-held binhost key: not wired into the Lambda yet (docs/aws.md).
+        binhost_key: None,
     })
 }
 

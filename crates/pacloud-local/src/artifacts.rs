@@ -5,10 +5,16 @@
 //! where `sig` is HMAC-SHA256 over `GET\n<path>\n<expires>` with the
 //! server's signing key. [`artifact_router`] serves a file only when the
 //! signature verifies (in constant time) and the expiry has not passed.
+//!
+//! Files are served by tower-http's `ServeFile` (Range requests,
+//! conditional requests, precompressed `Packages.gz`), with an `ETag` and
+//! `Cache-Control` added here; [`binhost_router`] serves only the binhost
+//! layout (`Packages`, `Packages.gz`, `<cat>/<pn>/<file>.gpkg.tar`).
 
 use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
+use axum::extract::Request;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -23,6 +29,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tower::ServiceExt as _;
+use tower_http::services::ServeFile;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -396,6 +404,7 @@ async fn serve_artifact(
     State(store): State<Arc<DirArtifactStore>>,
     UrlPath(path): UrlPath<String>,
     query: Result<Query<SignedQuery>, axum::extract::rejection::QueryRejection>,
+    req: Request<Body>,
 ) -> Response {
     let Ok(Query(q)) = query else {
         return refuse(StatusCode::FORBIDDEN, "forbidden", "malformed signature parameters");
@@ -423,38 +432,88 @@ async fn serve_artifact(
     let Ok(apath) = ArtifactPath::parse(&path) else {
         return refuse(StatusCode::NOT_FOUND, "not_found", "no such artifact");
     };
-    let file = match tokio::fs::File::open(store.file_path(&apath)).await {
-        Ok(f) => f,
-        Err(_) => return refuse(StatusCode::NOT_FOUND, "not_found", "no such artifact"),
-    };
-    let len = file.metadata().await.map(|m| m.len()).ok();
-    let mut resp = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
-    let h = resp.headers_mut();
-    let content_type = if path.ends_with(".log") || path.ends_with("/Packages") || path == "Packages" {
-        "text/plain; charset=utf-8"
+    let kind = if path.ends_with(".log") || path.ends_with("/Packages") || path == "Packages" {
+        Kind::Text
     } else {
-        "application/octet-stream"
+        Kind::Binary
     };
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=60"));
-    if let Some(len) = len {
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    }
-    resp
+    serve_stored(store.file_path(&apath), kind, "private, max-age=60", req).await
 }
 
-/// Streams a stored file with its length; 404 JSON if absent.
-async fn send_file(store: &DirArtifactStore, apath: &ArtifactPath, content_type: &'static str) -> Response {
-    let file = match tokio::fs::File::open(store.file_path(apath)).await {
-        Ok(f) => f,
-        Err(_) => return refuse(StatusCode::NOT_FOUND, "not_found", "no such artifact"),
+/// How a stored file is served.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `Packages`: text, also offered gzip-compressed from `Packages.gz`.
+    Index,
+    /// Logs: text.
+    Text,
+    /// Packages and anything else: bytes (type from the extension).
+    Binary,
+}
+
+/// Read size of large files (fewer, larger reads stream faster).
+const CHUNK: usize = 1 << 20;
+
+/// `"<size>-<mtime ns>"` in hex: changes whenever the file is replaced
+/// (stores write through a temporary file and rename).
+fn etag(meta: &std::fs::Metadata, suffix: &str) -> String {
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    format!("\"{:x}-{:x}{suffix}\"", meta.len(), mtime.map(|d| d.as_nanos()).unwrap_or(0))
+}
+
+fn none_match(req: &Request<Body>, tags: &[&str]) -> Option<usize> {
+    let value = req.headers().get(header::IF_NONE_MATCH)?.to_str().ok()?;
+    let given: Vec<&str> = value.split(',').map(|t| t.trim().trim_start_matches("W/")).collect();
+    tags.iter().position(|t| given.iter().any(|g| g == t || *g == "*"))
+}
+
+/// Serves one stored file with tower-http's `ServeFile` (Range requests,
+/// `Last-Modified` / `If-Modified-Since`, precompressed `Packages.gz`),
+/// adding an `ETag` with `304` on `If-None-Match` and `Cache-Control`.
+/// Refuses anything but a regular file (no symlinks) with a 404.
+async fn serve_stored(file: PathBuf, kind: Kind, cache: &'static str, req: Request<Body>) -> Response {
+    // A stat of a local file: cheaper inline than on the blocking pool.
+    let meta = match std::fs::symlink_metadata(&file) {
+        Ok(m) if m.file_type().is_file() => m,
+        _ => return refuse(StatusCode::NOT_FOUND, "not_found", "no such file"),
     };
-    let len = file.metadata().await.map(|m| m.len()).ok();
-    let mut resp = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
+    let tags = [etag(&meta, ""), etag(&meta, "-gz")];
+    let tag_refs = [tags[0].as_str(), tags[1].as_str()];
+    let vary = kind == Kind::Index;
+    if let Some(i) = none_match(&req, &tag_refs) {
+        let mut resp = StatusCode::NOT_MODIFIED.into_response();
+        let h = resp.headers_mut();
+        h.insert(header::ETAG, HeaderValue::from_str(&tags[i]).unwrap_or(HeaderValue::from_static("\"0\"")));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+        if vary {
+            h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+        }
+        return resp;
+    }
+    let mut svc = ServeFile::new(&file).with_buf_chunk_size(CHUNK);
+    if kind == Kind::Index {
+        svc = svc.precompressed_gzip();
+    }
+    let Ok(resp) = svc.oneshot(req).await;
+    let mut resp = resp.map(Body::new);
+    let status = resp.status();
+    if status == StatusCode::NOT_FOUND {
+        return refuse(StatusCode::NOT_FOUND, "not_found", "no such file");
+    }
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    if let Some(len) = len {
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if status.is_success() || status == StatusCode::NOT_MODIFIED {
+        let gz = h.get(header::CONTENT_ENCODING).is_some_and(|v| v == "gzip");
+        let tag = if gz { &tags[1] } else { &tags[0] };
+        if let Ok(v) = HeaderValue::from_str(tag) {
+            h.insert(header::ETAG, v);
+        }
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+        if vary {
+            h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+        }
+    }
+    if matches!(kind, Kind::Index | Kind::Text) && status.is_success() {
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     }
     resp
 }
@@ -466,16 +525,35 @@ async fn send_file(store: &DirArtifactStore, apath: &ArtifactPath, content_type:
 async fn serve_binhost(
     State(store): State<Arc<DirArtifactStore>>,
     UrlPath((target, rest)): UrlPath<(String, String)>,
+    req: Request<Body>,
 ) -> Response {
-    let is_index = rest == "Packages";
-    let is_package = rest.ends_with(".gpkg.tar") && rest.split('/').count() == 3 && !rest.starts_with('.');
-    let Ok(apath) = ArtifactPath::parse(&format!("{target}/{rest}")) else {
-        return refuse(StatusCode::NOT_FOUND, "not_found", "no such file in the binhost");
-    };
-    if !(is_index || is_package) || target.starts_with('.') || target == "logs" {
-        return refuse(StatusCode::NOT_FOUND, "not_found", "no such file in the binhost");
+    match binhost_kind(&target, &rest) {
+        Some(kind) => match ArtifactPath::parse(&format!("{target}/{rest}")) {
+            // The index changes with every publish; packages never do
+            // (create-if-absent), so clients may keep them.
+            Ok(apath) => {
+                let cache = if kind == Kind::Index { "public, max-age=60" } else { "public, max-age=86400" };
+                serve_stored(store.file_path(&apath), kind, cache, req).await
+            }
+            Err(_) => refuse(StatusCode::NOT_FOUND, "not_found", "no such file in the binhost"),
+        },
+        None => refuse(StatusCode::NOT_FOUND, "not_found", "no such file in the binhost"),
     }
-    send_file(&store, &apath, if is_index { "text/plain; charset=utf-8" } else { "application/x-tar" }).await
+}
+
+/// What `rest` under `/binhost/<target>/` may be: `Packages`,
+/// `Packages.gz`, or `<category>/<pn>/<file>.gpkg.tar`; nothing else (no
+/// fragments, logs, dot files) is part of a binhost.
+fn binhost_kind(target: &str, rest: &str) -> Option<Kind> {
+    if target.starts_with('.') || target == "logs" || rest.split('/').any(|seg| seg.starts_with('.')) {
+        return None;
+    }
+    match rest {
+        "Packages" => Some(Kind::Index),
+        "Packages.gz" => Some(Kind::Binary),
+        _ if rest.ends_with(".gpkg.tar") && rest.split('/').count() == 3 => Some(Kind::Binary),
+        _ => None,
+    }
 }
 
 /// The binhost routes over `store`.

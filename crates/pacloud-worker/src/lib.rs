@@ -14,6 +14,7 @@ pub mod plan;
 pub mod publish;
 pub mod runner;
 pub mod sandbox;
+pub mod sign;
 pub mod spot;
 pub mod testkit;
 pub mod tree_index;

@@ -423,7 +423,8 @@ pub fn merge_text(text: &str, entries: &[PackageEntry], timestamp: u64) -> Resul
         kept.insert(at, (id, block));
     }
     header.insert("PACKAGES".to_owned(), kept.len().to_string());
-    header.entry("VERSION".to_owned()).or_insert_with(|| INDEX_VERSION.to_owned());
+    header.insert("VERSION".to_owned(), INDEX_VERSION.to_owned());
+    header.insert("TTL".to_owned(), BINHOST_TTL_SECS.to_string());
     let mut out = String::with_capacity(text.len() + 1024);
     write_block(&mut out, header.iter())?;
     for (_, block) in kept {
@@ -432,8 +433,65 @@ pub fn merge_text(text: &str, entries: &[PackageEntry], timestamp: u64) -> Resul
     Ok(out)
 }
 
+/// How long (seconds) a binhost client may use its copy of the index
+/// without asking again (the `TTL` header; portage skips the refresh while
+/// `DOWNLOAD_TIMESTAMP + TTL` is in the future).
+pub const BINHOST_TTL_SECS: u64 = 60;
+
+/// The `TIMESTAMP` of the next published index: the clock, but always
+/// greater than the previous one. Portage parses a remote index only when
+/// its TIMESTAMP is greater than the copy it has, so two publishes within
+/// one second (or a worker whose clock is behind) must still increase it.
+pub fn next_timestamp(previous: Option<u64>, now_secs: u64) -> u64 {
+    match previous {
+        Some(p) if p >= now_secs => p + 1,
+        _ => now_secs,
+    }
+}
+
+impl PackageIndex {
+    /// Sets the header a binhost serves: a monotonic `TIMESTAMP` (see
+    /// [`next_timestamp`]), `VERSION: 0` (whatever the build wrote; portage
+    /// ignores an index whose VERSION is above what it supports) and `TTL`.
+    pub fn prepare_for_binhost(&mut self, previous: Option<u64>, now_secs: u64, ttl_secs: u64) {
+        self.set_timestamp(next_timestamp(previous, now_secs));
+        self.header.insert("VERSION".to_owned(), INDEX_VERSION.to_owned());
+        self.header.insert("TTL".to_owned(), ttl_secs.to_string());
+    }
+}
+
+/// `Packages.gz`: the rendered index, gzip-compressed (portage >= 3.0.69
+/// fetches it before `Packages`). Deterministic: no name, mtime 0.
+pub fn gzip(text: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::best());
+    // Writing into a Vec cannot fail.
+    let _ = enc.write_all(text.as_bytes());
+    enc.finish().unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn binhost_header_timestamp_is_monotonic_version_zero_with_ttl() {
+        assert_eq!(next_timestamp(None, 100), 100);
+        assert_eq!(next_timestamp(Some(99), 100), 100);
+        assert_eq!(next_timestamp(Some(100), 100), 101, "same second: still increases");
+        assert_eq!(next_timestamp(Some(500), 100), 501, "clock behind: still increases");
+        let mut idx = parse("TIMESTAMP: 5\nVERSION: 7\n\nCPV: a/b-1\n\n").unwrap();
+        idx.prepare_for_binhost(Some(200), 100, 60);
+        let text = idx.render().unwrap();
+        assert!(text.starts_with("PACKAGES: 1\nTIMESTAMP: 201\nTTL: 60\nVERSION: 0\n\n"), "{text}");
+        assert_eq!(header_timestamp(&text), Some(201));
+        assert_eq!(header_timestamp("VERSION: 0\n\nTIMESTAMP: 9\n"), None, "only the header counts");
+        let gz = gzip(&text);
+        let mut out = String::new();
+        use std::io::Read;
+        flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut out).unwrap();
+        assert_eq!(out, text);
+        assert_eq!(gz, gzip(&text), "deterministic");
+    }
+
     use super::*;
 
     #[test]

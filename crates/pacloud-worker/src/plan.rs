@@ -79,8 +79,10 @@ fn make_conf(
     user: (&str, &str),
     mirrors: &[String],
 ) -> String {
+    // binpkg-ignore-signature: the packages seeded into PKGDIR come from our
+    // own store, signed; the sandbox has no keyring to check them with.
     let mut lines = vec![
-        "FEATURES=\"-sandbox -usersandbox -userpriv -userfetch -usersync -ipc-sandbox -network-sandbox -pid-sandbox -news -strict -merge-sync binpkg-multi-instance\"".to_owned(),
+        "FEATURES=\"-sandbox -usersandbox -userpriv -userfetch -usersync -ipc-sandbox -network-sandbox -pid-sandbox -news -strict -merge-sync binpkg-multi-instance binpkg-ignore-signature\"".to_owned(),
         format!("PORTAGE_USERNAME={}", quote(user.0)),
         format!("PORTAGE_GRPNAME={}", quote(user.1)),
         format!("PKGDIR={}", quote(&pkgdir.to_string_lossy())),

@@ -289,13 +289,13 @@ pub async fn update_index(
                 let text = String::from_utf8(bytes)
                     .map_err(|_| IndexError::MalformedLine { line: 0, text: "the stored index is not UTF-8".into() })?;
                 // A monotonic TIMESTAMP: binhost clients only re-read a newer index.
-                let stamp = pkgindex::header_timestamp(&text).map_or(now_secs, |p| now_secs.max(p + 1));
+                let stamp = pkgindex::next_timestamp(pkgindex::header_timestamp(&text), now_secs);
                 (pkgindex::merge_text(&text, &entries, stamp)?, Some(v))
             }
             None => {
                 let mut index = PackageIndex { header: header.clone(), packages: Vec::new() };
                 index.merge(entries.iter().cloned());
-                index.set_timestamp(now_secs);
+                index.prepare_for_binhost(None, now_secs, pkgindex::BINHOST_TTL_SECS);
                 (index.render()?, None)
             }
         };
@@ -317,15 +317,48 @@ fn jitter(attempt: u32) -> Duration {
 
 /// The one place `<target>/Packages` is written: stores the rendered
 /// index only if the stored one is still at `expected` (`None`: only if
-/// there is none). Returns the new version, or `None` when another writer
-/// got there first. (Signing, `Packages.gz` and cache headers hook in here.)
+/// there is none), then brings `<target>/Packages.gz` (which portage fetches
+/// first) up to date. Returns the new version, or `None` when another writer
+/// got there first.
 pub async fn write_index(
     store: &dyn ArtifactStore,
     target: &str,
     bytes: Vec<u8>,
     expected: Option<&ObjectVersion>,
 ) -> Result<Option<ObjectVersion>, PublishError> {
-    Ok(store.put_bytes_if(&index_path(target)?, bytes, "text/plain", expected).await?)
+    let path = index_path(target)?;
+    let gz = pkgindex::gzip(&String::from_utf8_lossy(&bytes));
+    let Some(version) = store.put_bytes_if(&path, bytes, "text/plain", expected).await? else {
+        return Ok(None);
+    };
+    write_index_gz(store, target, gz, version.clone()).await?;
+    Ok(Some(version))
+}
+
+/// Writes `Packages.gz` for the index at `version`, then re-reads the index:
+/// when another publisher replaced it meanwhile, its text is compressed and
+/// written again. Whoever writes `Packages.gz` last checks afterwards, so
+/// the two objects converge on the newest index (a reader may briefly see a
+/// `Packages.gz` one publish behind, never a lost package for good).
+async fn write_index_gz(
+    store: &dyn ArtifactStore,
+    target: &str,
+    mut gz: Vec<u8>,
+    mut version: ObjectVersion,
+) -> Result<(), PublishError> {
+    let gz_path =
+        ArtifactPath::parse(&format!("{target}/Packages.gz")).map_err(|_| PublishError::BadPath(target.into()))?;
+    for _ in 0..MAX_INDEX_ATTEMPTS {
+        store.put_bytes(&gz_path, gz, "application/gzip").await?;
+        match store.get_versioned(&index_path(target)?).await? {
+            Some((bytes, now)) if now != version => {
+                gz = pkgindex::gzip(&String::from_utf8_lossy(&bytes));
+                version = now;
+            }
+            _ => return Ok(()),
+        }
+    }
+    Err(PublishError::Contended(target.to_owned(), MAX_INDEX_ATTEMPTS))
 }
 
 /// Rebuilds `<target>/Packages` from the fragments (repair after a lost

@@ -92,6 +92,9 @@ pub struct Worker {
     /// Notified after a resume from hibernation: every running job re-checks
     /// its lease at once (see [`crate::spot`]).
     pub recheck: Arc<tokio::sync::Notify>,
+    /// Signs new packages (GLEP 78) before they are published; `None`
+    /// publishes them unsigned. Set with [`Worker::with_signer`].
+    pub signer: Option<Arc<pacloud_sign::Signer>>,
     seq: AtomicU64,
 }
 
@@ -114,6 +117,8 @@ enum Infra {
     Fetch(String),
     #[error(transparent)]
     Distfiles(#[from] fetch::DistfileError),
+    #[error(transparent)]
+    Sign(#[from] crate::sign::SignPackagesError),
 }
 
 impl Worker {
@@ -140,8 +145,15 @@ impl Worker {
             config,
             name,
             recheck: Arc::new(tokio::sync::Notify::new()),
+            signer: None,
             seq: AtomicU64::new(0),
         }
+    }
+
+    /// Signs every new package with `signer` before publishing it.
+    pub fn with_signer(mut self, signer: Option<Arc<pacloud_sign::Signer>>) -> Self {
+        self.signer = signer;
+        self
     }
 
     /// Runs `config.concurrency` job loops until `stop` (no new jobs) and
@@ -479,6 +491,9 @@ impl Worker {
         );
         if !holds {
             return Ok(BuildResult::LeaseLost);
+        }
+        if let Some(signer) = &self.signer {
+            crate::sign::sign_new_packages(signer.clone(), &plan.pkgdir(), &seeded.paths).await?;
         }
         let now_secs = u64::try_from(self.clock.now().as_secs()).unwrap_or(0);
         let published =

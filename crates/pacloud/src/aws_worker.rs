@@ -3,6 +3,7 @@
 //! aborts running builds and releases their messages (visibility 0) and
 //! leases at once; a resume after hibernation makes running jobs re-check
 //! their leases before publishing; SIGTERM drains within the grace period.
+//! With `aws.signing_key_id` every package is signed by that KMS key.
 
 use anyhow::Context;
 use pacloud_aws::AwsConfig;
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use crate::build::{Detected, detect, start_workers_on};
+use crate::build::{Detected, detect, start_signing_workers_on};
 use crate::settings::Settings;
 
 /// The AWS client settings from `[aws]` / `PACLOUD_AWS_*`.
@@ -58,13 +59,27 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> anyhow::Re
         Detected::Unavailable(why) => anyhow::bail!("no build backend: {why}"),
     };
     tracing::info!(queue = %config.queue_url, table = %config.table, bucket = %config.bucket, "pacloud worker on AWS: {}", backend.description);
-    let workers = start_workers_on(
-        Arc::new(ports.store),
-        Arc::new(ports.queue),
+    let signer = match (&settings.aws.signing_key_id, settings.sign_packages) {
+        (Some(key_id), true) => {
+            let signer = kms_signer(&config, key_id).await?;
+            tracing::info!(fingerprint = %signer.fingerprint(), "binhost signing key: {}", signer.source());
+            Some(signer)
+        }
+        (None, true) => {
+            tracing::warn!(
+                "no aws.signing_key_id (PACLOUD_AWS_SIGNING_KEY_ID): packages are published unsigned, which portage refuses by default"
+            );
+            None
+        }
+        (_, false) => None,
+    };
+    let workers = start_signing_workers_on(
+        (Arc::new(ports.store), Arc::new(ports.queue)),
         Arc::new(ports.artifacts),
         backend,
         settings,
         Arc::new(SystemClock),
+        signer,
     );
     let spot = SpotConfig {
         endpoint: settings.aws.imds_endpoint.clone().unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned()),
@@ -90,4 +105,27 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> anyhow::Re
     watcher_stop.cancel();
     workers.shutdown(settings.build.shutdown_grace).await;
     Ok(())
+}
+
+/// The binhost signer over the KMS key `key_id`: the certificate is built
+/// (and self-signed through KMS) once at startup; every signature is a KMS
+/// `Sign` of a SHA-512 digest, checked against the public key before use.
+pub async fn kms_signer(config: &AwsConfig, key_id: &str) -> anyhow::Result<Arc<pacloud_sign::Signer>> {
+    let clients = pacloud_aws::clients(config).await;
+    let public = pacloud_aws::kms::public_key(&clients.kms, key_id).await?;
+    let sign =
+        pacloud_aws::kms::digest_signer(clients.kms.clone(), key_id.to_owned(), tokio::runtime::Handle::current());
+    let key_id = key_id.to_owned();
+    let signer = tokio::task::spawn_blocking(move || {
+        let remote = pacloud_sign::RemoteRsaKey::new(&public.spki_der, public.created_secs, sign)?;
+        pacloud_sign::Signer::remote(
+            remote,
+            pacloud_sign::key::DEFAULT_USER_ID,
+            pacloud_sign::KeySource::Remote(format!("KMS key {key_id}")),
+        )
+    })
+    .await
+    .context("the KMS signer setup task failed")?
+    .context("building the binhost certificate with KMS")?;
+    Ok(Arc::new(signer))
 }

@@ -261,7 +261,8 @@ impl Workers {
 
 /// Starts `settings.build.workers` workers over the local app's ports.
 pub fn start_workers(app: &App, backend: Backend, settings: &Settings, clock: Arc<dyn Clock>) -> Workers {
-    start_workers_on(app.store.clone(), app.queue.clone(), app.artifacts.clone(), backend, settings, clock)
+    let ports = (app.store.clone() as Arc<dyn MetadataStore>, app.queue.clone() as Arc<dyn JobQueue>);
+    start_signing_workers_on(ports, app.artifacts.clone(), backend, settings, clock, app.signer.clone())
 }
 
 /// Starts `settings.build.workers` workers over any three ports.
@@ -272,6 +273,19 @@ pub fn start_workers_on(
     backend: Backend,
     settings: &Settings,
     clock: Arc<dyn Clock>,
+) -> Workers {
+    start_signing_workers_on((store, queue), artifacts, backend, settings, clock, None)
+}
+
+/// [`start_workers_on`] with a binhost signing key: every new package is
+/// signed before it is published.
+pub fn start_signing_workers_on(
+    (store, queue): (Arc<dyn MetadataStore>, Arc<dyn JobQueue>),
+    artifacts: Arc<dyn ArtifactStore>,
+    backend: Backend,
+    settings: &Settings,
+    clock: Arc<dyn Clock>,
+    signer: Option<Arc<pacloud_sign::Signer>>,
 ) -> Workers {
     let b = &settings.build;
     let config = WorkerConfig {
@@ -285,17 +299,20 @@ pub fn start_workers_on(
     };
     let targets = Arc::new(TargetSet::clone(&settings.targets));
     tokio::spawn(pacloud_worker::tree_index::ensure_all(artifacts.clone(), backend.env.clone(), targets));
-    let worker = Arc::new(Worker::new(
-        store,
-        queue,
-        artifacts,
-        Arc::new(TargetSet::clone(&settings.targets)),
-        clock,
-        backend.sandbox,
-        backend.env,
-        config,
-        format!("w{}", std::process::id()),
-    ));
+    let worker = Arc::new(
+        Worker::new(
+            store,
+            queue,
+            artifacts,
+            Arc::new(TargetSet::clone(&settings.targets)),
+            clock,
+            backend.sandbox,
+            backend.env,
+            config,
+            format!("w{}", std::process::id()),
+        )
+        .with_signer(signer),
+    );
     let recheck = worker.recheck.clone();
     let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
     let join = tokio::spawn(worker.run(stop.clone(), abort.clone()));

@@ -1,6 +1,8 @@
 //! `pacloud serve`: wires the embedded adapters (SQLite store and queue in
 //! `<data>/pacloud.db`, artifacts under `<data>/artifacts`, the URL signing
-//! key in `<data>/signing.key`) to the API Router and serves it. The server
+//! key in `<data>/signing.key`, the binhost's OpenPGP key in
+//! `<data>/binhost-signing-key.asc` unless configured) to the API Router and
+//! serves it. The server
 //! takes its listener and a shutdown future, so tests bind port 0.
 
 use anyhow::Context;
@@ -23,6 +25,8 @@ pub struct App {
     pub store: Arc<SqliteStore>,
     pub queue: Arc<SqliteQueue>,
     pub artifacts: Arc<DirArtifactStore>,
+    /// The binhost signing key (when `sign_packages`).
+    pub signer: Option<Arc<pacloud_sign::Signer>>,
 }
 
 /// Builds the local deployment. `public_url` is the base of every URL handed
@@ -37,6 +41,23 @@ pub fn build_app_with_clock(settings: &Settings, public_url: &str, clock: Arc<dy
     std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
     let db = Db::open(&dir.join("pacloud.db")).context("opening the metadata database")?;
     let key = SigningKey::load_or_create(&dir.join("signing.key")).context("loading the URL signing key")?;
+    let signer = if settings.sign_packages {
+        let path = settings.binhost_key_path();
+        let signer = pacloud_sign::Signer::load_or_generate(&path, pacloud_sign::key::DEFAULT_USER_ID)
+            .with_context(|| format!("loading the binhost signing key {}", path.display()))?;
+        tracing::info!(fingerprint = %signer.fingerprint(), "binhost signing key {}", signer.source());
+        Some(Arc::new(signer))
+    } else {
+        tracing::warn!("sign_packages = false: packages are published unsigned; portage refuses them by default");
+        None
+    };
+    let binhost_key = match &signer {
+        Some(s) => Some(pacloud_api::PublicKeyInfo {
+            armored: s.public_key_armored().context("exporting the binhost public key")?,
+            fingerprint: s.fingerprint(),
+        }),
+        None => None,
+    };
     let store = Arc::new(SqliteStore::new(db.clone()));
     let queue = Arc::new(SqliteQueue::new(db, clock.clone(), settings.max_receives));
     let artifacts = Arc::new(
@@ -62,10 +83,11 @@ pub fn build_app_with_clock(settings: &Settings, public_url: &str, clock: Arc<dy
         service: service.clone(),
         tokens: Tokens::new(&settings.tokens),
         base_path: String::new(),
+        binhost_key,
     });
     let router =
         pacloud_api::router(state).merge(artifact_router(artifacts.clone())).merge(binhost_router(artifacts.clone()));
-    Ok(App { router, clock, service, store, queue, artifacts })
+    Ok(App { router, clock, service, store, queue, artifacts, signer })
 }
 
 /// Serves `router` on `listener` until `shutdown` completes.

@@ -51,6 +51,11 @@ pub struct FileSettings {
     pub requeue_after_secs: Option<u64>,
     pub poll_after_secs: Option<u64>,
     pub max_receives: Option<u32>,
+    /// The binhost signing key (armored OpenPGP secret key); default
+    /// `<data_dir>/binhost-signing-key.asc`, generated on first start.
+    pub binhost_key: Option<PathBuf>,
+    /// Sign published packages (GLEP 78); default true.
+    pub sign_packages: Option<bool>,
     pub default_target: Option<String>,
     #[serde(default)]
     pub targets: BTreeMap<String, TargetSpec>,
@@ -79,6 +84,9 @@ pub struct AwsFileSettings {
     pub force_path_style: bool,
     /// The instance metadata service (spot interruption notices).
     pub imds_endpoint: Option<String>,
+    /// The KMS key (id, ARN or alias) that signs binhost packages
+    /// (`PACLOUD_AWS_SIGNING_KEY_ID`); docs/aws.md.
+    pub signing_key_id: Option<String>,
     pub spot_poll_ms: Option<u64>,
 }
 
@@ -220,6 +228,10 @@ pub struct Settings {
     pub requeue_after: Duration,
     pub poll_after: Duration,
     pub max_receives: u32,
+    /// A configured binhost signing key file (else the data directory's).
+    pub binhost_key: Option<PathBuf>,
+    /// Whether published packages are signed (GLEP 78).
+    pub sign_packages: bool,
     pub targets: TargetSet,
     pub build: BuildSettings,
     pub aws: AwsFileSettings,
@@ -247,6 +259,8 @@ impl Default for Settings {
             requeue_after: Duration::from_secs(15 * 60),
             poll_after: Duration::from_secs(5),
             max_receives: 5,
+            binhost_key: None,
+            sign_packages: true,
             targets: TargetSet::builtin(),
             build: BuildSettings::default(),
             aws: AwsFileSettings::default(),
@@ -255,6 +269,12 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// The binhost signing key file in use (configured, or in the data
+    /// directory).
+    pub fn binhost_key_path(&self) -> PathBuf {
+        self.binhost_key.clone().unwrap_or_else(|| self.data_dir.join("binhost-signing-key.asc"))
+    }
+
     /// Defaults, overlaid by `file` (if given) and then by `env`
     /// (a lookup such as `|k| std::env::var(k).ok()`).
     pub fn load(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Settings, SettingsError> {
@@ -294,6 +314,12 @@ impl Settings {
         }
         if let Some(v) = f.max_receives {
             self.max_receives = v;
+        }
+        if f.binhost_key.is_some() {
+            self.binhost_key = f.binhost_key;
+        }
+        if let Some(v) = f.sign_packages {
+            self.sign_packages = v;
         }
         self.aws = f.aws;
         let b = &mut self.build;
@@ -404,6 +430,16 @@ impl Settings {
         if let Some(v) = env("PACLOUD_PUBLIC_URL") {
             self.public_url = Some(v);
         }
+        if let Some(v) = env("PACLOUD_BINHOST_KEY") {
+            self.binhost_key = Some(v.into());
+        }
+        if let Some(v) = env("PACLOUD_SIGN_PACKAGES") {
+            self.sign_packages = match v.as_str() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" => false,
+                _ => return Err(bad("PACLOUD_SIGN_PACKAGES", &v, "true or false")),
+            };
+        }
         if let Some(v) = env("PACLOUD_TOKENS") {
             self.tokens = v.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect();
         }
@@ -445,6 +481,7 @@ impl Settings {
             ("PACLOUD_AWS_ENDPOINT_URL", &mut self.aws.endpoint_url),
             ("PACLOUD_AWS_REGION", &mut self.aws.region),
             ("PACLOUD_IMDS_ENDPOINT", &mut self.aws.imds_endpoint),
+            ("PACLOUD_AWS_SIGNING_KEY_ID", &mut self.aws.signing_key_id),
         ] {
             if let Some(v) = env(name) {
                 *slot = Some(v);

@@ -220,7 +220,11 @@ fn provision_installs_a_worker_host_that_refuses_missing_configuration() {
     assert_eq!(get("image_step_other_root"), "2", "the image step refuses a --root other than /");
     assert_eq!(get("image_step"), "0", "the loaded archive's image ID resolves");
     assert_eq!(get("config_image"), format!("\"{id}\""), "the worker's build.image is the loaded image ID");
-    assert_eq!(get("image_step_digest"), "2", "a digest reference that does not resolve after docker load fails the step");
+    assert_eq!(
+        get("image_step_digest"),
+        "2",
+        "a digest reference that does not resolve after docker load fails the step"
+    );
     assert!(get("image_step_message").contains(&reference), "the failure names the reference");
     assert_eq!(get("unknown_step"), "2", "an unknown step is a usage error");
     assert_eq!(get("verify"), "0", "systemd-analyze verify of the installed units:\n{stderr}");

@@ -351,6 +351,7 @@ async fn targets_health_and_openapi() {
         "/v1/targets",
         "/healthz",
         "/openapi.json",
+        "/v1/signing-key.asc",
         "/package",
         "/v1/artifacts/{path}",
         "/binhost/{target}/{rest}",

@@ -45,8 +45,12 @@ async fn spawn_aws(prefix: &str, max_receives: u32) -> AwsApp {
         Arc::new(SystemClock),
         ServiceConfig { poll_after: Duration::from_secs(1), ..ServiceConfig::default() },
     ));
-    let router =
-        pacloud_api::router(Arc::new(ApiState { service, tokens: Tokens::default(), base_path: String::new() }));
+    let router = pacloud_api::router(Arc::new(ApiState {
+        service,
+        tokens: Tokens::default(),
+        base_path: String::new(),
+        binhost_key: None,
+    }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await });

@@ -4,6 +4,7 @@
 
 mod api;
 mod aws;
+mod binhost;
 mod builds;
 mod cli;
 mod docker;
