@@ -20,10 +20,11 @@ use crate::serve::App;
 use crate::settings::{BackendChoice, Settings, Unprivileged};
 
 /// Whether docker builds get a read-only container root (`--read-only`).
-/// No: portage merges BDEPEND packages into the builder's own root (BROOT =
-/// `/`), which a real package needs; the writable layer is the container's
-/// own and goes with `--rm`, so nothing persists to the next build or the
-/// host either way (docs/sandboxes.md, "Read-only root").
+/// No, measured: portage locks the builder's own package database
+/// (`/var/db/pkg` of BROOT = `/`) on every emerge and merges BDEPEND
+/// packages into BROOT, so every build fails read-only; the writable layer is
+/// the container's own and goes with `--rm`, so nothing persists to the next
+/// build or the host either way (docs/sandboxes.md, "Read-only root").
 pub const DOCKER_READ_ONLY_ROOT: bool = false;
 
 /// A usable build backend.

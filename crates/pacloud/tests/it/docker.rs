@@ -146,6 +146,16 @@ async fn docker_builds_a_chain_reusing_cached_dependencies() {
     std::fs::write(&pkg, &bytes).unwrap();
     let image = zstd_tar_list(&tar_member(&pkg, "uses-libfoo-1.0-1/image.tar.zst"), tmp.path());
     assert!(image.iter().any(|f| f == "image/usr/share/uses-libfoo/built-against.txt"), "{image:?}");
+    // The requested USE reaches the package built in the container.
+    let (_, hello) = app.build(&req("app-misc/hello", "2.12-r1", &["foo", "-bar"])).await;
+    assert_eq!(hello["status"], "ready", "{hello}");
+    let bytes = app.http.get(hello["url"].as_str().unwrap()).send().await.unwrap().bytes().await.unwrap();
+    let pkg = tmp.path().join("hello.gpkg.tar");
+    std::fs::write(&pkg, &bytes).unwrap();
+    let metadata = tar_member(&pkg, "hello-2.12-r1-1/metadata.tar.zst");
+    let recorded = zstd_tar_member(&metadata, "metadata/USE", tmp.path());
+    let flags: Vec<&str> = recorded.split_whitespace().collect();
+    assert!(flags.contains(&"foo") && !flags.contains(&"bar"), "metadata/USE = {recorded:?}");
     wait_no_containers().await;
 }
 
@@ -329,6 +339,33 @@ async fn docker_sigkill_of_the_worker_leaves_no_container_behind() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert_eq!(published, vec!["slow-1.0-1.gpkg.tar"], "exactly one artifact");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_sigterm_past_the_grace_period_kills_the_container() {
+    let _engine = engine().await;
+    let app = spawn_docker_builder_with(|s| s.build.workers = 0).await;
+    let (_, first) = app.post_build(&req("app-misc/slow", "1.0", &[])).await;
+    let key: pacloud_domain::BuildKey = first["key"].as_str().unwrap().parse().unwrap();
+    let config = format!("image = \"{}\"\nshutdown_grace_secs = 1", builder_image());
+    let mut w = docker_worker_process(&app, &config, &[], Stdio::null());
+    // Building (so past the preflight, whose container is labelled too) and the build's container is up.
+    let start = Instant::now();
+    while managed_containers().is_empty()
+        || app.app.store.get(&key).await.unwrap().map(|r| r.status) != Some(pacloud_domain::Status::Building)
+    {
+        assert!(start.elapsed() < Duration::from_secs(60), "the build container never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    Command::new("kill").args(["-TERM", &w.id().to_string()]).status().unwrap();
+    let status = w.wait().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    assert!(started.elapsed() < Duration::from_secs(7), "did not wait for the 8 s build: {:?}", started.elapsed());
+    // The worker itself killed and removed its container (no later worker cleaned up).
+    assert!(managed_containers().is_empty(), "left behind: {:?}", managed_containers());
+    let record = app.app.store.get(&key).await.unwrap().unwrap();
+    assert_eq!((record.status, record.lease.clone()), (pacloud_domain::Status::Queued, None), "lease given up");
 }
 
 /// Runs `pacloud worker` expecting it to refuse to start; returns its stderr.
