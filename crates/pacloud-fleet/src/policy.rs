@@ -283,11 +283,12 @@ impl PacloudPolicy {
                 (InstanceState::Running, Activity::Idle { .. }) if !i.holds_lease => n.free += 1,
                 // Hibernated without a lease: resumes and takes a build.
                 (InstanceState::Hibernated, Activity::Idle { .. }) if !i.holds_lease => n.free += 1,
-                (InstanceState::Running, Activity::Busy { expected_done_at: Some(end), .. }) => {
-                    if end <= now + c.expected_boot_s {
-                        n.freeing += 1;
-                    }
+                (InstanceState::Running, Activity::Busy { expected_done_at: Some(end), .. })
+                    if end <= now + c.expected_boot_s =>
+                {
+                    n.freeing += 1
                 }
+                (InstanceState::Running, Activity::Busy { expected_done_at: Some(_), .. }) => {}
                 // No expectation for this atom: with history, assume nothing (build times are
                 // heavy-tailed, the median of all builds dates no single build); without any
                 // history, Mozilla's share of the old ones.

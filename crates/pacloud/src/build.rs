@@ -348,20 +348,22 @@ pub fn compute_from(get: impl Fn(&str) -> Option<String>) -> Option<pacloud_doma
 mod compute_tests {
     use super::compute_from;
 
+    fn env(pairs: Vec<(&'static str, &'static str)>) -> impl Fn(&str) -> Option<String> {
+        move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
     #[test]
     fn compute_needs_all_three_and_a_valid_price() {
-        let env = |pairs: Vec<(&'static str, &'static str)>| {
-            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
-        };
-        let all = [
-            ("PACLOUD_INSTANCE_TYPE", "c6i.xlarge"),
-            ("PACLOUD_CAPACITY_TYPE", "spot"),
-            ("PACLOUD_PRICE_USD_PER_HOUR", "0.068"),
-        ];
-        let c = compute_from(env(all.to_vec())).unwrap();
-        assert_eq!((c.instance_type.as_str(), c.capacity_type.as_str(), c.usd_per_hour), ("c6i.xlarge", "spot", 0.068));
-        assert!(compute_from(env(all[..2].to_vec())).is_none());
-        assert!(compute_from(env(vec![all[0], all[1], ("PACLOUD_PRICE_USD_PER_HOUR", "-1")])).is_none());
-        assert!(compute_from(env(vec![all[0], ("PACLOUD_CAPACITY_TYPE", "reserved"), all[2]])).is_none());
+        let t = ("PACLOUD_INSTANCE_TYPE", "c6i.xlarge");
+        let c = ("PACLOUD_CAPACITY_TYPE", "spot");
+        let p = ("PACLOUD_PRICE_USD_PER_HOUR", "0.068");
+        let got = compute_from(env(vec![t, c, p])).unwrap();
+        assert_eq!(
+            (got.instance_type.as_str(), got.capacity_type.as_str(), got.usd_per_hour),
+            ("c6i.xlarge", "spot", 0.068)
+        );
+        assert!(compute_from(env(vec![t, c])).is_none());
+        assert!(compute_from(env(vec![t, c, ("PACLOUD_PRICE_USD_PER_HOUR", "-1")])).is_none());
+        assert!(compute_from(env(vec![t, ("PACLOUD_CAPACITY_TYPE", "reserved"), p])).is_none());
     }
 }

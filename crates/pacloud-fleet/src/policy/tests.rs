@@ -119,14 +119,17 @@ fn expected_build_end_from_history_replaces_the_ten_percent_guess() {
     // Two end within one boot (90 s): 3 - 2 = 1 more.
     assert_eq!(target(&decide(&pacloud(), f.clone())), Some((5, 0)));
 
-    // Unknown atoms: the median of all builds dates each busy instance's end.
+    // Atoms never built before: with history (a median exists) nothing is assumed to
+    // free up (heavy tails: the median dates no single build), and the 10 % rule, meant
+    // for a fleet without any history, is not applied: 3 more.
     f.median_build_s = Some(600);
-    for (n, since) in [NOW - 550, NOW - 700, NOW - 10, NOW - 590].into_iter().enumerate() {
-        f.instances[n].activity = Activity::Busy { since, expected_done_at: None };
+    for i in &mut f.instances {
+        i.activity = Activity::Busy { since: NOW - 590, expected_done_at: None };
     }
-    // Ends at +50 s and +10 s are within a boot; -100 s (late, heavy tail) and +590 s are not.
-    // 3 - 2 = 1 more; the 10 % rule is not applied on top.
-    assert_eq!(target(&decide(&pacloud(), f)), Some((5, 0)));
+    assert_eq!(target(&decide(&pacloud(), f.clone())), Some((7, 0)));
+    // Without any history: Mozilla's ceil(10 % of 4 old busy) = 1 frees up: 2 more.
+    f.median_build_s = None;
+    assert_eq!(target(&decide(&pacloud(), f)), Some((6, 0)));
 }
 
 #[test]
