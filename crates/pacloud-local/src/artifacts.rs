@@ -467,6 +467,72 @@ fn none_match(req: &Request<Body>, tags: &[&str]) -> Option<usize> {
     tags.iter().position(|t| given.iter().any(|g| g == t || *g == "*"))
 }
 
+/// Files up to this size are kept in memory between changes.
+const SMALL: u64 = 64 * 1024;
+
+type SmallCache = std::sync::Mutex<std::collections::HashMap<PathBuf, (u64, std::time::SystemTime, bytes::Bytes)>>;
+
+static SMALL_FILES: std::sync::LazyLock<SmallCache> = std::sync::LazyLock::new(Default::default);
+
+/// A plain `GET` of a small file (the index, small packages) answered from
+/// memory: the file is read again only when its size or mtime changed (a
+/// publish replaces it by rename). Range, `If-Modified-Since` and gzip
+/// requests go to `ServeFile`.
+fn small_from_memory(
+    file: &Path,
+    meta: &std::fs::Metadata,
+    kind: Kind,
+    req: &Request<Body>,
+    etag: &str,
+    cache: &'static str,
+) -> Option<Response> {
+    let h = req.headers();
+    let gzip = kind == Kind::Index
+        && h.get(header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("gzip"));
+    if meta.len() > SMALL || gzip || h.contains_key(header::RANGE) || h.contains_key(header::IF_MODIFIED_SINCE) {
+        return None;
+    }
+    let mtime = meta.modified().ok()?;
+    let bytes = {
+        let mut map = SMALL_FILES.lock().ok()?;
+        match map.get(file) {
+            Some((len, t, b)) if *len == meta.len() && *t == mtime => b.clone(),
+            _ => {
+                let b = bytes::Bytes::from(std::fs::read(file).ok()?);
+                if b.len() as u64 != meta.len() {
+                    return None; // replaced while reading: let ServeFile answer
+                }
+                if map.len() >= 4096 {
+                    map.clear();
+                }
+                map.insert(file.to_owned(), (meta.len(), mtime, b.clone()));
+                b
+            }
+        }
+    };
+    let content_type = match kind {
+        Kind::Index | Kind::Text => "text/plain; charset=utf-8",
+        Kind::Binary if file.extension().is_some_and(|e| e == "tar") => "application/x-tar",
+        Kind::Binary if file.extension().is_some_and(|e| e == "gz") => "application/gzip",
+        Kind::Binary => "application/octet-stream",
+    };
+    let mut resp = Body::from(bytes).into_response();
+    let out = resp.headers_mut();
+    out.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    out.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    out.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        out.insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(mtime)) {
+        out.insert(header::LAST_MODIFIED, v);
+    }
+    if kind == Kind::Index {
+        out.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    Some(resp)
+}
+
 /// Serves one stored file with tower-http's `ServeFile` (Range requests,
 /// `Last-Modified` / `If-Modified-Since`, precompressed `Packages.gz`),
 /// adding an `ETag` with `304` on `If-None-Match` and `Cache-Control`.
@@ -488,6 +554,9 @@ async fn serve_stored(file: PathBuf, kind: Kind, cache: &'static str, req: Reque
         if vary {
             h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
         }
+        return resp;
+    }
+    if let Some(resp) = small_from_memory(&file, &meta, kind, &req, &tags[0], cache) {
         return resp;
     }
     let mut svc = ServeFile::new(&file).with_buf_chunk_size(CHUNK);

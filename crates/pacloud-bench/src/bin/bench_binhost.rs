@@ -21,10 +21,21 @@ use std::time::Duration;
 
 const TARGET: &str = "bench";
 
-struct Guard(Child);
+/// A server process, stopped on drop: `pacloud` is killed; nginx is told to
+/// stop (`nginx -s stop`, so its worker process exits with the master).
+struct Guard(Child, Option<PathBuf>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        if let Some(conf) = &self.1 {
+            let _ = Command::new("nginx").arg("-c").arg(conf).args(["-s", "stop"]).status();
+            for _ in 0..50 {
+                if matches!(self.0.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -78,7 +89,7 @@ fn start_pacloud(bin: &Path, data: &Path) -> anyhow::Result<(Guard, String)> {
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     let stderr = child.stderr.take().context("stderr")?;
-    let guard = Guard(child);
+    let guard = Guard(child, None);
     let mut lines = std::io::BufReader::new(stderr).lines();
     let addr = loop {
         let line = lines.next().context("pacloud exited before listening")??;
@@ -117,7 +128,7 @@ fn start_nginx(dir: &Path, artifacts: &Path) -> anyhow::Result<(Guard, String)> 
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting nginx (Debian package nginx)")?;
-    let guard = Guard(child);
+    let guard = Guard(child, Some(conf));
     let addr = format!("127.0.0.1:{port}");
     for _ in 0..100 {
         if std::net::TcpStream::connect(&addr).is_ok() {
@@ -153,7 +164,7 @@ fn parse_rate(v: &str) -> f64 {
 
 fn wrk(url: &str, conns: u32, secs: u64) -> anyhow::Result<Figures> {
     let out = Command::new("taskset")
-        .args(["-c", "1", "wrk", "-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--latency"])
+        .args(["-c", "1", "wrk", "-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--timeout", "60s", "--latency"])
         .arg(url)
         .output()
         .context("running wrk (Debian package wrk)")?;
