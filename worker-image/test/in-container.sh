@@ -71,10 +71,17 @@ start() { # $1 = label; the env file's contents come on stdin
 start none </dev/null
 printf 'PACLOUD_AWS_TABLE=builds\n' | start table_only
 printf 'PACLOUD_AWS_TABLE=builds\nPACLOUD_AWS_QUEUE_URL=http://127.0.0.1:9/q\n' | start no_bucket
+env_all() {
+  printf '%s\n' PACLOUD_AWS_TABLE=builds PACLOUD_AWS_QUEUE_URL=http://127.0.0.1:9/q PACLOUD_AWS_BUCKET=b \
+    PACLOUD_AWS_ENDPOINT_URL=http://127.0.0.1:9 PACLOUD_AWS_REGION=us-east-1 \
+    AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_EC2_METADATA_DISABLED=true
+}
+# Everything set and the image step's builder image (an empty rootfs) in
+# pacloud.toml: the worker refuses because that image has no portage.
+env_all | start no_portage
+sed -i '/^image = /d' /etc/pacloud/pacloud.toml
 # Queue, table and bucket set, no builder image in pacloud.toml: the worker
 # must refuse before any build (the test mounts the host's docker CLI and
 # socket so the docker backend's engine check passes and the image check is
 # the one that speaks). The endpoint is a closed local port.
-printf '%s\n' PACLOUD_AWS_TABLE=builds PACLOUD_AWS_QUEUE_URL=http://127.0.0.1:9/q PACLOUD_AWS_BUCKET=b \
-  PACLOUD_AWS_ENDPOINT_URL=http://127.0.0.1:9 PACLOUD_AWS_REGION=us-east-1 \
-  AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_EC2_METADATA_DISABLED=true | start no_image
+env_all | start no_image
