@@ -465,11 +465,15 @@ impl UserPortage {
     }
 }
 
-// NOT RUN by default (reported as ignored, never as passed): it passed once
-// (43 s, commit "pacloud emerge test: ..."), then twice hung with both server
-// builds stuck in `building` far past the build wall clock; not diagnosed yet.
-// Run it with `cargo test -p pacloud --test it -- --ignored pacloud_emerge`.
-#[ignore = "hangs with both server builds stuck in building; see the comment above"]
+// NOT RUN by default (reported as ignored, never as passed). It passed once
+// (43 s); since then it fails on a publishing race outside this issue: the
+// server builds usekey-lib[doc] and usekey-app concurrently; the app build
+// also builds usekey-lib (its default USE) as a dependency, both get
+// BUILD_ID 1, the second publish finds `usekey-lib-1.0-1.gpkg.tar` taken and
+// the app build is released as an infrastructure failure and retried with
+// backoff (seen: app `building` -> `queued`, message in flight). Run it with
+// `cargo test -p pacloud --test it -- --ignored pacloud_emerge`.
+#[ignore = "concurrent builds of one cpv collide on BUILD_ID at publish; see the comment above"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pacloud_emerge_builds_the_merge_list_and_portage_installs_it() {
     let app = spawn_builder_with(fixtures_v2).await;
