@@ -219,11 +219,18 @@ async fn sha256_file(path: &Path) -> Result<(String, u64), PublishError> {
 
 /// Uploads every package in `pkgdir` that was not seeded, with its index
 /// fragment, then merges them into `<target>/Packages`.
+///
+/// A dependency whose path another build published meanwhile (two builds
+/// racing on the same dependency both get its first BUILD_ID) is skipped
+/// with a warning: the store keeps the other build's file, and this build
+/// still succeeds. Only a collision of `main_cpv` itself (or of any package
+/// when it is `None`) is an error, retried with a fresh BUILD_ID.
 pub async fn publish(
     store: &dyn ArtifactStore,
     target: &str,
     pkgdir: &Path,
     seeded: &HashSet<String>,
+    main_cpv: Option<&str>,
     now_secs: u64,
 ) -> Result<Vec<PublishedPackage>, PublishError> {
     let index_file = pkgdir.join("Packages");
@@ -244,6 +251,11 @@ pub async fn publish(
         }
         let (sha256, size) = sha256_file(&file).await?;
         if store.put_file_if_absent(&path, &file, &sha256).await?.is_none() {
+            let cpv = entry.cpv().unwrap_or_default();
+            if main_cpv.is_some_and(|m| m != cpv) {
+                tracing::warn!(path = %path, "dependency already published by another build; keeping theirs");
+                continue;
+            }
             return Err(PublishError::Collision(path.to_string()));
         }
         let mut fragment = PackageIndex { header: index.header.clone(), packages: vec![entry.clone()] };

@@ -496,14 +496,15 @@ impl Worker {
             crate::sign::sign_new_packages(signer.clone(), &plan.pkgdir(), &seeded.paths).await?;
         }
         let now_secs = u64::try_from(self.clock.now().as_secs()).unwrap_or(0);
+        let cpv = job.spec.portage_atom().trim_start_matches('=').to_owned();
         let published =
-            publish::publish(&*self.artifacts, target_name, &plan.pkgdir(), &seeded.paths, now_secs).await?;
+            publish::publish(&*self.artifacts, target_name, &plan.pkgdir(), &seeded.paths, Some(&cpv), now_secs)
+                .await?;
         if let Some(cache) = &self.env.distfiles
             && let Err(e) = cache.prune(std::time::SystemTime::now())
         {
             tracing::warn!(error = &e as &dyn std::error::Error, "cannot prune the distfiles cache");
         }
-        let cpv = job.spec.portage_atom().trim_start_matches('=').to_owned();
         let Some(main) = published.iter().find(|p| p.cpv == cpv) else {
             let reason = format!("emerge succeeded but published no package for ={cpv}");
             return Ok(BuildResult::Failed { class: FailureClass::Build, reason, log_path, log_tail });

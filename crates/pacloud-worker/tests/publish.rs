@@ -83,7 +83,7 @@ async fn many_concurrent_publishers_all_end_up_in_the_index() {
         testkit::write_index(&pkgdir, vec![entry]).unwrap();
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
-            publish::publish(&*store, "t", &pkgdir, &HashSet::new(), 1_800_000_000).await.unwrap()
+            publish::publish(&*store, "t", &pkgdir, &HashSet::new(), None, 1_800_000_000).await.unwrap()
         }));
     }
     for t in tasks {
@@ -105,13 +105,47 @@ async fn many_concurrent_publishers_all_end_up_in_the_index() {
     assert_eq!(pkgindex::parse(&String::from_utf8(rebuilt).unwrap()).unwrap().packages.len(), publishers);
 }
 
+#[tokio::test]
+async fn a_dependency_published_meanwhile_is_kept_and_the_main_package_still_publishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    // Build A published dependency `dep` as BUILD_ID 1.
+    let a = dir.path().join("a");
+    std::fs::create_dir_all(&a).unwrap();
+    let theirs = testkit::package(&a, "dep", 1, 100).unwrap();
+    testkit::write_index(&a, vec![theirs]).unwrap();
+    publish::publish(&store, "t", &a, &HashSet::new(), Some("app-misc/dep-1.0"), 1_800_000_000).await.unwrap();
+    let dep = ArtifactPath::parse("t/app-misc/dep/dep-1.0-1.gpkg.tar").unwrap();
+    let before = store.get(&dep).await.unwrap();
+    // Build B, racing, built the same dependency as BUILD_ID 1 (other bytes) and its main package.
+    let b = dir.path().join("b");
+    std::fs::create_dir_all(&b).unwrap();
+    let ours = testkit::package(&b, "dep", 1, 200).unwrap();
+    let main = testkit::package(&b, "main", 1, 50).unwrap();
+    testkit::write_index(&b, vec![ours, main]).unwrap();
+    let out =
+        publish::publish(&store, "t", &b, &HashSet::new(), Some("app-misc/main-1.0"), 1_800_000_001).await.unwrap();
+    assert_eq!(out.iter().map(|p| p.cpv.as_str()).collect::<Vec<_>>(), ["app-misc/main-1.0"]);
+    assert_eq!(store.get(&dep).await.unwrap(), before, "the first build's dependency is never overwritten");
+    let index = store.get(&ArtifactPath::parse("t/Packages").unwrap()).await.unwrap();
+    let index = pkgindex::parse(&String::from_utf8(index).unwrap()).unwrap();
+    let dep_entry = index.packages.iter().find(|e| e.cpv() == Some("app-misc/dep-1.0")).unwrap();
+    assert_eq!(dep_entry.get("SIZE"), Some("100"), "the index describes the stored dependency");
+    // The requested package itself colliding is still an error (retried with a fresh BUILD_ID).
+    let c = dir.path().join("c");
+    std::fs::create_dir_all(&c).unwrap();
+    testkit::write_index(&c, vec![testkit::package(&c, "main", 1, 60).unwrap()]).unwrap();
+    let err = publish::publish(&store, "t", &c, &HashSet::new(), Some("app-misc/main-1.0"), 1_800_000_002).await;
+    assert!(matches!(err, Err(publish::PublishError::Collision(_))), "{err:?}");
+}
+
 /// Publishes `n` synthetic packages of `size` bytes to target `t`.
 async fn fill(store: &dyn ArtifactStore, dir: &Path, n: usize, size: usize) {
     let pkgdir = dir.join("fill");
     std::fs::create_dir_all(&pkgdir).unwrap();
     let entries: Vec<_> = (0..n).map(|i| testkit::package(&pkgdir, &format!("q{i}"), 1, size).unwrap()).collect();
     testkit::write_index(&pkgdir, entries).unwrap();
-    publish::publish(store, "t", &pkgdir, &HashSet::new(), 1_800_000_000).await.unwrap();
+    publish::publish(store, "t", &pkgdir, &HashSet::new(), None, 1_800_000_000).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

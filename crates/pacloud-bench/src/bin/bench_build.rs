@@ -244,7 +244,7 @@ async fn publish_bench() -> anyhow::Result<()> {
             let e = pacloud_worker::testkit::package(&pkgdir, &format!("new{round}"), 1, 1 << 20)?;
             pacloud_worker::testkit::write_index(&pkgdir, vec![e])?;
             let t = Instant::now();
-            let out = publish::publish(&store, "t", &pkgdir, &Default::default(), 1_800_000_100).await?;
+            let out = publish::publish(&store, "t", &pkgdir, &Default::default(), None, 1_800_000_100).await?;
             times.push(t.elapsed().as_secs_f64() * 1000.0);
             anyhow::ensure!(out.len() == 1, "published {}", out.len());
         }
