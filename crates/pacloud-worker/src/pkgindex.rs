@@ -521,7 +521,8 @@ mod tests {
         let merged = merge_text(&text, &new, 200).unwrap();
         let mut expected = parse(&text).unwrap();
         expected.merge(new.clone());
-        expected.set_timestamp(200);
+        // What a binhost serves: merge_text also sets VERSION 0 and the TTL.
+        expected.prepare_for_binhost(Some(199), 200, BINHOST_TTL_SECS);
         assert_eq!(merged, expected.render().unwrap());
         assert_eq!(header_timestamp(&merged), Some(200));
         assert_eq!(parse(&merged).unwrap().packages.len(), 5);
