@@ -54,28 +54,7 @@ impl Client {
             .unwrap();
         std::fs::write(portage.join("package.use"), "app-misc/hello foo -bar\n").unwrap();
         // The getuto way: import, trust ultimately, readable by nobody.
-        let asc = dir.join("pacloud.asc");
-        std::fs::write(&asc, key_asc).unwrap();
-        let gpg = |args: &[&str], input: &str| {
-            use std::io::Write;
-            let mut c = Command::new("gpg")
-                .arg("--homedir")
-                .arg(dir.join("gnupg"))
-                .args(["--batch", "--no-tty"])
-                .args(args)
-                .stdin(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .expect("gpg (Debian gnupg) runs");
-            c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-            let out = c.wait_with_output().unwrap();
-            assert!(out.status.success(), "gpg {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        gpg(&["--import", asc.to_str().unwrap()], "");
-        gpg(&["--import-ownertrust"], &format!("{fingerprint}:6:\n"));
-        gpg(&["--check-trustdb"], "");
-        let _ = Command::new("gpgconf").arg("--homedir").arg(dir.join("gnupg")).args(["--kill", "all"]).status();
+        trust_key(&dir.join("gnupg"), key_asc, fingerprint);
         assert!(Command::new("chmod").args(["-R", "a+rX"]).arg(&dir).status().unwrap().success());
         Client { dir }
     }

@@ -317,3 +317,34 @@ pub fn zstd_tar_member(bytes: &[u8], member: &str, dir: &std::path::Path) -> Str
     assert!(out.status.success(), "{member}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A portage client keyring the getuto way: `key_asc` imported into
+/// `gnupg`, trusted ultimately, readable by nobody (portage runs gpg as
+/// nobody). Point `BINPKG_GPG_VERIFY_GPG_HOME` at it.
+pub fn trust_key(gnupg: &std::path::Path, key_asc: &str, fingerprint: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    std::fs::create_dir_all(gnupg).unwrap();
+    let asc = gnupg.with_extension("asc");
+    std::fs::write(&asc, key_asc).unwrap();
+    let gpg = |args: &[&str], input: &str| {
+        let mut c = Command::new("gpg")
+            .arg("--homedir")
+            .arg(gnupg)
+            .args(["--batch", "--no-tty"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("gpg (Debian gnupg) runs");
+        c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "gpg {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    gpg(&["--import", asc.to_str().unwrap()], "");
+    gpg(&["--import-ownertrust"], &format!("{fingerprint}:6:\n"));
+    gpg(&["--check-trustdb"], "");
+    let _ = Command::new("gpgconf").arg("--homedir").arg(gnupg).args(["--kill", "all"]).status();
+    assert!(Command::new("chmod").args(["-R", "a+rX"]).arg(gnupg).status().unwrap().success());
+}
