@@ -55,7 +55,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PlanError + '_ {
     move |source| PlanError::Io { path: path.to_owned(), source }
 }
 
-fn quote(v: &str) -> String {
+/// A make.conf value in double quotes (also the tree-index generator's).
+pub(crate) fn quote(v: &str) -> String {
     // make.conf values: targets only hold printable ASCII; escape what bash
     // treats specially inside double quotes.
     let mut out = String::with_capacity(v.len() + 2);

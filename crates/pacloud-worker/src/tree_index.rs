@@ -56,17 +56,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TreeIndexGenError + '_ {
 /// the configuration (CHOST, flags, the target's extra variables, e.g.
 /// USE), nothing about directories.
 fn make_conf(target: &Target) -> String {
-    let q = |v: &str| {
-        let mut out = String::from("\"");
-        for c in v.chars() {
-            if matches!(c, '"' | '\\' | '$' | '`') {
-                out.push('\\');
-            }
-            out.push(c);
-        }
-        out.push('"');
-        out
-    };
+    let q = crate::plan::quote;
     let mut lines = vec![
         format!("CHOST={}", q(&target.spec.chost)),
         format!("CFLAGS={}", q(&target.spec.cflags)),
