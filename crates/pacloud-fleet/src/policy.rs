@@ -16,9 +16,9 @@
 //!    busy, so only the fresh ones not yet busy count), plus hibernated
 //!    instances without a lease (pacloud: capacity that will resume).
 //! 5. **Freeing soon**: busy instances whose build's expected end (the atom's
-//!    median from history, else the median of all builds, pacloud) is within
-//!    one boot (a build already past its expected end is not counted: build
-//!    times are heavy-tailed, so the remaining time of a late build grows);
+//!    median from history, pacloud) is still ahead and within one boot (a
+//!    build already past its expected end is not counted: build times are
+//!    heavy-tailed, so the remaining time of a late build grows);
 //!    with no history at all, **10 % of the old busy ones** (Mozilla), rounded up.
 //! 6. **Backlog per instance** (AWS's SQS scaling rule, with pacloud's build
 //!    history): with a median build time m and an acceptable wait w, one new
@@ -62,8 +62,12 @@ pub struct Config {
     /// Mozilla aws_watch_pending's 10 %.
     pub old_instance_fraction: f64,
     /// An idle instance is terminated after this long when the queue does not
-    /// need it. Default 300 s: about 3 boots (boot ≈ 60 s plus a minute's
-    /// minimum billing), so a short lull does not cost a relaunch.
+    /// need it. Default 120 s: the ski-rental break-even of a relaunch (its
+    /// ≈ 60 s billed boot, plus ≈ 60 s of the next build's wait). Keeping
+    /// idle instances longer buys p95 wait at a price: in the simulator, 600 s
+    /// (buildbot's `build_wait_timeout`) gives per-job's p95 at per-job's cost,
+    /// 120 s is cheaper than watch-pending on quiet, default and busy days
+    /// (docs/fleet.md, "Results").
     pub idle_timeout_s: u64,
     /// Ask for on-demand when spot cannot supply. Default on.
     pub on_demand_fallback: bool,
@@ -91,7 +95,7 @@ impl Default for Config {
             max_price_multiplier: 1.2,
             fresh_instance_delay_s: 1200,
             old_instance_fraction: 0.1,
-            idle_timeout_s: 300,
+            idle_timeout_s: 120,
             on_demand_fallback: true,
             spot: true,
             unavailable_for_s: 180,
@@ -284,7 +288,7 @@ impl PacloudPolicy {
                 // Hibernated without a lease: resumes and takes a build.
                 (InstanceState::Hibernated, Activity::Idle { .. }) if !i.holds_lease => n.free += 1,
                 (InstanceState::Running, Activity::Busy { expected_done_at: Some(end), .. })
-                    if end <= now + c.expected_boot_s =>
+                    if end > now && end <= now + c.expected_boot_s =>
                 {
                     n.freeing += 1
                 }

@@ -118,6 +118,11 @@ fn expected_build_end_from_history_replaces_the_ten_percent_guess() {
         .collect();
     // Two end within one boot (90 s): 3 - 2 = 1 more.
     assert_eq!(target(&decide(&pacloud(), f.clone())), Some((5, 0)));
+    // A build past its expected end is late, and a late heavy-tailed build is
+    // not about to end: not counted as freeing (3 - 1 = 2 more).
+    f.instances[0].activity = Activity::Busy { since: NOW - 600, expected_done_at: Some(NOW - 1) };
+    assert_eq!(target(&decide(&pacloud(), f.clone())), Some((6, 0)));
+    f.instances[0].activity = Activity::Busy { since: NOW - 600, expected_done_at: Some(NOW + 30) };
 
     // Atoms never built before: with history (a median exists) nothing is assumed to
     // free up (heavy tails: the median dates no single build), and the 10 % rule, meant
