@@ -7,8 +7,10 @@
 //! worker reports what it does in two tags of its own instance (the contract
 //! with the worker): `pacloud:activity` = `idle:<unix>`, `busy:<unix>` or
 //! `busy:<unix>:<expected end unix>`, and `pacloud:lease` = `1` while it holds
-//! a build lease. An instance without the tag is `Activity::Unknown`: the
-//! policy never terminates it as idle.
+//! a build lease (`0` otherwise). An instance without the tag is
+//! `Activity::Unknown`: the policy never terminates it as idle. The worker
+//! side is [`run_activity_tagger`] (the AWS worker runs it with the
+//! instance id from IMDS).
 //!
 //! Throttling and transient errors are retried by the SDK's standard retry
 //! policy with bounded exponential backoff ([`retry_policy`]: 4 attempts,
@@ -288,6 +290,91 @@ impl FleetClient {
             .await
             .map_err(api("TerminateInstances"))?;
         Ok(still)
+    }
+}
+
+/// What a worker reports about itself in its instance's tags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerState {
+    /// Processing a delivery: it holds (or is claiming) a build lease.
+    pub busy: bool,
+    /// Busy or idle since (unix seconds).
+    pub since: Secs,
+}
+
+/// The tags that report `s`: `pacloud:activity` = `busy:<since>` or
+/// `idle:<since>`, `pacloud:lease` = `1` while busy, else `0` (a tag that
+/// stays while the instance is hibernated, so a hibernated worker with a
+/// build keeps `1`).
+pub fn activity_tags(s: WorkerState) -> [(&'static str, String); 2] {
+    let kind = if s.busy { "busy" } else { "idle" };
+    [(TAG_ACTIVITY, format!("{kind}:{}", s.since)), (TAG_LEASE, if s.busy { "1" } else { "0" }.to_owned())]
+}
+
+impl FleetClient {
+    /// CreateTags on the worker's own instance with [`activity_tags`]
+    /// (idempotent: CreateTags overwrites a key's value).
+    pub async fn set_worker_tags(&self, instance_id: &str, s: WorkerState) -> Result<(), FleetError> {
+        let tags = activity_tags(s)
+            .into_iter()
+            .map(|(k, v)| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build())
+            .collect::<Vec<_>>();
+        self.ec2
+            .create_tags()
+            .resources(instance_id)
+            .set_tags(Some(tags))
+            .send()
+            .await
+            .map_err(api("CreateTags"))?;
+        Ok(())
+    }
+}
+
+/// Keeps the worker's instance tags in step with its state: each change of
+/// `state` is written with [`FleetClient::set_worker_tags`], at most one
+/// call per `min_interval` (changes in between are coalesced: only the
+/// newest state is written), a failure is logged and retried after a
+/// backoff doubling from `min_interval` up to 60 s, never fatal. Returns when
+/// `stop` is cancelled or the sender is gone.
+pub async fn run_activity_tagger(
+    client: FleetClient,
+    instance_id: String,
+    mut state: tokio::sync::watch::Receiver<WorkerState>,
+    min_interval: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut written: Option<WorkerState> = None;
+    let mut backoff = min_interval;
+    loop {
+        let want = *state.borrow_and_update();
+        let mut wait_for_change = true;
+        if written != Some(want) {
+            match client.set_worker_tags(&instance_id, want).await {
+                Ok(()) => {
+                    tracing::debug!(instance = instance_id, ?want, "worker tags set");
+                    written = Some(want);
+                    backoff = min_interval;
+                }
+                Err(e) => {
+                    tracing::warn!(instance = instance_id, error = %e, retry_in = ?backoff, "cannot set the worker's activity tags; the scaler keeps it as busy");
+                    wait_for_change = false;
+                }
+            }
+        }
+        // The throttle (or the retry backoff after a failure).
+        let pause = if wait_for_change { min_interval } else { backoff };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.cancelled() => return,
+        }
+        if !wait_for_change {
+            backoff = (backoff * 2).min(Duration::from_secs(60));
+            continue;
+        }
+        tokio::select! {
+            changed = state.changed() => if changed.is_err() { return },
+            _ = stop.cancelled() => return,
+        }
     }
 }
 

@@ -4,6 +4,8 @@
 //! ModifyFleet or DescribeFleetHistory: the first is covered by the SDK
 //! replay test in `pacloud-aws/tests/fleet_replay.rs`; here their absence is
 //! the "API error" case — the scaler must then take no irreversible action.
+//! The worker side of the tag contract (`run_activity_tagger`, CreateTags)
+//! runs against moto too: the scaler scales down what the tagger reports idle.
 
 use pacloud_aws::fleet::FleetClient;
 use pacloud_aws::testkit::Moto;
@@ -135,4 +137,100 @@ async fn missing_fleet_and_bad_events_take_no_action() {
     let out = handle(&c, &s, &batch, NOW).await;
     assert_eq!(out["batchItemFailures"], json!([]));
     assert_eq!(state_of(&c, &idle).await, "running");
+}
+
+/// Waits until moto shows `id` with `activity` and `lease` (the tagger works in the background).
+async fn wait_for_tags(c: &FleetClient, id: &str, activity: Activity, lease: bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let all = c.worker_instances(CpuFamily::X86_64).await.unwrap();
+        let i = all.iter().find(|i| i.id == id).expect("the worker instance");
+        if i.activity == activity && i.holds_lease == lease {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "tags of {id} never became {activity:?} / lease {lease}: {i:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn tags_set_by_the_worker_tagger_let_the_scaler_scale_down_idle_never_busy_or_leased() {
+    use pacloud_aws::fleet::{WorkerState, run_activity_tagger};
+    use std::time::Duration;
+    use tokio_util::sync::CancellationToken;
+
+    let moto = Moto::start();
+    let c = setup(&moto).await;
+    let q = queue_with(&c, "jobs", 0, 0).await;
+    // After terminating the one idle worker, two remain = the fleet's target: no ModifyFleet.
+    create_worker_fleet(&c, "x86-64", 2).await;
+    let idle = run_worker(&c, "x86-64", None, false).await;
+    let busy = run_worker(&c, "x86-64", None, false).await;
+    // Hibernated-with-a-lease style: reported idle, but the lease tag is set.
+    let leased = run_worker(&c, "x86-64", Some(&idle_for(3600)), true).await;
+
+    let stop = CancellationToken::new();
+    let state = |busy, since| WorkerState { busy, since };
+    let (idle_tx, idle_rx) = tokio::sync::watch::channel(state(false, NOW - 3600));
+    let (busy_tx, busy_rx) = tokio::sync::watch::channel(state(false, NOW - 3600));
+    let every = Duration::from_millis(50);
+    let t1 = tokio::spawn(run_activity_tagger(c.clone(), idle.clone(), idle_rx, every, stop.clone()));
+    let t2 = tokio::spawn(run_activity_tagger(c.clone(), busy.clone(), busy_rx, every, stop.clone()));
+    wait_for_tags(&c, &idle, Activity::Idle { since: NOW - 3600 }, false).await;
+    wait_for_tags(&c, &busy, Activity::Idle { since: NOW - 3600 }, false).await;
+    // The second worker takes a build: the change reaches its tags.
+    busy_tx.send_replace(state(true, NOW - 5));
+    wait_for_tags(&c, &busy, Activity::Busy { since: NOW - 5, expected_done_at: None }, true).await;
+    // DescribeInstances shows the raw tags the scaler reads.
+    let raw = c.ec2.describe_instances().instance_ids(&busy).send().await.unwrap();
+    let tags: Vec<(String, String)> = raw.reservations()[0].instances()[0]
+        .tags()
+        .iter()
+        .map(|t| (t.key().unwrap_or_default().to_owned(), t.value().unwrap_or_default().to_owned()))
+        .collect();
+    assert!(tags.contains(&("pacloud:activity".into(), format!("busy:{}", NOW - 5))), "{tags:?}");
+    assert!(tags.contains(&("pacloud:lease".into(), "1".into())), "{tags:?}");
+
+    let report = tick(&c, &settings(&q), NOW).await.unwrap();
+    let f = &report.families[0];
+    assert_eq!(f.terminated, vec![idle.clone()], "{:?}", f.actions);
+    assert_eq!(state_of(&c, &idle).await, "terminated");
+    assert_eq!(state_of(&c, &busy).await, "running");
+    assert_eq!(state_of(&c, &leased).await, "running");
+    // Idle, but not for the idle timeout (120 s): kept.
+    busy_tx.send_replace(state(false, NOW - 30));
+    wait_for_tags(&c, &busy, Activity::Idle { since: NOW - 30 }, false).await;
+    let again = tick(&c, &settings(&q), NOW).await.unwrap();
+    assert!(again.families[0].terminated.is_empty(), "{:?}", again.families[0]);
+
+    stop.cancel();
+    drop(idle_tx);
+    let (r1, r2) = tokio::time::timeout(Duration::from_secs(5), async { (t1.await, t2.await) }).await.expect("taggers stop");
+    r1.unwrap();
+    r2.unwrap();
+}
+
+#[tokio::test]
+async fn a_tagger_whose_create_tags_fails_keeps_running_and_stops_on_cancel() {
+    use pacloud_aws::fleet::{WorkerState, run_activity_tagger};
+    use std::time::Duration;
+
+    let moto = Moto::start();
+    let c = setup(&moto).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (_tx, rx) = tokio::sync::watch::channel(WorkerState { busy: true, since: NOW });
+    // No such instance: CreateTags fails on every attempt; logged, retried, never fatal.
+    let e = c.set_worker_tags("i-0000000000000dead", WorkerState { busy: true, since: NOW }).await.unwrap_err();
+    assert!(e.to_string().contains("CreateTags"), "{e}");
+    let t = tokio::spawn(run_activity_tagger(
+        c.clone(),
+        "i-0000000000000dead".into(),
+        rx,
+        Duration::from_millis(20),
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!t.is_finished(), "a failing CreateTags must not end the tagger");
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), t).await.expect("stops on cancel").unwrap();
 }

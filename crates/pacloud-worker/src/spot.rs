@@ -45,6 +45,7 @@ pub const DEFAULT_ENDPOINT: &str = "http://169.254.169.254";
 
 const TOKEN_PATH: &str = "/latest/api/token";
 const ACTION_PATH: &str = "/latest/meta-data/spot/instance-action";
+const INSTANCE_ID_PATH: &str = "/latest/meta-data/instance-id";
 const TTL_HEADER: &str = "X-aws-ec2-metadata-token-ttl-seconds";
 const TOKEN_HEADER: &str = "X-aws-ec2-metadata-token";
 /// The longest session token IMDS hands out.
@@ -343,6 +344,14 @@ fn parse_notice(body: &[u8]) -> Result<SpotEvent, SpotError> {
     }
 }
 
+/// This EC2 instance's id from IMDSv2 (`GET /latest/meta-data/instance-id`
+/// with a session token), or why it could not be read (not on EC2: a
+/// connect error or a timeout).
+pub async fn instance_id(config: &SpotConfig) -> Result<String, SpotError> {
+    let endpoint = Endpoint::parse(&config.endpoint)?;
+    Imds::new(endpoint, config, Arc::new(SystemSpotClock)).instance_id().await
+}
+
 /// The IMDSv2 session: token cache and the instance-action query.
 struct Imds {
     http: Http,
@@ -386,6 +395,32 @@ impl Imds {
         }
         self.token = Some((token.to_string(), started));
         Ok(token.to_string())
+    }
+
+    /// This instance's id (`i-...`), for the fleet tags the worker sets.
+    async fn instance_id(&mut self) -> Result<String, SpotError> {
+        let mut retried = false;
+        loop {
+            let token = self.token().await?;
+            let resp = self.http.request("GET", INSTANCE_ID_PATH, (TOKEN_HEADER, &token)).await?;
+            match resp.status {
+                200 => {
+                    let id = String::from_utf8_lossy(&resp.body).trim().to_owned();
+                    let well_formed = id.len() <= 32
+                        && id.strip_prefix("i-").is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric()));
+                    if !well_formed {
+                        let shown: String = id.chars().take(64).collect();
+                        return Err(SpotError::BadNotice { reason: "not an instance id".into(), body: shown });
+                    }
+                    return Ok(id);
+                }
+                401 if !retried => {
+                    self.token = None;
+                    retried = true;
+                }
+                status => return Err(SpotError::Status { what: "instance-id", status }),
+            }
+        }
     }
 
     /// `Ok(None)` when there is no pending action.
@@ -659,6 +694,10 @@ mod tests {
                         _ => (400, String::new()),
                     }
                 }
+                ("GET", INSTANCE_ID_PATH) => {
+                    let live = header(TOKEN_HEADER).is_some_and(|t| st.tokens.contains_key(&t));
+                    if live { (200, "i-0fake1234567890".to_string()) } else { (401, String::new()) }
+                }
                 ("GET", ACTION_PATH) => {
                     st.gets += 1;
                     let live = header(TOKEN_HEADER)
@@ -903,6 +942,18 @@ mod tests {
         // The token from before the sleep is not trusted any more.
         assert_eq!(imds.puts(), 2);
         w.stop().await;
+    }
+
+    #[tokio::test]
+    async fn fake_imds_instance_id_is_read_with_a_token() {
+        let imds = FakeImds::start().await;
+        assert_eq!(instance_id(&test_config(&imds.base)).await.unwrap(), "i-0fake1234567890");
+        assert_eq!(imds.puts(), 1, "a session token was fetched first");
+        // Not on EC2: a clear error, not a hang.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        assert!(instance_id(&test_config(&closed)).await.is_err());
     }
 
     #[test]

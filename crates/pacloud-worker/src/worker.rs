@@ -77,6 +77,16 @@ pub enum JobOutcome {
     Unreadable,
 }
 
+/// What the worker's job loops are doing: how many deliveries are being
+/// processed (each holds, or is about to claim, a build lease), and since
+/// when the worker has been busy (`busy > 0`) or idle. The AWS worker turns
+/// it into the `pacloud:activity` / `pacloud:lease` tags the fleet scaler reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Activity {
+    pub busy: usize,
+    pub since: pacloud_domain::Millis,
+}
+
 /// The ports and parts a worker uses.
 pub struct Worker {
     pub store: Arc<dyn MetadataStore>,
@@ -95,6 +105,8 @@ pub struct Worker {
     /// Signs new packages (GLEP 78) before they are published; `None`
     /// publishes them unsigned. Set with [`Worker::with_signer`].
     pub signer: Option<Arc<pacloud_sign::Signer>>,
+    /// Busy or idle, and since when ([`Worker::activity`] to watch it).
+    activity: tokio::sync::watch::Sender<Activity>,
     seq: AtomicU64,
 }
 
@@ -134,7 +146,9 @@ impl Worker {
         config: WorkerConfig,
         name: String,
     ) -> Self {
+        let activity = tokio::sync::watch::Sender::new(Activity { busy: 0, since: clock.now() });
         Worker {
+            activity,
             store,
             queue,
             artifacts,
@@ -148,6 +162,26 @@ impl Worker {
             signer: None,
             seq: AtomicU64::new(0),
         }
+    }
+
+    /// Watches what the job loops do (busy count, since when).
+    pub fn activity(&self) -> tokio::sync::watch::Receiver<Activity> {
+        self.activity.subscribe()
+    }
+
+    /// One more (`+1`) or one fewer (`-1`) delivery in progress; `since`
+    /// moves only when the worker turns from idle to busy or back.
+    fn mark_busy(&self, delta: isize) {
+        let now = self.clock.now();
+        self.activity.send_if_modified(|a| {
+            let busy = a.busy.saturating_add_signed(delta);
+            if (busy == 0) != (a.busy == 0) {
+                a.since = now;
+            }
+            let changed = busy != a.busy;
+            a.busy = busy;
+            changed
+        });
     }
 
     /// Signs every new package with `signer` before publishing it.
@@ -204,7 +238,9 @@ impl Worker {
             match got {
                 Ok(deliveries) => {
                     for d in deliveries {
+                        self.mark_busy(1);
                         let outcome = self.process(d, &abort).await;
+                        self.mark_busy(-1);
                         tracing::info!(slot, ?outcome, "job done");
                     }
                 }

@@ -86,8 +86,9 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> anyhow::Re
         poll_interval: settings.aws.spot_poll_ms.map(Duration::from_millis).unwrap_or(Duration::from_secs(5)),
         ..SpotConfig::default()
     };
-    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
     let watcher_stop = CancellationToken::new();
+    start_activity_tags(&config, &spot, workers.activity.clone(), watcher_stop.clone());
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
     tokio::spawn(SpotWatcher::new(spot).run(tx, watcher_stop.clone()));
     loop {
         tokio::select! {
@@ -105,6 +106,57 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> anyhow::Re
     watcher_stop.cancel();
     workers.shutdown(settings.build.shutdown_grace).await;
     Ok(())
+}
+
+/// The fleet scaler's view of this worker: the instance id from IMDS, then
+/// the `pacloud:activity` / `pacloud:lease` tags kept in step with the job
+/// loops (`pacloud_aws::fleet::run_activity_tagger`: at most one CreateTags
+/// per 5 s, failures logged and retried, never fatal). Not on EC2 (IMDS
+/// unreachable): no tags, logged once; the scaler then never terminates
+/// this machine as idle.
+fn start_activity_tags(
+    config: &AwsConfig,
+    spot: &SpotConfig,
+    activity: tokio::sync::watch::Receiver<pacloud_worker::worker::Activity>,
+    stop: CancellationToken,
+) {
+    let (config, spot) = (config.clone(), spot.clone());
+    tokio::spawn(async move {
+        let id = match pacloud_worker::spot::instance_id(&spot).await {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::info!(error = &e as &dyn std::error::Error, "no EC2 instance id from IMDS: no fleet activity tags");
+                return;
+            }
+        };
+        tracing::info!(instance = id, "reporting activity in this instance's tags for the fleet scaler");
+        let secs = |a: &pacloud_worker::worker::Activity| pacloud_aws::fleet::WorkerState {
+            busy: a.busy > 0,
+            since: u64::try_from(a.since.0 / 1000).unwrap_or(0),
+        };
+        let (tx, rx) = tokio::sync::watch::channel(secs(&activity.borrow()));
+        let client = pacloud_aws::fleet::FleetClient::connect(&config).await;
+        let tagger = tokio::spawn(pacloud_aws::fleet::run_activity_tagger(
+            client,
+            id,
+            rx,
+            Duration::from_secs(5),
+            stop.clone(),
+        ));
+        let mut activity = activity;
+        loop {
+            tokio::select! {
+                changed = activity.changed() => {
+                    if changed.is_err() { break }
+                    let s = secs(&activity.borrow_and_update());
+                    tx.send_if_modified(|old| std::mem::replace(old, s) != s);
+                }
+                _ = stop.cancelled() => break,
+            }
+        }
+        drop(tx);
+        let _ = tagger.await;
+    });
 }
 
 /// The binhost signer over the KMS key `key_id`: the certificate is built

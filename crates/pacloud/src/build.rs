@@ -237,6 +237,8 @@ pub struct Workers {
     pub abort: CancellationToken,
     /// Notified: running jobs re-check their leases (after a resume).
     pub recheck: Arc<tokio::sync::Notify>,
+    /// Busy or idle, and since when (the AWS worker's fleet tags).
+    pub activity: tokio::sync::watch::Receiver<pacloud_worker::worker::Activity>,
     join: tokio::task::JoinHandle<()>,
 }
 
@@ -315,9 +317,10 @@ pub fn start_signing_workers_on(
         .with_signer(signer),
     );
     let recheck = worker.recheck.clone();
+    let activity = worker.activity();
     let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
     let join = tokio::spawn(worker.run(stop.clone(), abort.clone()));
-    Workers { stop, abort, recheck, join }
+    Workers { stop, abort, recheck, activity, join }
 }
 
 /// The worker machine's type and price for per-build cost, from
