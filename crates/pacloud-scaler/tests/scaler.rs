@@ -216,21 +216,26 @@ async fn a_tagger_whose_create_tags_fails_keeps_running_and_stops_on_cancel() {
     use std::time::Duration;
 
     let moto = Moto::start();
-    let c = setup(&moto).await;
+    // EC2 unreachable (a closed port): CreateTags fails on every attempt;
+    // the tagger logs, retries with backoff, and is never fatal.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = moto.base_config();
+    config.endpoint_url = Some(format!("http://{}", closed.local_addr().unwrap()));
+    drop(closed);
+    let c = FleetClient::connect(&config).await;
+    let e = c.set_worker_tags("i-0123456789abcdef0", WorkerState { busy: true, since: NOW }).await.unwrap_err();
+    assert!(e.to_string().contains("CreateTags"), "{e}");
     let stop = tokio_util::sync::CancellationToken::new();
     let (_tx, rx) = tokio::sync::watch::channel(WorkerState { busy: true, since: NOW });
-    // No such instance: CreateTags fails on every attempt; logged, retried, never fatal.
-    let e = c.set_worker_tags("i-0000000000000dead", WorkerState { busy: true, since: NOW }).await.unwrap_err();
-    assert!(e.to_string().contains("CreateTags"), "{e}");
     let t = tokio::spawn(run_activity_tagger(
         c.clone(),
-        "i-0000000000000dead".into(),
+        "i-0123456789abcdef0".into(),
         rx,
         Duration::from_millis(20),
         stop.clone(),
     ));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!t.is_finished(), "a failing CreateTags must not end the tagger");
     stop.cancel();
-    tokio::time::timeout(Duration::from_secs(5), t).await.expect("stops on cancel").unwrap();
+    tokio::time::timeout(Duration::from_secs(10), t).await.expect("stops on cancel").unwrap();
 }
