@@ -57,8 +57,9 @@ struct ReadyBody<'a> {
 }
 
 /// Renders an outcome as the v1 API's response.
-/// `workers`: build workers alive now, when known (`GET /v1/builds/{key}`).
-fn render(state: &ApiState, outcome: Outcome, workers: Option<u64>) -> Response {
+/// `workers`: build workers alive now, when known (`GET /v1/builds/{key}`);
+/// `eta_s`: the estimated seconds until a queued build is done, when known.
+fn render(state: &ApiState, outcome: Outcome, workers: Option<u64>, eta_s: Option<u64>) -> Response {
     let record = outcome.record();
     let key = record.key.as_str();
     match &outcome {
@@ -98,6 +99,9 @@ fn render(state: &ApiState, outcome: Outcome, workers: Option<u64>) -> Response 
             });
             if let (Some(n), Some(map)) = (workers, body.as_object_mut()) {
                 map.insert("workers".into(), json!(n));
+            }
+            if let (Some(eta), Some(map)) = (eta_s, body.as_object_mut()) {
+                map.insert("eta_s".into(), json!(eta));
             }
             let mut resp = (StatusCode::ACCEPTED, Json(body)).into_response();
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -199,7 +203,39 @@ pub async fn create_build(
     let may = may_build(&state, &headers)?;
     let req = build_request(json_object(&headers, body).await?)?;
     let outcome = state.service.request(&req, may).await?;
-    Ok(render(&state, outcome, None))
+    // Only a queued build costs the extra reads (never the cache-hit path).
+    let eta = match &outcome {
+        Outcome::Pending { record } if record.status == pacloud_domain::Status::Queued => {
+            match live_workers(&state).await {
+                Some(n) => eta_of(&state, record, n).await,
+                None => None,
+            }
+        }
+        _ => None,
+    };
+    Ok(render(&state, outcome, None, eta))
+}
+
+/// Live workers, or None (logged) when they cannot be counted.
+async fn live_workers(state: &ApiState) -> Option<u64> {
+    match state.service.workers_alive().await {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!(error = &e as &dyn std::error::Error, "cannot count live workers");
+            None
+        }
+    }
+}
+
+/// The eta of a queued build, or None (an error is logged: the answer goes out without it).
+async fn eta_of(state: &ApiState, record: &pacloud_domain::BuildRecord, workers: u64) -> Option<u64> {
+    match state.service.eta_s(record, workers).await {
+        Ok(eta) => eta,
+        Err(e) => {
+            tracing::warn!(error = &e as &dyn std::error::Error, "cannot estimate the wait: no eta_s");
+            None
+        }
+    }
 }
 
 /// `GET /v1/builds/{key}`
@@ -207,16 +243,14 @@ pub async fn get_build(State(state): State<Arc<ApiState>>, Path(key): Path<Strin
     let key = parse_key(&key)?;
     let outcome = state.service.status(&key).await?;
     let workers = match &outcome {
-        Outcome::Pending { .. } => match state.service.workers_alive().await {
-            Ok(n) => Some(n),
-            Err(e) => {
-                tracing::warn!(error = &e as &dyn std::error::Error, "cannot count live workers");
-                None
-            }
-        },
+        Outcome::Pending { .. } => live_workers(&state).await,
         _ => None,
     };
-    Ok(render(&state, outcome, workers))
+    let eta = match (&outcome, workers) {
+        (Outcome::Pending { record }, Some(n)) => eta_of(&state, record, n).await,
+        _ => None,
+    };
+    Ok(render(&state, outcome, workers, eta))
 }
 
 /// `POST /v1/builds/{key}/retry`
@@ -229,7 +263,7 @@ pub async fn retry_build(
     if !may_build(&state, &headers)? {
         return Err(ApiError::Unauthorized);
     }
-    Ok(render(&state, state.service.retry(&key).await?, None))
+    Ok(render(&state, state.service.retry(&key).await?, None, None))
 }
 
 /// `GET /v1/builds/{key}/log`: redirects to a signed URL of the build log.

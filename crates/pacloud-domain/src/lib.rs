@@ -8,6 +8,7 @@
 //! outside world does so through the traits in [`ports`], which the
 //! deployment crates (embedded SQLite/directory, AWS) implement.
 
+pub mod eta;
 pub mod grammar;
 pub mod key;
 pub mod ports;

@@ -132,6 +132,8 @@ pub struct BuildService {
     ready: RwLock<HashMap<BuildKey, Arc<BuildRecord>>>,
     /// Loaded tree indexes by target hash (they change only with it).
     trees: RwLock<HashMap<String, Arc<TreeIndex>>>,
+    /// Build times of the finished records this service has read (for `eta_s`).
+    history: std::sync::Mutex<crate::eta::BuildHistory>,
 }
 
 /// How many times a request re-reads after losing a conditional write.
@@ -155,7 +157,28 @@ impl BuildService {
             config,
             ready: RwLock::new(HashMap::new()),
             trees: RwLock::new(HashMap::new()),
+            history: std::sync::Mutex::new(crate::eta::BuildHistory::default()),
         }
+    }
+
+    /// The estimated seconds until the queued build of `record` is done
+    /// ([`crate::eta::estimate_eta_s`]): its position is the queue's visible
+    /// depth (it was sent last), `workers` the live workers, the medians from
+    /// the finished records this service has read. `Ok(None)` when it cannot
+    /// be estimated (not queued, no live worker, no history); an unreadable
+    /// queue depth is an error the caller logs (and answers without eta).
+    pub async fn eta_s(&self, record: &BuildRecord, workers: u64) -> Result<Option<u64>, ServiceError> {
+        if record.status != Status::Queued || workers == 0 {
+            return Ok(None);
+        }
+        let medians = self
+            .history
+            .lock()
+            .ok()
+            .and_then(|h| Some((h.all_median()?, h.atom_median(&record.spec.atom.to_string()))));
+        let Some((all, own)) = medians else { return Ok(None) };
+        let depth = self.queue.depth().await?;
+        Ok(crate::eta::estimate_eta_s(depth.visible.saturating_sub(1), workers, Some(all), own))
     }
 
     pub fn targets(&self) -> &TargetSet {
@@ -412,7 +435,12 @@ impl BuildService {
                     if m.len() >= self.config.ready_cache_entries {
                         m.clear();
                     }
-                    m.insert(record.key.clone(), record);
+                    // First sight of this finished build: its build time joins the history.
+                    if let (None, Some(a)) = (m.insert(record.key.clone(), record.clone()), record.artifact.as_ref())
+                        && let Ok(mut h) = self.history.lock()
+                    {
+                        h.record(&record.spec.atom.to_string(), a.build_seconds);
+                    }
                 }
                 Ok(outcome)
             }

@@ -222,6 +222,42 @@ async fn get_says_in_one_line_when_no_worker_is_running() {
     assert_eq!(pending["workers"].as_u64(), Some(1), "one live, one stale: {pending}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_build_carries_eta_s_once_the_service_can_estimate_it() {
+    use pacloud_domain::ports::{ArtifactPath, ArtifactStore};
+    let app = spawn_app().await; // no workers
+    // No live worker and no finished build yet: no estimate.
+    let (status, first) = app.post_build(&hello(&["foo"])).await;
+    assert_eq!(status, 202, "{first}");
+    assert!(first.get("eta_s").is_none(), "{first}");
+
+    // A finished build this service has read, and a live worker.
+    let k1 = first["key"].as_str().unwrap().to_owned();
+    app.complete_as_worker(&k1).await;
+    let (status, done) = app.get_build(&k1).await;
+    assert_eq!(status, 200, "{done}");
+    let took = done["build_seconds"].as_f64().unwrap();
+    app.drain_queue().await;
+    let (_, no_worker) = app.post_build(&hello(&["bar"])).await;
+    assert!(no_worker.get("eta_s").is_none(), "no live worker: {no_worker}");
+    app.drain_queue().await;
+    let now = pacloud_domain::Clock::now(&*app.clock).0;
+    let beat = ArtifactPath::parse("workers/w1-1").unwrap();
+    app.app.artifacts.put_bytes(&beat, now.to_string().into_bytes(), "text/plain").await.unwrap();
+
+    // Alone in the queue: the atom's median build time.
+    let (status, b) = app.post_build(&hello(&["baz"])).await;
+    assert_eq!(status, 202);
+    assert_eq!(b["eta_s"].as_u64(), Some((took.round() as u64).max(1)), "{b}");
+    // One build ahead on one worker: a round of the median, then its own.
+    let (_, c) = app.post_build(&hello(&["qux"])).await;
+    assert_eq!(c["eta_s"].as_u64(), Some(((2.0 * took).round() as u64).max(1)), "{c}");
+    // GET of a queued build carries it too.
+    let (status, again) = app.get_build(c["key"].as_str().unwrap()).await;
+    assert_eq!((status, again["status"].as_str()), (202, Some("queued")));
+    assert!(again["eta_s"].as_u64().is_some_and(|e| e >= 1), "{again}");
+}
+
 /// The README's start command on a fresh machine: no configuration file, a
 /// fresh data directory, no portage on PATH (the test venv is not visible):
 /// `serve` writes the bundled demo repository, creates its pinned portage
