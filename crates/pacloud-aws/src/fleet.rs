@@ -20,11 +20,14 @@
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{
-    DefaultTargetCapacityType, Filter, InstanceLifecycleType, InstanceStateName, TargetCapacitySpecificationRequest,
+    DefaultTargetCapacityType, Filter, FleetLaunchTemplateConfig, FleetLaunchTemplateConfigRequest,
+    FleetLaunchTemplateOverridesRequest, FleetLaunchTemplateSpecificationRequest, InstanceLifecycleType,
+    InstanceRequirements, InstanceRequirementsRequest, InstanceStateName, InstanceType, MemoryMiBRequest,
+    TargetCapacitySpecificationRequest, VCpuCountRangeRequest,
 };
 use pacloud_fleet::{
     Activity, CapacityError, CapacityType, CpuFamily, FleetTarget, Instance, InstanceState, PricePoint, QueueDepth,
-    Secs,
+    Secs, TypePrice,
 };
 
 use crate::AwsConfig;
@@ -62,6 +65,157 @@ pub struct WorkerFleet {
     pub fleet_id: String,
     pub family: CpuFamily,
     pub target: FleetTarget,
+    /// Its launch template configurations as DescribeFleets returned them
+    /// (the spot max prices live in their overrides).
+    pub launch_configs: Vec<FleetLaunchTemplateConfig>,
+}
+
+impl WorkerFleet {
+    /// The spot max price of every override that names an instance type.
+    pub fn spot_max_prices(&self) -> Vec<TypePrice> {
+        self.launch_configs
+            .iter()
+            .flat_map(|c| c.overrides())
+            .filter_map(|o| {
+                Some(TypePrice {
+                    instance_type: o.instance_type()?.as_str().to_owned(),
+                    usd_per_hour: o.max_price()?.parse().ok()?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Why the fleet's launch configuration cannot carry a price cap.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the fleet's launch configuration cannot be rewritten with max prices: {0}")]
+pub struct NotRewritable(pub String);
+
+/// The ModifyFleet launch template configurations that enforce `prices`
+/// (spot max price per type), or `Ok(None)` when every override already
+/// holds its price within `pacloud_fleet::policy::MAX_PRICE_TOLERANCE`.
+/// ModifyFleet replaces the configurations whole, so each override is
+/// carried over (subnet, zone, type, weight, priority, image, attribute-based
+/// requirements) with its `MaxPrice` set: an override naming an instance type
+/// gets that type's cap; an attribute-based one (`InstanceRequirements`, the
+/// infra template's) gets the highest cap of the family's types, the one
+/// price it can hold. A configuration without overrides gets one override
+/// per priced type. A field this function does not carry over (placement,
+/// block devices, accelerators, ...) makes it refuse ([`NotRewritable`]):
+/// the price cap then stays unenforced rather than the fleet changed.
+pub fn launch_configs_with_max_prices(
+    configs: &[FleetLaunchTemplateConfig],
+    prices: &[TypePrice],
+) -> Result<Option<Vec<FleetLaunchTemplateConfigRequest>>, NotRewritable> {
+    let price_of = |t: &str| prices.iter().find(|p| p.instance_type == t).map(|p| p.usd_per_hour);
+    let highest = prices.iter().map(|p| p.usd_per_hour).reduce(f64::max);
+    let fmt = |v: f64| format!("{v:.4}");
+    let drifted = |current: Option<&str>, want: f64| {
+        current.and_then(|c| c.parse::<f64>().ok()).is_none_or(|c| {
+            (c - want).abs() > pacloud_fleet::policy::MAX_PRICE_TOLERANCE * want.max(f64::MIN_POSITIVE)
+        })
+    };
+    let mut changed = false;
+    let mut out = Vec::new();
+    for c in configs {
+        let spec = c.launch_template_specification().ok_or_else(|| NotRewritable("no launch template".into()))?;
+        let spec = FleetLaunchTemplateSpecificationRequest::builder()
+            .set_launch_template_id(spec.launch_template_id().map(str::to_owned))
+            .set_launch_template_name(spec.launch_template_name().map(str::to_owned))
+            .set_version(spec.version().map(str::to_owned))
+            .build();
+        let mut overrides = Vec::new();
+        if c.overrides().is_empty() {
+            for p in prices {
+                changed = true;
+                overrides.push(
+                    FleetLaunchTemplateOverridesRequest::builder()
+                        .instance_type(InstanceType::from(p.instance_type.as_str()))
+                        .max_price(fmt(p.usd_per_hour))
+                        .build(),
+                );
+            }
+        }
+        for o in c.overrides() {
+            if o.placement().is_some() || !o.block_device_mappings().is_empty() || o.availability_zone_id().is_some() {
+                return Err(NotRewritable("an override with placement, block devices or a zone id".into()));
+            }
+            let want = match (o.instance_type(), o.instance_requirements()) {
+                (Some(t), _) => price_of(t.as_str()),
+                (None, Some(_)) => highest,
+                (None, None) => None,
+            };
+            let max_price = match want {
+                Some(w) => {
+                    changed |= drifted(o.max_price(), w);
+                    Some(fmt(w))
+                }
+                None => o.max_price().map(str::to_owned),
+            };
+            overrides.push(
+                FleetLaunchTemplateOverridesRequest::builder()
+                    .set_instance_type(o.instance_type().cloned())
+                    .set_max_price(max_price)
+                    .set_subnet_id(o.subnet_id().map(str::to_owned))
+                    .set_availability_zone(o.availability_zone().map(str::to_owned))
+                    .set_weighted_capacity(o.weighted_capacity())
+                    .set_priority(o.priority())
+                    .set_image_id(o.image_id().map(str::to_owned))
+                    .set_instance_requirements(o.instance_requirements().map(requirements_request).transpose()?)
+                    .build(),
+            );
+        }
+        out.push(
+            FleetLaunchTemplateConfigRequest::builder()
+                .launch_template_specification(spec)
+                .set_overrides(Some(overrides))
+                .build(),
+        );
+    }
+    Ok(changed.then_some(out))
+}
+
+/// `InstanceRequirements` (DescribeFleets) as an `InstanceRequirementsRequest`
+/// (ModifyFleet), for the fields the infra template and common fleets use.
+fn requirements_request(r: &InstanceRequirements) -> Result<InstanceRequirementsRequest, NotRewritable> {
+    let unsupported = [
+        ("MemoryGiBPerVCpu", r.memory_gib_per_v_cpu().is_some()),
+        ("NetworkInterfaceCount", r.network_interface_count().is_some()),
+        ("TotalLocalStorageGB", r.total_local_storage_gb().is_some()),
+        ("BaselineEbsBandwidthMbps", r.baseline_ebs_bandwidth_mbps().is_some()),
+        ("AcceleratorTypes", !r.accelerator_types().is_empty()),
+        ("AcceleratorCount", r.accelerator_count().is_some()),
+        ("AcceleratorManufacturers", !r.accelerator_manufacturers().is_empty()),
+        ("AcceleratorNames", !r.accelerator_names().is_empty()),
+        ("AcceleratorTotalMemoryMiB", r.accelerator_total_memory_mib().is_some()),
+        ("NetworkBandwidthGbps", r.network_bandwidth_gbps().is_some()),
+        ("BaselinePerformanceFactors", r.baseline_performance_factors().is_some()),
+    ];
+    if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
+        return Err(NotRewritable(format!("InstanceRequirements.{name} is not carried over")));
+    }
+    let list = |v: &[String]| (!v.is_empty()).then(|| v.to_vec());
+    Ok(InstanceRequirementsRequest::builder()
+        .set_v_cpu_count(
+            r.v_cpu_count().map(|v| VCpuCountRangeRequest::builder().set_min(v.min()).set_max(v.max()).build()),
+        )
+        .set_memory_mib(r.memory_mib().map(|m| MemoryMiBRequest::builder().set_min(m.min()).set_max(m.max()).build()))
+        .set_cpu_manufacturers((!r.cpu_manufacturers().is_empty()).then(|| r.cpu_manufacturers().to_vec()))
+        .set_excluded_instance_types(list(r.excluded_instance_types()))
+        .set_allowed_instance_types(list(r.allowed_instance_types()))
+        .set_instance_generations((!r.instance_generations().is_empty()).then(|| r.instance_generations().to_vec()))
+        .set_spot_max_price_percentage_over_lowest_price(r.spot_max_price_percentage_over_lowest_price())
+        .set_on_demand_max_price_percentage_over_lowest_price(r.on_demand_max_price_percentage_over_lowest_price())
+        .set_max_spot_price_as_percentage_of_optimal_on_demand_price(
+            r.max_spot_price_as_percentage_of_optimal_on_demand_price(),
+        )
+        .set_bare_metal(r.bare_metal().cloned())
+        .set_burstable_performance(r.burstable_performance().cloned())
+        .set_require_hibernate_support(r.require_hibernate_support())
+        .set_local_storage(r.local_storage().cloned())
+        .set_local_storage_types((!r.local_storage_types().is_empty()).then(|| r.local_storage_types().to_vec()))
+        .set_require_encryption_in_transit(r.require_encryption_in_transit())
+        .build())
 }
 
 /// EC2 and SQS clients for the scaler.
@@ -122,6 +276,7 @@ impl FleetClient {
                 let spec = f.target_capacity_specification();
                 let n = |v: Option<i32>| v.unwrap_or(0).max(0) as u32;
                 out.push(WorkerFleet {
+                    launch_configs: f.launch_template_configs().to_vec(),
                     fleet_id: id.to_owned(),
                     family,
                     target: FleetTarget {
@@ -180,7 +335,6 @@ impl FleetClient {
 
     /// Linux spot prices of `types` since `since` (at most 24 h are used).
     pub async fn spot_prices(&self, types: &[String], since: Secs) -> Result<Vec<PricePoint>, FleetError> {
-        use aws_sdk_ec2::types::InstanceType;
         let mut out = Vec::new();
         let mut pages = self
             .ec2
@@ -252,6 +406,27 @@ impl FleetClient {
             .modify_fleet()
             .fleet_id(fleet_id)
             .target_capacity_specification(spec)
+            .send()
+            .await
+            .map_err(api("ModifyFleet"))?;
+        if out.r#return() == Some(false) {
+            return Err(FleetError::Unexpected { op: "ModifyFleet", detail: "Return=false".into() });
+        }
+        Ok(())
+    }
+
+    /// ModifyFleet: the launch template configurations (with the spot max
+    /// prices of [`launch_configs_with_max_prices`]); the target is left as it is.
+    pub async fn set_launch_configs(
+        &self,
+        fleet_id: &str,
+        configs: Vec<FleetLaunchTemplateConfigRequest>,
+    ) -> Result<(), FleetError> {
+        let out = self
+            .ec2
+            .modify_fleet()
+            .fleet_id(fleet_id)
+            .set_launch_template_configs(Some(configs))
             .send()
             .await
             .map_err(api("ModifyFleet"))?;

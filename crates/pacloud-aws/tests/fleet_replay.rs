@@ -2,7 +2,8 @@
 //! the EC2 client runs over `aws-smithy-http-client`'s `StaticReplayClient`
 //! (test-util), which answers recorded HTTP responses and keeps the requests
 //! the SDK really sent. They check the wire request of `set_target`, the
-//! parsing of the answer, and the bounded retry on throttling.
+//! parsing of the answer, and the bounded retry on throttling; and the
+//! launch configurations that enforce the spot price caps (`MaxPrice`).
 
 use aws_smithy_http_client::test_util::{ReplayEvent, StaticReplayClient};
 use aws_smithy_types::body::SdkBody;
@@ -87,4 +88,100 @@ async fn modify_fleet_replay_test_retries_throttling_with_a_bound() {
     assert!(e.to_string().contains("ModifyFleet"), "{e}");
     assert_eq!(replay.actual_requests().count(), 4);
     assert!(started.elapsed() < std::time::Duration::from_secs(20), "bounded backoff");
+}
+
+fn infra_like_config() -> aws_sdk_ec2::types::FleetLaunchTemplateConfig {
+    use aws_sdk_ec2::types::*;
+    // As DescribeFleets returns the infra template's fleet: attribute-based, two subnets.
+    let reqs = InstanceRequirements::builder()
+        .v_cpu_count(VCpuCountRange::builder().min(4).max(8).build())
+        .memory_mib(MemoryMiB::builder().min(8192).max(32768).build())
+        .allowed_instance_types("c6i.*")
+        .allowed_instance_types("m6i.*")
+        .bare_metal(BareMetal::Excluded)
+        .burstable_performance(BurstablePerformance::Excluded)
+        .build();
+    FleetLaunchTemplateConfig::builder()
+        .launch_template_specification(
+            FleetLaunchTemplateSpecification::builder().launch_template_id("lt-0abc").version("3").build(),
+        )
+        .overrides(FleetLaunchTemplateOverrides::builder().subnet_id("subnet-a").instance_requirements(reqs.clone()).build())
+        .overrides(FleetLaunchTemplateOverrides::builder().subnet_id("subnet-b").instance_requirements(reqs).build())
+        .build()
+}
+
+#[tokio::test]
+async fn modify_fleet_replay_test_sets_the_spot_max_price_and_keeps_the_overrides() {
+    use pacloud_aws::fleet::launch_configs_with_max_prices;
+    use pacloud_fleet::TypePrice;
+    let prices = vec![
+        TypePrice { instance_type: "c6i.xlarge".into(), usd_per_hour: 0.0816 },
+        TypePrice { instance_type: "m6i.xlarge".into(), usd_per_hour: 0.0921 },
+    ];
+    let configs = launch_configs_with_max_prices(&[infra_like_config()], &prices).unwrap().expect("no MaxPrice yet");
+    let replay = StaticReplayClient::new(vec![event(200, OK)]);
+    client(&replay).set_launch_configs("fleet-9", configs).await.unwrap();
+    let b = body(replay.actual_requests().next().unwrap());
+    for part in [
+        "Action=ModifyFleet",
+        "FleetId=fleet-9",
+        "LaunchTemplateConfig.1.LaunchTemplateSpecification.LaunchTemplateId=lt-0abc",
+        "LaunchTemplateConfig.1.LaunchTemplateSpecification.Version=3",
+        "LaunchTemplateConfig.1.Overrides.1.SubnetId=subnet-a",
+        "LaunchTemplateConfig.1.Overrides.2.SubnetId=subnet-b",
+        // An attribute-based override holds one price: the highest cap.
+        "LaunchTemplateConfig.1.Overrides.1.MaxPrice=0.0921",
+        "LaunchTemplateConfig.1.Overrides.2.MaxPrice=0.0921",
+        "LaunchTemplateConfig.1.Overrides.1.InstanceRequirements.VCpuCount.Min=4",
+        "LaunchTemplateConfig.1.Overrides.1.InstanceRequirements.MemoryMiB.Max=32768",
+        "LaunchTemplateConfig.1.Overrides.1.InstanceRequirements.AllowedInstanceType.2=m6i.%2A",
+        "LaunchTemplateConfig.1.Overrides.1.InstanceRequirements.BareMetal=excluded",
+    ] {
+        assert!(b.contains(part), "{part} not in {b}");
+    }
+    assert!(!b.contains("TargetCapacitySpecification"), "the target is left alone: {b}");
+}
+
+#[test]
+fn max_prices_are_rewritten_only_beyond_the_tolerance_and_never_over_unknown_fields() {
+    use aws_sdk_ec2::types::*;
+    use pacloud_aws::fleet::launch_configs_with_max_prices;
+    use pacloud_fleet::TypePrice;
+    let typed = |max: Option<&str>| {
+        FleetLaunchTemplateConfig::builder()
+            .launch_template_specification(
+                FleetLaunchTemplateSpecification::builder().launch_template_name("workers").version("$Latest").build(),
+            )
+            .overrides(
+                FleetLaunchTemplateOverrides::builder()
+                    .instance_type(InstanceType::C6iXlarge)
+                    .set_max_price(max.map(str::to_owned))
+                    .build(),
+            )
+            .build()
+    };
+    let prices = vec![TypePrice { instance_type: "c6i.xlarge".into(), usd_per_hour: 0.08 }];
+    // Within 5 %: nothing to send.
+    assert_eq!(launch_configs_with_max_prices(&[typed(Some("0.0790"))], &prices).unwrap(), None);
+    // Beyond it, or unset: the type's own cap.
+    for current in [Some("0.0500"), None] {
+        let c = launch_configs_with_max_prices(&[typed(current)], &prices).unwrap().unwrap();
+        assert_eq!(c[0].overrides()[0].max_price(), Some("0.0800"));
+        assert_eq!(c[0].overrides()[0].instance_type(), Some(&InstanceType::C6iXlarge));
+    }
+    // A field the rewrite would lose: refused, nothing sent.
+    let accel = FleetLaunchTemplateConfig::builder()
+        .launch_template_specification(FleetLaunchTemplateSpecification::builder().launch_template_id("lt-1").build())
+        .overrides(
+            FleetLaunchTemplateOverrides::builder()
+                .instance_requirements(
+                    InstanceRequirements::builder()
+                        .accelerator_count(AcceleratorCount::builder().min(1).build())
+                        .build(),
+                )
+                .build(),
+        )
+        .build();
+    let e = launch_configs_with_max_prices(&[accel], &prices).unwrap_err();
+    assert!(e.to_string().contains("AcceleratorCount"), "{e}");
 }

@@ -15,7 +15,8 @@
 //! - The fleet is `maintain` with `no-termination` on a lower target: it
 //!   launches up to the target (on-demand part first), spot types cheapest
 //!   first among those the policy has not marked unavailable and whose price
-//!   is under the policy's max price; a type in a capacity outage fails with
+//!   is under its max price (the one the policy set with `SetSpotMaxPrices`,
+//!   else the policy's fixed rule); a type in a capacity outage fails with
 //!   a capacity error. Hibernated instances count toward the target.
 //! - Billing: per second with a 60-second minimum per start, at the spot
 //!   price of the moment (or on-demand), from launch to stop; nothing while
@@ -27,7 +28,7 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use pacloud_fleet::policy::price_caps;
 use pacloud_fleet::{
     Action, Activity, CapacityError, CapacityType, CpuFamily, FamilySnapshot, FleetTarget, Instance, InstanceState,
-    OnDemandPrice, Policy, PricePoint, QueueDepth, Snapshot,
+    OnDemandPrice, Policy, PricePoint, QueueDepth, Snapshot, TypePrice,
 };
 
 use crate::params::{Params, TYPES};
@@ -196,6 +197,9 @@ struct World<'a> {
     cost_closed: f64,
     behaviour: Interruption,
     max_price: MaxPrice,
+    /// The fleet's spot max price per type, as the policy set it
+    /// (`SetSpotMaxPrices`); a type without one launches up to `max_price`.
+    fleet_max_prices: Vec<Option<f64>>,
 }
 
 /// Simulates `policy` on `jobs` (from [`trace`] of the same `p`).
@@ -240,6 +244,7 @@ pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, behaviour: Interruptio
         cost_closed: 0.0,
         behaviour,
         max_price,
+        fleet_max_prices: vec![None; TYPES.len()],
     };
     // A day of price history before the start, so the 24-hour average exists at t = 0.
     w.warm_up_prices();
@@ -532,11 +537,22 @@ impl World<'_> {
                 .collect(),
             capacity_errors: self.errors.iter().filter(|e| e.at + 900 >= now).cloned().collect(),
             median_build_s: self.median_done(),
+            spot_max_prices: TYPES
+                .iter()
+                .zip(&self.fleet_max_prices)
+                .filter_map(|(t, p)| p.map(|usd| TypePrice { instance_type: t.name.into(), usd_per_hour: usd }))
+                .collect(),
         };
         Snapshot { now, families: vec![fam] }
     }
 
     fn caps(&self) -> Vec<f64> {
+        let by_policy = self.fleet_max_prices.clone();
+        let default = self.default_caps();
+        by_policy.into_iter().zip(default).map(|(p, d)| p.unwrap_or(d)).collect()
+    }
+
+    fn default_caps(&self) -> Vec<f64> {
         match self.max_price {
             MaxPrice::OnDemand => TYPES.iter().map(|t| t.on_demand).collect(),
             MaxPrice::Multiplier(m) => {
@@ -601,6 +617,14 @@ impl World<'_> {
                             self.stop_billing(i);
                             self.inst[i].st = St::Gone;
                             self.inst[i].epoch += 1;
+                        }
+                    }
+                }
+                Action::SetSpotMaxPrices { prices, .. } => {
+                    self.fleet_max_prices = vec![None; TYPES.len()];
+                    for p in prices {
+                        if let Some(k) = TYPES.iter().position(|t| t.name == p.instance_type) {
+                            self.fleet_max_prices[k] = Some(p.usd_per_hour);
                         }
                     }
                 }

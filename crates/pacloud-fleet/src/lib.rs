@@ -43,6 +43,12 @@ pub enum Action {
     /// Terminate these instances. Never a busy one, never a hibernated one
     /// holding a lease (the policy checks; `policy::tests` prove it).
     Terminate { family: CpuFamily, instance_ids: Vec<String>, reason: TerminateReason },
+    /// Enforce the price cap in the fleet: set each type's spot max price
+    /// (the launch-template overrides' `MaxPrice`, so EC2 launches no spot
+    /// instance above it) to its cap. Emitted when the fleet's current max
+    /// prices differ from the caps by more than
+    /// [`policy::MAX_PRICE_TOLERANCE`] (or name other types).
+    SetSpotMaxPrices { family: CpuFamily, prices: Vec<TypePrice> },
     /// Do not launch `instance_type` in `zone` with `capacity` until `until`.
     MarkUnavailable {
         family: CpuFamily,

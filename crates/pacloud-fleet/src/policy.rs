@@ -7,7 +7,9 @@
 //! 2. **Price cap** (buildbot EC2 latent workers): a type's spot price is
 //!    capped at `max_price_multiplier × its 24-hour average` (and never above
 //!    its on-demand price); a type whose current price is above its cap is
-//!    marked unavailable like a capacity error.
+//!    marked unavailable like a capacity error. The caps are enforced in
+//!    the fleet itself: [`Action::SetSpotMaxPrices`] sets each type's spot
+//!    max price to its cap whenever the fleet's drifts more than 5 % from it.
 //! 3. **Boot timeout** (buildbot `missing_timeout`): an instance pending longer
 //!    than `boot_timeout_s` never showed up; it is terminated and not counted.
 //! 4. **Free slots**: idle running instances, plus the **fresh subtraction**
@@ -178,6 +180,35 @@ pub fn price_caps(f: &FamilySnapshot, now: Secs, multiplier: f64) -> Vec<PriceCa
         .collect()
 }
 
+/// How far (relative) the fleet's spot max price of a type may drift from
+/// its cap before [`Action::SetSpotMaxPrices`] resets it (the 24-hour
+/// average moves a little every tick; a ModifyFleet per tick is not needed).
+pub const MAX_PRICE_TOLERANCE: f64 = 0.05;
+
+/// The spot max price per candidate type: its cap (the highest over its
+/// zones), rounded to 1/10000 USD as EC2 prices are; types without price
+/// history are left out (the fleet's default, the on-demand price, applies).
+pub fn spot_max_prices(f: &FamilySnapshot, now: Secs, multiplier: f64) -> Vec<TypePrice> {
+    let caps = price_caps(f, now, multiplier);
+    f.instance_types
+        .iter()
+        .filter_map(|t| {
+            let cap = caps.iter().filter(|c| &c.instance_type == t).map(|c| c.cap).reduce(f64::max)?;
+            Some(TypePrice { instance_type: t.clone(), usd_per_hour: (cap * 10_000.0).round() / 10_000.0 })
+        })
+        .collect()
+}
+
+/// Whether the fleet's max prices `current` must be replaced by `wanted`.
+pub fn max_prices_drifted(current: &[TypePrice], wanted: &[TypePrice]) -> bool {
+    current.len() != wanted.len()
+        || wanted.iter().any(|w| {
+            current.iter().find(|c| c.instance_type == w.instance_type).is_none_or(|c| {
+                (c.usd_per_hour - w.usd_per_hour).abs() > MAX_PRICE_TOLERANCE * w.usd_per_hour.max(f64::MIN_POSITIVE)
+            })
+        })
+}
+
 /// The market seen by one family: what is unavailable, and which types spot can use.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Market {
@@ -324,6 +355,14 @@ impl PacloudPolicy {
             });
         }
 
+        // Price cap (buildbot), enforced by the fleet's spot max prices.
+        if c.spot {
+            let prices = spot_max_prices(f, now, c.max_price_multiplier);
+            if !prices.is_empty() && max_prices_drifted(&f.spot_max_prices, &prices) {
+                actions.push(Action::SetSpotMaxPrices { family, prices });
+            }
+        }
+
         // Boot timeout (buildbot): pending too long, never showed up.
         let timed_out: Vec<&str> = f
             .instances
@@ -423,6 +462,7 @@ pub fn empty_family(family: CpuFamily) -> FamilySnapshot {
         on_demand_prices: Vec::new(),
         capacity_errors: Vec::new(),
         median_build_s: None,
+        spot_max_prices: Vec::new(),
     }
 }
 

@@ -31,6 +31,17 @@ pub struct FamilySnapshot {
     pub capacity_errors: Vec<CapacityError>,
     /// Median build time of the queued work, from build history (None: no history).
     pub median_build_s: Option<u64>,
+    /// The spot max price per type the fleet's launch configuration holds
+    /// now (its overrides' `MaxPrice`); empty when none is set.
+    #[serde(default)]
+    pub spot_max_prices: Vec<TypePrice>,
+}
+
+/// A price for one instance type (USD per hour).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TypePrice {
+    pub instance_type: String,
+    pub usd_per_hour: f64,
 }
 
 /// Queue depth (SQS `ApproximateNumberOfMessages`, `...NotVisible`).

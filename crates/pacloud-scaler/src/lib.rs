@@ -2,7 +2,9 @@
 //! the family's worker instances and `maintain` fleet found by tag, 24 hours
 //! of spot prices, the fleet's recent capacity errors), run
 //! [`pacloud_fleet::PacloudPolicy`] — the same code the simulator runs — and
-//! apply its actions.
+//! apply its actions (the target with ModifyFleet, the price caps as the
+//! fleet overrides' spot `MaxPrice` with ModifyFleet, idle workers with
+//! TerminateInstances).
 //!
 //! Safety rules (bad input, missing fleet, API errors): an unrecognised or
 //! malformed event is logged and answered without acting; a family whose
@@ -193,6 +195,7 @@ pub async fn family_snapshot(
     f.fleet = fleet.target;
     f.queue = client.queue_depth(settings.queue_for(fleet.family)).await?;
     f.instances = client.worker_instances(fleet.family).await?;
+    f.spot_max_prices = fleet.spot_max_prices();
     match client.spot_prices(&f.instance_types, now.saturating_sub(24 * 3600)).await {
         Ok(p) => f.spot_prices = p,
         Err(e) => warnings.push(format!("spot prices unavailable, no price cap this tick: {e}")),
@@ -278,6 +281,23 @@ async fn scale_family(client: &FleetClient, settings: &Settings, fleet: &WorkerF
                     Err(e) => {
                         tracing::error!(error = %e, "terminate failed");
                         r.errors.push(format!("terminate {instance_ids:?}: {e}"));
+                    }
+                }
+            }
+            // The price cap, enforced: each override's spot MaxPrice. A failure here does not
+            // block terminations (it does not touch the target); the next tick retries.
+            Action::SetSpotMaxPrices { prices, .. } => {
+                match pacloud_aws::fleet::launch_configs_with_max_prices(&fleet.launch_configs, prices) {
+                    Ok(Some(configs)) => {
+                        if let Err(e) = client.set_launch_configs(&fleet.fleet_id, configs).await {
+                            tracing::error!(fleet = fleet.fleet_id, error = %e, "ModifyFleet (spot max prices) failed");
+                            r.errors.push(format!("set spot max prices: {e}"));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(fleet = fleet.fleet_id, error = %e, "spot price cap not enforced");
+                        r.errors.push(e.to_string());
                     }
                 }
             }

@@ -211,6 +211,42 @@ fn price_cap_is_a_multiple_of_the_24_hour_average_and_never_above_on_demand() {
     assert_eq!(target(&a), Some((1, 1)));
 }
 
+#[test]
+fn price_cap_is_enforced_as_the_fleets_spot_max_price_with_a_tolerance() {
+    let mut f = fam();
+    let point = |t: &str, usd: f64, at: Secs| PricePoint {
+        instance_type: t.into(),
+        zone: "us-east-1a".into(),
+        usd_per_hour: usd,
+        at,
+    };
+    for h in 0..24 {
+        f.spot_prices.push(point("c6i.xlarge", 0.05, NOW - 3600 * 24 + h * 3600 + 1));
+    }
+    let max_prices = |a: &[Action]| {
+        a.iter().find_map(|a| match a {
+            Action::SetSpotMaxPrices { prices, .. } => Some(prices.clone()),
+            _ => None,
+        })
+    };
+    // The fleet has no max price: set c6i's to its cap (1.2 × 0.05); c6a has
+    // no price history and keeps the fleet's default (on-demand).
+    let want = vec![TypePrice { instance_type: "c6i.xlarge".into(), usd_per_hour: 0.06 }];
+    assert_eq!(max_prices(&decide(&pacloud(), f.clone())), Some(want.clone()));
+    // Within 5 % of the cap: nothing to do (no ModifyFleet every tick).
+    f.spot_max_prices = vec![TypePrice { instance_type: "c6i.xlarge".into(), usd_per_hour: 0.0590 }];
+    assert_eq!(max_prices(&decide(&pacloud(), f.clone())), None);
+    // Drifted beyond 5 %, or another type set: reset.
+    f.spot_max_prices[0].usd_per_hour = 0.07;
+    assert_eq!(max_prices(&decide(&pacloud(), f.clone())), Some(want.clone()));
+    f.spot_max_prices = vec![want[0].clone(), TypePrice { instance_type: "m5.xlarge".into(), usd_per_hour: 0.1 }];
+    assert_eq!(max_prices(&decide(&pacloud(), f.clone())), Some(want));
+    // The on-demand-only policy sets no spot price.
+    f.spot_max_prices.clear();
+    let od = PacloudPolicy::new(Config { spot: false, ..Config::default() }).unwrap();
+    assert_eq!(max_prices(&decide(&od, f)), None);
+}
+
 fn capacity_error(t: &str, age: u64) -> CapacityError {
     CapacityError { instance_type: t.into(), zone: "us-east-1a".into(), capacity: CapacityType::Spot, at: NOW - age }
 }
