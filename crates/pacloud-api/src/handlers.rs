@@ -203,14 +203,9 @@ pub async fn create_build(
     let may = may_build(&state, &headers)?;
     let req = build_request(json_object(&headers, body).await?)?;
     let outcome = state.service.request(&req, may).await?;
-    // Only a queued build costs the extra reads (never the cache-hit path).
+    // Only a queued build, with build history, costs the extra reads (never the cache-hit path).
     let eta = match &outcome {
-        Outcome::Pending { record } if record.status == pacloud_domain::Status::Queued => {
-            match live_workers(&state).await {
-                Some(n) => eta_of(&state, record, n).await,
-                None => None,
-            }
-        }
+        Outcome::Pending { record } => eta_of(&state, record, None).await,
         _ => None,
     };
     Ok(render(&state, outcome, None, eta))
@@ -228,7 +223,7 @@ async fn live_workers(state: &ApiState) -> Option<u64> {
 }
 
 /// The eta of a queued build, or None (an error is logged: the answer goes out without it).
-async fn eta_of(state: &ApiState, record: &pacloud_domain::BuildRecord, workers: u64) -> Option<u64> {
+async fn eta_of(state: &ApiState, record: &pacloud_domain::BuildRecord, workers: Option<u64>) -> Option<u64> {
     match state.service.eta_s(record, workers).await {
         Ok(eta) => eta,
         Err(e) => {
@@ -247,7 +242,7 @@ pub async fn get_build(State(state): State<Arc<ApiState>>, Path(key): Path<Strin
         _ => None,
     };
     let eta = match (&outcome, workers) {
-        (Outcome::Pending { record }, Some(n)) => eta_of(&state, record, n).await,
+        (Outcome::Pending { record }, Some(n)) => eta_of(&state, record, Some(n)).await,
         _ => None,
     };
     Ok(render(&state, outcome, workers, eta))

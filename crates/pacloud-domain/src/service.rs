@@ -134,7 +134,12 @@ pub struct BuildService {
     trees: RwLock<HashMap<String, Arc<TreeIndex>>>,
     /// Build times of the finished records this service has read (for `eta_s`).
     history: std::sync::Mutex<crate::eta::BuildHistory>,
+    /// When `eta_s` last read them: live workers and visible queue depth.
+    eta_inputs: std::sync::Mutex<Option<(Millis, u64, u64)>>,
 }
+
+/// How long `eta_s` reuses the live-worker count and the queue depth.
+pub const ETA_INPUTS_TTL: Duration = Duration::from_secs(5);
 
 /// How many times a request re-reads after losing a conditional write.
 const MAX_CAS_ROUNDS: usize = 8;
@@ -158,17 +163,21 @@ impl BuildService {
             ready: RwLock::new(HashMap::new()),
             trees: RwLock::new(HashMap::new()),
             history: std::sync::Mutex::new(crate::eta::BuildHistory::default()),
+            eta_inputs: std::sync::Mutex::new(None),
         }
     }
 
     /// The estimated seconds until the queued build of `record` is done
     /// ([`crate::eta::estimate_eta_s`]): its position is the queue's visible
-    /// depth (it was sent last), `workers` the live workers, the medians from
-    /// the finished records this service has read. `Ok(None)` when it cannot
-    /// be estimated (not queued, no live worker, no history); an unreadable
-    /// queue depth is an error the caller logs (and answers without eta).
-    pub async fn eta_s(&self, record: &BuildRecord, workers: u64) -> Result<Option<u64>, ServiceError> {
-        if record.status != Status::Queued || workers == 0 {
+    /// depth (it was sent last), the live workers `workers` (counted here when
+    /// None), the medians from the finished records this service has read.
+    /// `Ok(None)` when it cannot be estimated (not queued, no history: then
+    /// without any I/O; no live worker). The worker count and queue depth
+    /// are reused for [`ETA_INPUTS_TTL`], so a burst of 202s does not list
+    /// worker beats and read the queue on every request. A failed read is
+    /// an error the caller logs (and answers without eta).
+    pub async fn eta_s(&self, record: &BuildRecord, workers: Option<u64>) -> Result<Option<u64>, ServiceError> {
+        if record.status != Status::Queued {
             return Ok(None);
         }
         let medians = self
@@ -177,8 +186,25 @@ impl BuildService {
             .ok()
             .and_then(|h| Some((h.all_median()?, h.atom_median(&record.spec.atom.to_string()))));
         let Some((all, own)) = medians else { return Ok(None) };
-        let depth = self.queue.depth().await?;
-        Ok(crate::eta::estimate_eta_s(depth.visible.saturating_sub(1), workers, Some(all), own))
+        let now = self.clock.now();
+        let cached = self.eta_inputs.lock().ok().and_then(|c| *c);
+        let (alive, visible) = match cached {
+            Some((at, alive, visible)) if now.0.saturating_sub(at.0) < ETA_INPUTS_TTL.as_millis() as i64 => {
+                (workers.unwrap_or(alive), visible)
+            }
+            _ => {
+                let alive = match workers {
+                    Some(n) => n,
+                    None => self.workers_alive().await?,
+                };
+                let visible = self.queue.depth().await?.visible;
+                if let Ok(mut c) = self.eta_inputs.lock() {
+                    *c = Some((now, alive, visible));
+                }
+                (alive, visible)
+            }
+        };
+        Ok(crate::eta::estimate_eta_s(visible.saturating_sub(1), alive, Some(all), own))
     }
 
     pub fn targets(&self) -> &TargetSet {

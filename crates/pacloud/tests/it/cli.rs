@@ -249,7 +249,9 @@ async fn a_queued_build_carries_eta_s_once_the_service_can_estimate_it() {
     let (status, b) = app.post_build(&hello(&["baz"])).await;
     assert_eq!(status, 202);
     assert_eq!(b["eta_s"].as_u64(), Some((took.round() as u64).max(1)), "{b}");
-    // One build ahead on one worker: a round of the median, then its own.
+    // One build ahead on one worker: a round of the median, then its own
+    // (after the 5 s the service reuses the queue depth for).
+    app.clock.advance(std::time::Duration::from_secs(6));
     let (_, c) = app.post_build(&hello(&["qux"])).await;
     assert_eq!(c["eta_s"].as_u64(), Some(((2.0 * took).round() as u64).max(1)), "{c}");
     // GET of a queued build carries it too.
