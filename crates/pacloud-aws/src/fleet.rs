@@ -111,9 +111,9 @@ pub fn launch_configs_with_max_prices(
     let highest = prices.iter().map(|p| p.usd_per_hour).reduce(f64::max);
     let fmt = |v: f64| format!("{v:.4}");
     let drifted = |current: Option<&str>, want: f64| {
-        current.and_then(|c| c.parse::<f64>().ok()).is_none_or(|c| {
-            (c - want).abs() > pacloud_fleet::policy::MAX_PRICE_TOLERANCE * want.max(f64::MIN_POSITIVE)
-        })
+        current
+            .and_then(|c| c.parse::<f64>().ok())
+            .is_none_or(|c| (c - want).abs() > pacloud_fleet::policy::MAX_PRICE_TOLERANCE * want.max(f64::MIN_POSITIVE))
     };
     let mut changed = false;
     let mut out = Vec::new();
@@ -494,13 +494,7 @@ impl FleetClient {
             .into_iter()
             .map(|(k, v)| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build())
             .collect::<Vec<_>>();
-        self.ec2
-            .create_tags()
-            .resources(instance_id)
-            .set_tags(Some(tags))
-            .send()
-            .await
-            .map_err(api("CreateTags"))?;
+        self.ec2.create_tags().resources(instance_id).set_tags(Some(tags)).send().await.map_err(api("CreateTags"))?;
         Ok(())
     }
 }

@@ -105,7 +105,9 @@ fn infra_like_config() -> aws_sdk_ec2::types::FleetLaunchTemplateConfig {
         .launch_template_specification(
             FleetLaunchTemplateSpecification::builder().launch_template_id("lt-0abc").version("3").build(),
         )
-        .overrides(FleetLaunchTemplateOverrides::builder().subnet_id("subnet-a").instance_requirements(reqs.clone()).build())
+        .overrides(
+            FleetLaunchTemplateOverrides::builder().subnet_id("subnet-a").instance_requirements(reqs.clone()).build(),
+        )
         .overrides(FleetLaunchTemplateOverrides::builder().subnet_id("subnet-b").instance_requirements(reqs).build())
         .build()
 }

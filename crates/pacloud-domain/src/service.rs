@@ -135,7 +135,7 @@ pub struct BuildService {
     /// Build times of the finished records this service has read (for `eta_s`).
     history: std::sync::Mutex<crate::eta::BuildHistory>,
     /// When `eta_s` last read them: live workers and visible queue depth.
-    eta_inputs: std::sync::Mutex<Option<(Millis, u64, u64)>>,
+    eta_inputs: std::sync::Mutex<Option<(crate::Millis, u64, u64)>>,
 }
 
 /// How long `eta_s` reuses the live-worker count and the queue depth.

@@ -205,7 +205,8 @@ async fn tags_set_by_the_worker_tagger_let_the_scaler_scale_down_idle_never_busy
 
     stop.cancel();
     drop(idle_tx);
-    let (r1, r2) = tokio::time::timeout(Duration::from_secs(5), async { (t1.await, t2.await) }).await.expect("taggers stop");
+    let (r1, r2) =
+        tokio::time::timeout(Duration::from_secs(5), async { (t1.await, t2.await) }).await.expect("taggers stop");
     r1.unwrap();
     r2.unwrap();
 }

@@ -407,7 +407,9 @@ impl Imds {
                 200 => {
                     let id = String::from_utf8_lossy(&resp.body).trim().to_owned();
                     let well_formed = id.len() <= 32
-                        && id.strip_prefix("i-").is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric()));
+                        && id
+                            .strip_prefix("i-")
+                            .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric()));
                     if !well_formed {
                         let shown: String = id.chars().take(64).collect();
                         return Err(SpotError::BadNotice { reason: "not an instance id".into(), body: shown });

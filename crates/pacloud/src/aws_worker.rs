@@ -125,7 +125,10 @@ fn start_activity_tags(
         let id = match pacloud_worker::spot::instance_id(&spot).await {
             Ok(id) => id,
             Err(e) => {
-                tracing::info!(error = &e as &dyn std::error::Error, "no EC2 instance id from IMDS: no fleet activity tags");
+                tracing::info!(
+                    error = &e as &dyn std::error::Error,
+                    "no EC2 instance id from IMDS: no fleet activity tags"
+                );
                 return;
             }
         };
@@ -136,13 +139,8 @@ fn start_activity_tags(
         };
         let (tx, rx) = tokio::sync::watch::channel(secs(&activity.borrow()));
         let client = pacloud_aws::fleet::FleetClient::connect(&config).await;
-        let tagger = tokio::spawn(pacloud_aws::fleet::run_activity_tagger(
-            client,
-            id,
-            rx,
-            Duration::from_secs(5),
-            stop.clone(),
-        ));
+        let tagger =
+            tokio::spawn(pacloud_aws::fleet::run_activity_tagger(client, id, rx, Duration::from_secs(5), stop.clone()));
         let mut activity = activity;
         loop {
             tokio::select! {
