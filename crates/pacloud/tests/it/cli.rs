@@ -245,7 +245,9 @@ async fn a_queued_build_carries_eta_s_once_the_service_can_estimate_it() {
     let beat = ArtifactPath::parse("workers/w1-1").unwrap();
     app.app.artifacts.put_bytes(&beat, now.to_string().into_bytes(), "text/plain").await.unwrap();
 
-    // Alone in the queue: the atom's median build time.
+    // Alone in the queue: the atom's median build time (once the 5 s the
+    // service reuses the worker count for have passed).
+    app.clock.advance(std::time::Duration::from_secs(6));
     let (status, b) = app.post_build(&hello(&["baz"])).await;
     assert_eq!(status, 202);
     assert_eq!(b["eta_s"].as_u64(), Some((took.round() as u64).max(1)), "{b}");
