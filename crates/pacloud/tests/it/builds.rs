@@ -293,3 +293,29 @@ async fn pacloud_get_downloads_and_verifies_a_real_build() {
     let image = zstd_tar_list(&tar_member(&path, "libfoo-1.0-1/image.tar.zst"), out.path());
     assert!(image.iter().any(|f| f == "image/usr/lib/libfoo-foo.txt"), "{image:?}");
 }
+
+/// What the AWS worker reports in its instance tags for the fleet scaler:
+/// busy while a delivery is processed, idle again after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_activity_turns_busy_for_a_build_and_idle_after_it() {
+    let app = spawn_builder().await;
+    let mut rx = app.workers.as_ref().expect("builder workers").activity.clone();
+    let start = *rx.borrow_and_update();
+    assert_eq!(start.busy, 0, "idle before any job");
+    let seen = tokio::spawn(async move {
+        let mut max_busy = 0;
+        while rx.changed().await.is_ok() {
+            let a = *rx.borrow_and_update();
+            max_busy = max_busy.max(a.busy);
+            if max_busy > 0 && a.busy == 0 {
+                return (max_busy, a);
+            }
+        }
+        panic!("the worker's activity stopped changing");
+    });
+    let (_, failed) = app.build(&req("app-misc/dies", "1.0", &["activity"])).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let (max_busy, end) = tokio::time::timeout(Duration::from_secs(30), seen).await.expect("idle again").unwrap();
+    assert_eq!(max_busy, 1, "one delivery at a time per job");
+    assert!(end.since >= start.since, "{end:?} vs {start:?}");
+}
