@@ -12,7 +12,8 @@ user data), the instance-type map against moto's instance type catalogue
 (hibernation support, architecture, memory -> root size), the VPC (private
 subnets in two AZs, S3/DynamoDB gateway endpoints, SQS interface endpoint,
 NAT default route), EventBridge -> FleetEventsQueue delivery of the three
-event kinds (and nothing else), least-privilege worker IAM, and the fleets
+event kinds (and nothing else), least-privilege worker IAM (its one EC2
+right: CreateTags of the two activity tags on worker instances), and the fleets
 created through the EC2 API from the template's own EC2Fleet properties
 (moto's CloudFormation skips AWS::EC2::EC2Fleet) and found by the scaler's
 tag filters. From the template only (lint-only resources): the queue
@@ -214,11 +215,22 @@ for pname in iam.list_role_policies(RoleName=role["RoleName"])["PolicyNames"]:
     for st in doc["Statement"]:
         acts = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
         res = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+        if acts == ["ec2:CreateTags"]:
+            # The one EC2 right: the activity tags the fleet scaler reads, on worker instances.
+            cond = st.get("Condition", {})
+            keys = cond.get("ForAllValues:StringEquals", {}).get("aws:TagKeys")
+            keys = keys if isinstance(keys, list) else [keys]
+            check(st["Effect"] == "Allow" and sorted(keys) == ["pacloud:activity", "pacloud:lease"]
+                  and cond.get("StringEquals", {}).get("aws:ResourceTag/pacloud:role") == "worker"
+                  and all(str(r).endswith(":instance/*") for r in res),
+                  "worker role: ec2:CreateTags only of pacloud:activity/pacloud:lease, only on worker instances")
+            continue
         check(st["Effect"] == "Allow" and "*" not in res and not any("*" in a for a in acts),
               f"worker role: {', '.join(acts)} on named resources only")
         actions.update(acts)
 check(not iam.list_attached_role_policies(RoleName=role["RoleName"])["AttachedPolicies"], "worker role: no managed policies")
-check(not any(a.startswith(("ec2:", "iam:", "events:")) for a in actions), "worker role: no EC2, IAM or EventBridge rights")
+check(not any(a.startswith(("ec2:", "iam:", "events:")) for a in actions),
+      "worker role: no other EC2, no IAM or EventBridge rights")
 
 # ---- fleets: the template's own EC2Fleet properties through the EC2 API --------------------
 lt_by_logical = {f"WorkerLaunchTemplate{k}": outputs[f"WorkerLaunchTemplate{k}Id"] for k in FAMILIES}
