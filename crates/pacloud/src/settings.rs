@@ -5,6 +5,7 @@
 
 use pacloud_domain::target::{TargetError, TargetSpec};
 use pacloud_domain::{Target, TargetName, TargetSet};
+use pacloud_worker::sandbox::docker::NetworkMode;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -114,6 +115,9 @@ pub struct BuildFileSettings {
     pub distfiles_max_mb: Option<u64>,
     /// The worker-local binary package cache (MiB; 0 turns it off).
     pub package_cache_mb: Option<u64>,
+    /// Docker backend: the network of containers that have network (the
+    /// fetch step; builds with `network = true`): "bridge" or "host".
+    pub docker_network: Option<String>,
 }
 
 /// Which sandbox builds run in.
@@ -158,6 +162,10 @@ pub struct BuildSettings {
     pub distfiles_max_bytes: u64,
     /// `None`: the backend's default (off locally, 10 GiB on AWS workers).
     pub package_cache_bytes: Option<u64>,
+    /// Docker backend: the network of containers whose step has network
+    /// (default bridge; host reaches a mirror on the host's loopback and is
+    /// refused on AWS workers, where the IMDS rule would not apply).
+    pub docker_network: NetworkMode,
 }
 
 impl Default for BuildSettings {
@@ -181,6 +189,7 @@ impl Default for BuildSettings {
             distfiles_max_age: Duration::from_secs(30 * 24 * 3600),
             distfiles_max_bytes: 20 << 30,
             package_cache_bytes: None,
+            docker_network: NetworkMode::Bridge,
         }
     }
 }
@@ -394,6 +403,13 @@ impl Settings {
         }
         if let Some(v) = fb.package_cache_mb {
             b.package_cache_bytes = Some(v << 20);
+        }
+        if let Some(v) = fb.docker_network {
+            b.docker_network = match v.as_str() {
+                "bridge" => NetworkMode::Bridge,
+                "host" => NetworkMode::Host,
+                _ => return Err(SettingsError::Build { key: "docker_network", value: v, expected: "bridge or host" }),
+            };
         }
         if !f.targets.is_empty() || f.default_target.is_some() {
             let mut targets: Vec<Target> = TargetSet::builtin().iter().cloned().collect();
