@@ -43,6 +43,12 @@ pub struct BuildEnv {
 pub enum PlanError {
     #[error("target {target} uses repository {repo:?}, which this worker does not have")]
     UnknownRepository { target: String, repo: String },
+    #[error("cannot prepare the build root of target {target}")]
+    BuildRoot {
+        target: String,
+        #[source]
+        source: crate::buildroot::BuildRootError,
+    },
     #[error("cannot prepare the build directory {path}")]
     Io {
         path: PathBuf,
@@ -109,6 +115,10 @@ fn make_conf(
     lines.join("\n") + "\n"
 }
 
+/// Where under the work root prepared build roots are kept (one per
+/// target digest and venv, shared by the worker's builds).
+pub const BUILD_ROOTS_DIR: &str = ".buildroots";
+
 /// The name under which the distfiles cache appears in [`BuildPlan::repos`]
 /// (read-only mounts); it is not a portage repository.
 pub const DISTFILES_MOUNT: &str = "distfiles-cache";
@@ -144,7 +154,9 @@ pub fn prepare(env: &BuildEnv, job: &Job, target: &Target, job_id: &str) -> Resu
     }
     let user = if env.run_as.is_some() { ("nobody", "nogroup") } else { ("root", "root") };
     let write = |path: PathBuf, text: String| std::fs::write(&path, text).map_err(io(&path));
-    write(config.join("make.conf"), make_conf(&w, target, &w.join("pkgdir"), &w.join("tmp"), user, &env.mirrors))?;
+    // The target's own mirrors first (not hashed), then the worker's.
+    let mirrors: Vec<String> = target.spec.mirrors.iter().chain(&env.mirrors).cloned().collect();
+    write(config.join("make.conf"), make_conf(&w, target, &w.join("pkgdir"), &w.join("tmp"), user, &mirrors))?;
     let profile = repo.join("profiles").join(&target.spec.profile);
     let link = config.join("make.profile");
     std::os::unix::fs::symlink(&profile, &link).map_err(io(&link))?;
@@ -154,18 +166,36 @@ pub fn prepare(env: &BuildEnv, job: &Job, target: &Target, job_id: &str) -> Resu
     if !spec.use_flags.is_empty() {
         write(config.join("package.use"), format!("{} {}\n", spec.portage_atom(), spec.use_flags.portage()))?;
     }
+    let mut build_root = None;
     let (emerge, path) = match &env.portage {
         PortageInstall::Venv(venv) => {
             // The "host" config portage builds for ROOT != / (see VERIFIED.md §1):
             // its packages go to a throw-away directory, never the published PKGDIR.
-            let hostconf = make_conf(&w, target, &w.join("hostpkgdir"), &w.join("hosttmp"), user, &env.mirrors);
+            let hostconf = make_conf(&w, target, &w.join("hostpkgdir"), &w.join("hosttmp"), user, &mirrors);
             write(w.join("hostconf/make.conf"), hostconf)?;
             for d in ["hostpkgdir", "hosttmp"].map(|d| w.join(d)) {
                 std::fs::create_dir_all(&d).map_err(io(&d))?;
             }
+            if let Some(spec) = &target.spec.build_root {
+                // A real tree: the venv prefix is the build root (host config).
+                let parent = env.work_root.join(BUILD_ROOTS_DIR);
+                std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+                let dir = crate::buildroot::prepare(spec, venv, &parent)
+                    .map_err(|source| PlanError::BuildRoot { target: target.name.to_string(), source })?;
+                let profile = config.join("profile");
+                std::fs::create_dir_all(&profile).map_err(io(&profile))?;
+                let provided = dir.join("target-package.provided");
+                let bytes = std::fs::read(&provided).map_err(io(&provided))?;
+                write(profile.join("package.provided"), String::from_utf8_lossy(&bytes).into_owned())?;
+                build_root = Some(dir);
+            }
             (
                 venv.join("bin/emerge").to_string_lossy().into_owned(),
-                format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", venv.join("bin").display()),
+                format!(
+                    "{}:{}:/usr/sbin:/usr/bin:/sbin:/bin",
+                    venv.join("bin").display(),
+                    venv.join("usr/bin").display()
+                ),
             )
         }
         PortageInstall::System => ("emerge".to_owned(), "/usr/sbin:/usr/bin:/sbin:/bin".to_owned()),
@@ -208,6 +238,7 @@ pub fn prepare(env: &BuildEnv, job: &Job, target: &Target, job_id: &str) -> Resu
         limits: env.limits.clone(),
         image: env.image.clone(),
         run_as: env.run_as,
+        build_root,
     })
 }
 

@@ -36,6 +36,12 @@ pub enum SettingsError {
     },
     #[error(transparent)]
     Target(#[from] TargetError),
+    #[error("target {target:?}: build_root is not usable")]
+    BuildRoot {
+        target: String,
+        #[source]
+        source: pacloud_worker::buildroot::BuildRootError,
+    },
     #[error("config file: build.{key} = {value:?} is not valid: {expected}")]
     Build { key: &'static str, value: String, expected: &'static str },
 }
@@ -413,9 +419,14 @@ impl Settings {
         }
         if !f.targets.is_empty() || f.default_target.is_some() {
             let mut targets: Vec<Target> = TargetSet::builtin().iter().cloned().collect();
-            for (name, spec) in f.targets {
+            for (name, mut spec) in f.targets {
                 let tn: TargetName =
                     name.parse().map_err(|source| SettingsError::TargetName { name: name.clone(), source })?;
+                if let Some(root) = &mut spec.build_root {
+                    // The contents of the preparation's inputs enter the hash.
+                    root.digest = pacloud_worker::buildroot::digest(root)
+                        .map_err(|source| SettingsError::BuildRoot { target: name.clone(), source })?;
+                }
                 targets.retain(|t| t.name != tn);
                 targets.push(Target::new(tn, spec)?);
             }

@@ -678,6 +678,7 @@ mod tests {
             limits: Limits { wall_clock: Duration::from_secs(3600), memory_bytes: None },
             image: Some(format!("docker.io/gentoo/stage3@sha256:{DIGEST}")),
             run_as: None,
+            build_root: None,
         }
     }
 
@@ -914,6 +915,7 @@ mod tests {
             limits: Limits { wall_clock: Duration::from_secs(120), memory_bytes: Some(256 << 20) },
             image: Some(image),
             run_as: None,
+            build_root: None,
         };
         let pkgdir = p.pkgdir().display().to_string();
         let script = format!(
