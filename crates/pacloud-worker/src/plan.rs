@@ -115,6 +115,20 @@ fn make_conf(
     lines.join("\n") + "\n"
 }
 
+/// `bashrc` of a real-tree target's config root (sourced by every ebuild
+/// phase): DEPEND is merged into SYSROOT (= ROOT, the build's scratch root),
+/// which a host compiler does not search, so its headers and libraries are
+/// added to the search paths (VERIFIED.md §6: without it app-arch/lzop's
+/// configure finds no LZO headers). Nothing of it is recorded in the
+/// binaries (no RPATH: `-rpath-link` only affects the link).
+pub const SYSROOT_BASHRC: &str = r#"# pacloud: DEPEND lives in SYSROOT (= ROOT), which the host compiler does not search.
+if [[ -n ${ESYSROOT} && ${ESYSROOT} != / ]]; then
+	CPPFLAGS="${CPPFLAGS} -I${ESYSROOT%/}/usr/include"
+	LDFLAGS="${LDFLAGS} -L${ESYSROOT%/}/usr/lib64 -Wl,-rpath-link,${ESYSROOT%/}/usr/lib64"
+	export CPPFLAGS LDFLAGS
+fi
+"#;
+
 /// Where under the work root prepared build roots are kept (one per
 /// target digest and venv, shared by the worker's builds).
 pub const BUILD_ROOTS_DIR: &str = ".buildroots";
@@ -198,8 +212,22 @@ pub fn prepare(env: &BuildEnv, job: &Job, target: &Target, job_id: &str) -> Resu
                 ),
             )
         }
-        PortageInstall::System => ("emerge".to_owned(), "/usr/sbin:/usr/bin:/sbin:/bin".to_owned()),
+        PortageInstall::System => {
+            // The builder image carries the host side of a real tree's build
+            // root (worker-image/builder/standin/Dockerfile; a stage3 needs
+            // none); the target root's package.provided is the build's own.
+            if let Some(provided) = target.spec.build_root.as_ref().and_then(|b| b.package_provided_target.as_ref()) {
+                let profile = config.join("profile");
+                std::fs::create_dir_all(&profile).map_err(io(&profile))?;
+                let bytes = std::fs::read(provided).map_err(io(provided))?;
+                write(profile.join("package.provided"), String::from_utf8_lossy(&bytes).into_owned())?;
+            }
+            ("emerge".to_owned(), "/usr/sbin:/usr/bin:/sbin:/bin".to_owned())
+        }
     };
+    if target.spec.build_root.is_some() {
+        write(config.join("bashrc"), SYSROOT_BASHRC.to_owned())?;
+    }
     let root = w.join("root").to_string_lossy().into_owned();
     let env_vars = vec![
         ("PATH".to_owned(), path),
