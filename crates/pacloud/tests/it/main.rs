@@ -10,5 +10,6 @@ mod cli;
 mod docker;
 mod helpers;
 mod key_vectors;
+mod real_docker;
 mod sources;
 mod usekey;
