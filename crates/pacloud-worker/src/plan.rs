@@ -345,6 +345,50 @@ mod tests {
     }
 
     #[test]
+    fn a_real_tree_target_in_the_image_gets_the_target_package_provided_and_the_sysroot_bashrc() {
+        let dir = tempfile::tempdir().unwrap();
+        let provided = dir.path().join("package.provided.target");
+        std::fs::write(&provided, "sys-libs/glibc-2.36\n").unwrap();
+        let env = BuildEnv {
+            work_root: dir.path().join("builds"),
+            portage: PortageInstall::System,
+            repos: BTreeMap::from([("gentoo".to_owned(), dir.path().join("repo"))]),
+            limits: Limits { wall_clock: Duration::from_secs(60), memory_bytes: None },
+            network: false,
+            run_as: None,
+            image: Some(format!("sha256:{}", "a".repeat(64))),
+            distfiles: None,
+            package_cache: PackageCache::disabled(),
+            mirrors: vec![],
+        };
+        let targets = TargetSet::builtin();
+        let spec = BuildRequest { atom: "app-arch/lzop".into(), version: "1.04-r1".into(), ..Default::default() }
+            .validate(&targets)
+            .unwrap();
+        let toy = targets.get(&spec.target).unwrap().clone();
+        let mut real_spec = toy.spec.clone();
+        real_spec.build_root = Some(pacloud_domain::target::BuildRootSpec {
+            package_provided_host: "/not/read/by/the/docker/plan".into(),
+            package_provided_target: Some(provided),
+            vdb: vec![],
+            host_tools: None,
+            links: BTreeMap::new(),
+            digest: "0".repeat(64),
+        });
+        let real = Target::new("real".parse().unwrap(), real_spec).unwrap();
+        let plan = prepare(&env, &Job::new(spec.clone()), &real, "job-real").unwrap();
+        let config = plan.config_root().join("etc/portage");
+        assert_eq!(std::fs::read_to_string(config.join("profile/package.provided")).unwrap(), "sys-libs/glibc-2.36\n");
+        assert_eq!(std::fs::read_to_string(config.join("bashrc")).unwrap(), SYSROOT_BASHRC);
+        assert_eq!(plan.build_root, None, "the image carries the host side");
+        assert!(!plan.work_dir.join("hostconf/make.conf").exists(), "the image's own /etc/portage is the host config");
+        // A toy target gets neither.
+        let plan = prepare(&env, &Job::new(spec), &toy, "job-toy").unwrap();
+        let config = plan.config_root().join("etc/portage");
+        assert!(!config.join("bashrc").exists() && !config.join("profile/package.provided").exists());
+    }
+
+    #[test]
     fn make_conf_values_are_quoted() {
         assert_eq!(quote(r#"a"b$c`d\e"#), r#""a\"b\$c\`d\\e""#);
     }
