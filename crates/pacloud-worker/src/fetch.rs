@@ -37,6 +37,8 @@ pub fn parse_merge_list(log: &str) -> MergeList {
         let kind = kind_flags.split_whitespace().next().unwrap_or("");
         let Some(token) = after.split_whitespace().next() else { continue };
         let cpv = token.split("::").next().unwrap_or(token);
+        // A package whose SLOT is not 0 is listed as `cat/pf:SLOT::repo`.
+        let cpv = cpv.split(':').next().unwrap_or(cpv);
         if !cpv.contains('/') {
             continue;
         }
@@ -323,9 +325,12 @@ mod tests {
             [binary   R    ] app-misc/chain-e-1.0-3::pacloud-fixtures  USE=\"\" 0 KiB\n\
             [ebuild  N     ] app-misc/chain-d-1.0::pacloud-fixtures  0 KiB\n\
             [binary  N     ] dev-libs/libfoo-1.2-r1::gentoo\n\
+            [ebuild  N     ] dev-libs/lzo-2.10:2::gentoo  USE=\"-examples -static-libs\" 586 KiB\n\
+            [binary  N     ] sys-libs/slotted-1.0-4:2/2.1::gentoo\n\
             >>> Fetching (1 of 2) app-misc/chain-d-1.0::pacloud-fixtures\n";
         let m = parse_merge_list(log);
-        assert_eq!(m.ebuilds, vec!["app-misc/chain-d-1.0"]);
+        assert_eq!(m.ebuilds, vec!["app-misc/chain-d-1.0", "dev-libs/lzo-2.10"], "the slot is not part of the cpv");
+        assert_eq!(m.binaries[2], ("sys-libs/slotted-1.0".to_owned(), Some(4)));
         assert_eq!(m.binaries[0], ("app-misc/chain-e-1.0".to_owned(), Some(3)));
         assert_eq!(m.binaries[1], ("dev-libs/libfoo-1.2-r1".to_owned(), None), "a revision is not a BUILD_ID");
     }

@@ -586,6 +586,19 @@ builder = "host"
     }
 
     #[test]
+    fn docker_network_is_bridge_unless_host_is_asked_for() {
+        assert_eq!(Settings::load(None, |_| None).unwrap().build.docker_network, NetworkMode::Bridge);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pacloud.toml");
+        std::fs::write(&file, "[build]\ndocker_network = \"host\"\n").unwrap();
+        assert_eq!(Settings::load(Some(&file), |_| None).unwrap().build.docker_network, NetworkMode::Host);
+        std::fs::write(&file, "[build]\ndocker_network = \"none\"\n").unwrap();
+        let e = Settings::load(Some(&file), |_| None).unwrap_err();
+        assert!(matches!(&e, SettingsError::Build { key: "docker_network", .. }), "{e}");
+        assert!(e.to_string().contains("bridge or host"), "{e}");
+    }
+
+    #[test]
     fn errors_name_the_culprit() {
         let e = Settings::load(None, |k| (k == "PACLOUD_URL_TTL_SECS").then(|| "soon".to_string())).unwrap_err();
         assert!(e.to_string().contains("PACLOUD_URL_TTL_SECS"), "{e}");

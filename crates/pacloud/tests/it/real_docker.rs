@@ -109,6 +109,9 @@ fn use_subset_on_docker(s: &mut Settings, mirror: &str) {
     s.build.docker_network = NetworkMode::Host;
     s.build.workers = 2;
     s.build.poll_wait = Duration::from_millis(500);
+    // Two builds of one cpv (hello with and without nls) may collide on
+    // BUILD_ID at publish; the loser retries at once (the test clock stands).
+    s.build.retry_backoff = Duration::ZERO;
 }
 
 fn req(atom: &str, version: &str, use_flags: &[&str]) -> Value {
@@ -257,6 +260,8 @@ async fn image_files(app: &TestApp, built: &Value, pf: &str, dir: &Path) -> Vec<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_builds_real_gentoo_packages_that_a_portage_client_installs_and_runs() {
     let _engine = engine().await;
+    // The workers' reasons for retries go to the test's output.
+    let _ = tracing_subscriber::fmt().with_max_level(tracing::Level::INFO).with_test_writer().try_init();
     let started = Instant::now();
     let mirror = Mirror::start(subset().join("distfiles")).await;
     let app = spawn_app_with(|s| use_subset_on_docker(s, &mirror.url)).await;
