@@ -181,7 +181,8 @@ impl Client {
     /// `emerge --getbinpkgonly --binpkg-respect-use=y <atoms>` into the
     /// scratch ROOT; returns (success, combined output).
     fn emerge(&self, atoms: &[&str]) -> (bool, String) {
-        let venv = workspace().join(".venv");
+        // Resolved: bubblewrap cannot mount over a symlink.
+        let venv = workspace().join(".venv").canonicalize().expect("the test venv (.venv)");
         let (v, c, r) = (venv.display().to_string(), self.dir.display().to_string(), subset().join("repo"));
         let r = r.display().to_string();
         let mut args: Vec<String> = Vec::new();
