@@ -10,5 +10,6 @@ mod cli;
 mod docker;
 mod helpers;
 mod key_vectors;
+mod realtree;
 mod sources;
 mod usekey;
