@@ -103,6 +103,9 @@ pub fn use_subset(s: &mut Settings, subset: &Path, mirror: &str, extra: &str) {
     s.build.portage_venv = Some(workspace().join(".venv"));
     s.build.workers = 2;
     s.build.poll_wait = Duration::from_millis(500);
+    // The test clock stands still: an infrastructure failure is final at
+    // once (with its reason) instead of waiting for a retry that never comes.
+    s.max_receives = 1;
 }
 
 pub fn req(atom: &str, version: &str, use_flags: &[&str]) -> Value {
