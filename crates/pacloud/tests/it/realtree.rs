@@ -296,3 +296,70 @@ async fn real_packages_build_publish_and_install_and_their_programs_run() {
     }
     eprintln!("real set built in {built:?}; whole test {:?}", started.elapsed());
 }
+
+/// `dir` holding a symbolic link to every entry of `from`, except `but`.
+fn link_all(from: &Path, dir: &Path, but: &[&str]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        if !but.contains(&e.file_name().to_string_lossy().as_ref()) {
+            std::os::unix::fs::symlink(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+// Bad input on the real tree (no compile; about 1 min): a package whose
+// ebuild inherits an eclass the tree lacks fails as a build failure with
+// portage's own message in its log; a source with a wrong digest is refused
+// by the Manifest check, an infrastructure failure naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unbuildable_package_is_a_build_failure_and_a_bad_source_is_refused() {
+    let started = Instant::now();
+    let sub = subset();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // The subset's tree (linked, not copied) plus one ebuild needing the
+    // Python eclasses the subset does not carry.
+    let repo = tmp.path().join("repo");
+    link_all(&sub.join("repo"), &repo, &["app-misc"]);
+    link_all(&sub.join("repo/app-misc"), &repo.join("app-misc"), &[]);
+    let ebuild_dir = repo.join("app-misc/needs-python");
+    std::fs::create_dir_all(&ebuild_dir).unwrap();
+    std::fs::write(
+        ebuild_dir.join("needs-python-1.ebuild"),
+        "EAPI=8\nPYTHON_COMPAT=( python3_11 )\ninherit python-single-r1\nDESCRIPTION=\"needs python\"\n\
+         HOMEPAGE=\"https://example.org\"\nSLOT=\"0\"\nLICENSE=\"MIT\"\nKEYWORDS=\"amd64\"\n",
+    )
+    .unwrap();
+    // A mirror whose pv tarball is one byte off.
+    let mirror_dir = tmp.path().join("distfiles");
+    link_all(&sub.join("distfiles"), &mirror_dir, &["pv-1.6.20.tar.bz2"]);
+    let mut pv = std::fs::read(sub.join("distfiles/pv-1.6.20.tar.bz2")).unwrap();
+    let mid = pv.len() / 2;
+    pv[mid] ^= 1;
+    std::fs::write(mirror_dir.join("pv-1.6.20.tar.bz2"), &pv).unwrap();
+    let mirror = DirMirror::start(mirror_dir).await;
+    let repo_s = repo.display().to_string();
+    let app = spawn_app_with(move |s| {
+        use_subset(s, &sub, &mirror.url, "");
+        s.build.repositories.insert("gentoo".into(), repo_s.into());
+    })
+    .await;
+    let limit = Duration::from_secs(300);
+
+    let (key, failed) = wait_long(&app, &req("app-misc/needs-python", "1", &[]), limit).await;
+    assert_eq!((failed["status"].as_str(), failed["class"].as_str()), (Some("failed"), Some("build")), "{failed}");
+    let log = app.logs(&key).join("\n");
+    assert!(log.contains("python-single-r1"), "portage names the missing eclass:\n{log}");
+    assert!(log.contains("masked by: corruption") || log.contains("could not be found"), "{log}");
+
+    let (_, refused) = wait_long(&app, &req("sys-apps/pv", "1.6.20", &[]), limit).await;
+    assert_eq!(
+        (refused["status"].as_str(), refused["class"].as_str()),
+        (Some("failed"), Some("infrastructure")),
+        "{refused}"
+    );
+    let reason = refused["reason"].as_str().unwrap();
+    assert!(reason.contains("pv-1.6.20.tar.bz2"), "the failure names the file: {reason}");
+    assert!(!app.dir.path().join("data/distfiles/pv-1.6.20.tar.bz2").exists(), "a bad file is not cached");
+    eprintln!("bad input checks took {:?}", started.elapsed());
+}
