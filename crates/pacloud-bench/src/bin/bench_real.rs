@@ -201,7 +201,11 @@ async fn set_bench(mirror: &str) -> anyhow::Result<()> {
     }
     let whole = t.elapsed();
     let mean = overheads.iter().sum::<f64>() / overheads.len() as f64;
-    println!("  whole set: {:.1} s, {} compiles; mean worker overhead {mean:.2} s per request", whole.as_secs_f64(), compiles(&svc));
+    println!(
+        "  whole set: {:.1} s, {} compiles; mean worker overhead {mean:.2} s per request",
+        whole.as_secs_f64(),
+        compiles(&svc)
+    );
     let t = Instant::now();
     for (atom, version, flags) in SET {
         build(&svc, atom, version, flags).await?;
