@@ -196,7 +196,8 @@ impl Target {
             }
         }
         if let Some(b) = &spec.build_root {
-            let hex64 = b.digest.len() == 64 && b.digest.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
+            let hex64 =
+                b.digest.len() == 64 && b.digest.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
             if !hex64 {
                 return Err(bad("build_root.digest"));
             }

@@ -341,10 +341,7 @@ mod tests {
         let elt = std::fs::read_to_string(d.join("prefix/usr/bin/eltpatch")).unwrap();
         assert!(elt.contains(". /opt/venv/lib/x"), "{elt}");
         assert_eq!(std::fs::read_link(d.join("prefix/usr/bin/gtar")).unwrap(), Path::new("/bin/tar"));
-        assert_eq!(
-            std::fs::read_to_string(d.join("host-profile/package.provided")).unwrap(),
-            "sys-devel/gcc-13.2.0\n"
-        );
+        assert_eq!(std::fs::read_to_string(d.join("host-profile/package.provided")).unwrap(), "sys-devel/gcc-13.2.0\n");
         assert_eq!(std::fs::read_to_string(d.join("target-package.provided")).unwrap(), "sys-libs/glibc-2.36\n");
         assert_eq!(std::fs::read_to_string(d.join("vdb/dev-build/automake-1.18.1/SLOT")).unwrap(), "1.18\n");
     }

@@ -235,7 +235,9 @@ pub fn prepare(env: &BuildEnv, job: &Job, target: &Target, job_id: &str) -> Resu
         ("LANG".to_owned(), "C.UTF-8".to_owned()),
         ("PORTAGE_CONFIGROOT".to_owned(), w.join("config").to_string_lossy().into_owned()),
         ("ROOT".to_owned(), root.clone()),
-        ("SYSROOT".to_owned(), root),
+        // A prepared build root provides DEPEND from the host (its -dev
+        // packages, listed in the host's package.provided): SYSROOT=/.
+        ("SYSROOT".to_owned(), if build_root.is_some() { "/".to_owned() } else { root }),
         ("EPREFIX".to_owned(), String::new()),
         ("PORTAGE_REPOSITORIES".to_owned(), repos_conf),
     ];

@@ -49,7 +49,9 @@ pub enum Detected {
 fn find_portage(configured: Option<&Path>) -> Result<PortageInstall, String> {
     if let Some(v) = configured {
         return if v.join("bin/emerge").is_file() {
-            Ok(PortageInstall::Venv(v.to_owned()))
+            // Its real path: the sandbox lays a tmpfs over it, which a
+            // symbolic link (e.g. a worktree's `.venv`) cannot take.
+            Ok(PortageInstall::Venv(v.canonicalize().unwrap_or_else(|_| v.to_owned())))
         } else {
             Err(format!("portage venv {} has no bin/emerge", v.display()))
         };

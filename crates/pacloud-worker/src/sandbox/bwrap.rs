@@ -300,7 +300,9 @@ mod tests {
         let joined = BwrapSandbox::new("bwrap".into()).argv(&p).unwrap().join(" ");
         let (v, d) = (s(&venv), s(&d));
         for must in [
-            format!("--dir {v}/lib --ro-bind {d}/prefix/lib/gentoo {v}/lib/gentoo --ro-bind {v}/lib/python3.11 {v}/lib/python3.11"),
+            format!(
+                "--dir {v}/lib --ro-bind {d}/prefix/lib/gentoo {v}/lib/gentoo --ro-bind {v}/lib/python3.11 {v}/lib/python3.11"
+            ),
             format!("--ro-bind {d}/prefix/usr {v}/usr"),
             format!("--ro-bind {d}/host-profile {v}/etc/portage/profile"),
             format!("--ro-bind {d}/vdb {v}/var/db/pkg"),

@@ -11,5 +11,6 @@ mod docker;
 mod helpers;
 mod key_vectors;
 mod real_docker;
+mod realtree;
 mod sources;
 mod usekey;
