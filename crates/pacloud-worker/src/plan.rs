@@ -122,7 +122,8 @@ fn make_conf(
 /// configure finds no LZO headers). Nothing of it is recorded in the
 /// binaries (no RPATH: `-rpath-link` only affects the link).
 pub const SYSROOT_BASHRC: &str = r#"# pacloud: DEPEND lives in SYSROOT (= ROOT), which the host compiler does not search.
-if [[ -n ${ESYSROOT} && ${ESYSROOT} != / ]]; then
+# Once: every phase sources this again over the environment saved by the last.
+if [[ -n ${ESYSROOT} && ${ESYSROOT} != / && " ${CPPFLAGS} " != *" -I${ESYSROOT%/}/usr/include "* ]]; then
 	CPPFLAGS="${CPPFLAGS} -I${ESYSROOT%/}/usr/include"
 	LDFLAGS="${LDFLAGS} -L${ESYSROOT%/}/usr/lib64 -Wl,-rpath-link,${ESYSROOT%/}/usr/lib64"
 	export CPPFLAGS LDFLAGS
