@@ -120,7 +120,8 @@ fn make_conf(
 /// which a host compiler does not search, so its headers and libraries are
 /// added to the search paths (VERIFIED.md §6: without it app-arch/lzop's
 /// configure finds no LZO headers). Nothing of it is recorded in the
-/// binaries (no RPATH: `-rpath-link` only affects the link).
+/// binaries (no RPATH: `-rpath-link` only affects the link). A no-op where
+/// SYSROOT is `/` (the bwrap backend's prepared build root).
 pub const SYSROOT_BASHRC: &str = r#"# pacloud: DEPEND lives in SYSROOT (= ROOT), which the host compiler does not search.
 # Once: every phase sources this again over the environment saved by the last.
 if [[ -n ${ESYSROOT} && ${ESYSROOT} != / && " ${CPPFLAGS} " != *" -I${ESYSROOT%/}/usr/include "* ]]; then
@@ -236,8 +237,10 @@ pub fn prepare(env: &BuildEnv, job: &Job, target: &Target, job_id: &str) -> Resu
         ("LANG".to_owned(), "C.UTF-8".to_owned()),
         ("PORTAGE_CONFIGROOT".to_owned(), w.join("config").to_string_lossy().into_owned()),
         ("ROOT".to_owned(), root.clone()),
-        // A prepared build root provides DEPEND from the host (its -dev
-        // packages, listed in the host's package.provided): SYSROOT=/.
+        // A prepared build root (bwrap) provides DEPEND from the host (its
+        // -dev packages, listed in the host's package.provided): SYSROOT=/.
+        // In a builder image (docker) DEPEND is built into ROOT like every
+        // dependency, and SYSROOT_BASHRC puts it on the compiler's paths.
         ("SYSROOT".to_owned(), if build_root.is_some() { "/".to_owned() } else { root }),
         ("EPREFIX".to_owned(), String::new()),
         ("PORTAGE_REPOSITORIES".to_owned(), repos_conf),
