@@ -136,9 +136,8 @@ pub async fn detect(settings: &Settings) -> Detected {
                         .into(),
                 );
             }
-            let docker = DockerSandbox::default()
-                .with_read_only_root(DOCKER_READ_ONLY_ROOT)
-                .with_network(b.docker_network);
+            let docker =
+                DockerSandbox::default().with_read_only_root(DOCKER_READ_ONLY_ROOT).with_network(b.docker_network);
             let found = match docker.preflight(image).await {
                 Ok(found) => found,
                 Err(e) => return Detected::Unavailable(format!("docker backend: {e}")),

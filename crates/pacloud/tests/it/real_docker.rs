@@ -168,11 +168,8 @@ impl Client {
         std::fs::write(portage.join("binrepos.conf/pacloud.conf"), format!("[pacloud]\nsync-uri = {binhost}\n"))
             .unwrap();
         // What Debian provides under the installed programs (glibc, ...).
-        std::fs::copy(
-            subset().join("host-config/package.provided.target"),
-            portage.join("profile/package.provided"),
-        )
-        .unwrap();
+        std::fs::copy(subset().join("host-config/package.provided.target"), portage.join("profile/package.provided"))
+            .unwrap();
         std::fs::write(portage.join("package.use"), "app-misc/hello nls\n").unwrap();
         trust_key(&dir.join("gnupg"), key_asc, fingerprint);
         Client { dir }
