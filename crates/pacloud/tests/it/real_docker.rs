@@ -10,8 +10,9 @@
 //! real portage client (the test venv's, in bubblewrap) into a scratch ROOT,
 //! and the installed program runs.
 //!
-//! Runs under the docker tests' engine lock (`crate::docker::engine`). About
-//! 5 min on 2 cores (mostly compiling lzo, lzop, hello twice, attr, acl, sed).
+//! Runs under the docker tests' engine lock (`crate::docker::engine`).
+//! Measured 463 s on the 2 shared cores (load average ~11 from other builds;
+//! 432 s of it the seven compiles: lzo, lzop, hello twice, attr, acl, sed).
 
 use crate::docker::{builder_image, engine, wait_no_containers};
 use crate::helpers::*;
