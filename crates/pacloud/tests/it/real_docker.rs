@@ -324,3 +324,28 @@ async fn docker_builds_real_gentoo_packages_that_a_portage_client_installs_and_r
     wait_no_containers().await;
     eprintln!("real packages in docker: built in {built_in:?}, whole test {:?}", started.elapsed());
 }
+
+/// The host network is for a loopback mirror on a local machine: an AWS
+/// worker (instance credentials, an IMDS rule that only filters bridged
+/// traffic) refuses to start with it, exit code 2, naming the setting.
+#[test]
+fn an_aws_worker_refuses_the_host_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pacloud.toml");
+    std::fs::write(
+        &config,
+        "[build]\ndocker_network = \"host\"\n\n[aws]\ntable = \"t\"\nqueue_url = \"http://127.0.0.1:1/q\"\nbucket = \"b\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pacloud"))
+        .args(["worker", "--backend", "aws", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env_remove("PACLOUD_AWS_TABLE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("build.docker_network = \"host\" is refused on AWS workers"), "{stderr}");
+}
