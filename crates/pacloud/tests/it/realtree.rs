@@ -167,7 +167,8 @@ impl SubsetClient {
     /// `emerge --getbinpkgonly --binpkg-respect-use=y <atoms>` into the
     /// scratch ROOT (portage kept off the host by bubblewrap).
     pub fn emerge(&self, atoms: &[&str]) -> (bool, String) {
-        let venv = workspace().join(".venv");
+        // Its real path: bwrap cannot lay a tmpfs on a symbolic link.
+        let venv = workspace().join(".venv").canonicalize().expect(".venv");
         let (v, c) = (venv.display().to_string(), self.dir.display().to_string());
         let repo = subset().join("repo").display().to_string();
         let mut args: Vec<String> = Vec::new();
