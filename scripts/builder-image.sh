@@ -5,7 +5,14 @@
 # the way a registry digest would (settings: build.image).
 #
 # Recipe: worker-image/builder/standin/ (Dockerfile, packages.txt, profile/)
-# and worker-image/builder/make.conf. A Debian root of this machine's release
+# and worker-image/builder/make.conf, plus the build-root preparation of the
+# small real Gentoo tree (../shared/gentoo-subset, or $PACLOUD_GENTOO_SUBSET):
+# its host-config/package.provided.host, host-config/inject-vdb.py and
+# host-tools/ are copied into the build CONTEXT (never into the repository)
+# and baked into the image (standin/Dockerfile says how); the recipe hash
+# covers their contents, so a changed subset makes a new image (a relative
+# $PACLOUD_GENTOO_SUBSET is taken from the repository's root).
+# A Debian root of this machine's release
 # is made with debootstrap from the Debian mirror apt already uses here (read
 # from /etc/apt/sources.list*), then `docker build` adds portage from PyPI
 # (downloaded here by the host's pip, hash-checked, installed offline in the
@@ -36,9 +43,21 @@ suite=${VERSION_CODENAME:?/etc/os-release has no VERSION_CODENAME}
 command -v docker >/dev/null 2>&1 || die "the docker CLI is not installed"
 docker version --format '{{.Server.Version}}' >/dev/null 2>&1 || die "no Docker engine answers \`docker version\`"
 
+# The subset's build-root inputs (paths relative to the subset's directory).
+subset=${PACLOUD_GENTOO_SUBSET:-../shared/gentoo-subset}
+[ -d "$subset/host-tools" ] && [ -f "$subset/host-config/package.provided.host" ] \
+  || die "the Gentoo subset is not at $subset (host-tools/, host-config/package.provided.host); set PACLOUD_GENTOO_SUBSET"
+mapfile -t subset_files < <(cd "$subset" && { printf '%s\n' host-config/package.provided.host host-config/inject-vdb.py; find host-tools -type f -o -type l; } | LC_ALL=C sort)
+
 # The recipe's hash: every file that goes into the image, and the suite.
 mapfile -t files < <(printf '%s\n' scripts/builder-image.sh "$recipe/make.conf"; find "$recipe/standin" -type f | LC_ALL=C sort)
-hash=$({ echo "suite=$suite"; for f in "${files[@]}"; do echo "== $f"; cat "$f"; done; } | sha256sum | cut -c1-64)
+hash=$({
+  echo "suite=$suite"
+  for f in "${files[@]}"; do echo "== $f"; cat "$f"; done
+  for f in "${subset_files[@]}"; do
+    if [ -L "$subset/$f" ]; then echo "== subset/$f -> $(readlink "$subset/$f")"; else echo "== subset/$f"; cat "$subset/$f"; fi
+  done
+} | sha256sum | cut -c1-64)
 tag="pacloud-builder-standin:${hash:0:12}"
 
 # Both labels: images built FROM the stand-in (the production Dockerfile's
@@ -95,6 +114,8 @@ python3 -m venv "$ctx/pip-venv"
 rm -rf "$ctx/pip-venv"
 cp "$recipe/standin/Dockerfile" "$recipe/standin/requirements.txt" "$recipe/make.conf" "$ctx/"
 cp -r "$recipe/standin/profile" "$ctx/profile"
+mkdir "$ctx/subset"
+(cd "$subset" && cp -a --parents "${subset_files[@]}" "$ctx/subset/")
 log "docker build ($tag)"
 docker build --quiet --force-rm --label "$label=$hash" --tag "$tag" --iidfile "$ctx/iid" "$ctx" >&2
 id=$(cat "$ctx/iid")

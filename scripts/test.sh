@@ -17,6 +17,14 @@ command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 # wget: portage's default FETCHCOMMAND (the fetch step's source downloads).
 command -v wget >/dev/null 2>&1 || need+=(wget)
 command -v gpg >/dev/null 2>&1 || need+=(gnupg)
+# The real Gentoo packages of ../shared/gentoo-subset build with Debian's
+# toolchain, build tools and -dev libraries (its README, step 5; the build
+# root's package.provided lists them; DEPEND comes from the host, SYSROOT=/).
+for p in build-essential autoconf automake libtool autotools-dev cmake ninja-build help2man bison texinfo \
+  libncurses-dev libpcre2-dev libgmp-dev zlib1g-dev libbz2-dev liblzma-dev pkgconf pax-utils gawk \
+  liblzo2-dev libattr1-dev libacl1-dev; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3 python3-venv)
 # The worker image's tests: shellcheck, network namespaces with iptables and
 # ping (the IMDS guard), debootstrap (the stand-in container's rootfs).

@@ -94,6 +94,45 @@ pub struct TargetSpec {
     /// version 1), nothing checked.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tree_index: bool,
+    /// Source mirrors of this target's fetch step (`GENTOO_MIRRORS`), tried
+    /// before the worker's own; not hashed (where sources come from never
+    /// changes a binary: the Manifest pins their digests).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<String>,
+    /// Set for a real Gentoo tree built on a host that is not Gentoo: what the
+    /// build root needs (see [`BuildRootSpec`]). Hashed through its digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_root: Option<BuildRootSpec>,
+}
+
+/// The build-root preparation of a real-tree target on a non-Gentoo host
+/// (docs/real-gentoo.md): the host configuration's `package.provided`, the
+/// target root's, installed-package records for `has_version`, the host tools
+/// Gentoo's eclasses call, and links to where the host keeps what they look
+/// for. The paths are this machine's; only `digest` (of their contents,
+/// computed when the settings are loaded) enters the target's hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRootSpec {
+    /// `package.provided` of the host configuration (build-time dependencies).
+    pub package_provided_host: std::path::PathBuf,
+    /// `package.provided` of the target root.
+    #[serde(default)]
+    pub package_provided_target: Option<std::path::PathBuf>,
+    /// Installed-package records for the host's package database, each
+    /// `category/name-version:slot` (`has_version` ignores package.provided).
+    #[serde(default)]
+    pub vdb: Vec<String>,
+    /// A directory laid out like the build root's prefix, copied into it
+    /// (`@BROOT@` in its text files becomes the build root's path).
+    #[serde(default)]
+    pub host_tools: Option<std::path::PathBuf>,
+    /// Symbolic links to create: path relative to the build root -> target.
+    #[serde(default)]
+    pub links: BTreeMap<String, String>,
+    /// SHA-256 of the contents of the above (filled in by the loader).
+    #[serde(default)]
+    pub digest: String,
 }
 
 impl TargetSpec {
@@ -151,6 +190,18 @@ impl Target {
                 return Err(bad(&format!("env.{k}")));
             }
         }
+        for m in &spec.mirrors {
+            if !printable(m) || m.contains(' ') {
+                return Err(bad("mirrors"));
+            }
+        }
+        if let Some(b) = &spec.build_root {
+            let hex64 =
+                b.digest.len() == 64 && b.digest.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
+            if !hex64 {
+                return Err(bad("build_root.digest"));
+            }
+        }
         let hash = hex::encode(Sha256::digest(Self::canonical_encoding(&spec)));
         Ok(Target { name, spec, hash })
     }
@@ -169,6 +220,11 @@ impl Target {
             s.push_str(k);
             s.push('=');
             s.push_str(v);
+            s.push('\n');
+        }
+        if let Some(b) = &spec.build_root {
+            s.push_str("build_root:");
+            s.push_str(&b.digest);
             s.push('\n');
         }
         s.into_bytes()
@@ -193,6 +249,8 @@ impl Target {
             builder: "host".into(),
             env: BTreeMap::new(),
             tree_index: false,
+            mirrors: Vec::new(),
+            build_root: None,
         };
         #[allow(clippy::expect_used)]
         Target::new(TargetName("default".into()), spec).expect("built-in target is valid")
@@ -255,6 +313,30 @@ mod tests {
         assert!(spec.tree_index);
         let b = Target::new("default".parse().unwrap(), spec).unwrap();
         assert_eq!(a.hash(), b.hash(), "the key version line separates the two kinds of keys");
+    }
+
+    #[test]
+    fn build_root_digest_is_hashed_mirrors_are_not() {
+        let a = Target::builtin_default();
+        let mut spec = a.spec.clone();
+        spec.mirrors = vec!["http://127.0.0.1:1/".into()];
+        assert_eq!(Target::new("default".parse().unwrap(), spec.clone()).unwrap().hash(), a.hash());
+        let root = BuildRootSpec {
+            package_provided_host: "/a".into(),
+            package_provided_target: None,
+            vdb: vec![],
+            host_tools: None,
+            links: BTreeMap::new(),
+            digest: String::new(),
+        };
+        spec.build_root = Some(root.clone());
+        assert!(Target::new("x".parse().unwrap(), spec.clone()).is_err(), "a build root needs its digest");
+        spec.build_root = Some(BuildRootSpec { digest: "1".repeat(64), ..root.clone() });
+        let b = Target::new("x".parse().unwrap(), spec.clone()).unwrap();
+        spec.build_root = Some(BuildRootSpec { digest: "2".repeat(64), package_provided_host: "/b".into(), ..root });
+        let c = Target::new("x".parse().unwrap(), spec).unwrap();
+        assert_ne!(b.hash(), a.hash());
+        assert_ne!(b.hash(), c.hash(), "the preparation's inputs move the target");
     }
 
     #[test]

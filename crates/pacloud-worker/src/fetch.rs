@@ -26,6 +26,12 @@ pub struct MergeList {
     pub ebuilds: Vec<String>,
 }
 
+/// `cat/pf` of a merge-list or status token `cat/pf[:SLOT[/SUB]][::repo]`.
+fn without_slot(token: &str) -> &str {
+    let cpv = token.split("::").next().unwrap_or(token);
+    cpv.split(':').next().unwrap_or(cpv)
+}
+
 /// Parses emerge's `--verbose` merge list (`[binary ...] cat/pf-BUILDID::repo`,
 /// `[ebuild ...] cat/pf::repo`); other lines are ignored.
 pub fn parse_merge_list(log: &str) -> MergeList {
@@ -36,7 +42,8 @@ pub fn parse_merge_list(log: &str) -> MergeList {
         let Some((kind_flags, after)) = rest.split_once(']') else { continue };
         let kind = kind_flags.split_whitespace().next().unwrap_or("");
         let Some(token) = after.split_whitespace().next() else { continue };
-        let cpv = token.split("::").next().unwrap_or(token);
+        // `cat/pf:SLOT::repo` when the slot is not 0 (real trees: dev-libs/lzo-2.10:2).
+        let cpv = without_slot(token);
         if !cpv.contains('/') {
             continue;
         }
@@ -70,9 +77,9 @@ pub fn fetch_failure_reason(log: &str, graph: &MergeList) -> Option<String> {
         let line = line.trim();
         if let Some(rest) = line.strip_prefix(">>> Fetching (") {
             let cpv = rest.split_once(") ").map(|(_, r)| r).unwrap_or("");
-            current = cpv.split_whitespace().next().map(|c| c.split("::").next().unwrap_or(c).to_owned());
+            current = cpv.split_whitespace().next().map(|c| without_slot(c).to_owned());
         } else if let Some(rest) = line.strip_prefix(">>> Failed to emerge ") {
-            let cpv = rest.split_whitespace().next().unwrap_or("").split("::").next().unwrap_or("").to_owned();
+            let cpv = without_slot(rest.split_whitespace().next().unwrap_or("")).to_owned();
             if graph.ebuilds.contains(&cpv) && !failed.contains(&cpv) {
                 failed.push(cpv);
             }
@@ -323,9 +330,10 @@ mod tests {
             [binary   R    ] app-misc/chain-e-1.0-3::pacloud-fixtures  USE=\"\" 0 KiB\n\
             [ebuild  N     ] app-misc/chain-d-1.0::pacloud-fixtures  0 KiB\n\
             [binary  N     ] dev-libs/libfoo-1.2-r1::gentoo\n\
+            [ebuild  N     ] dev-libs/lzo-2.10:2::gentoo  USE=\"-examples\" 0 KiB\n\
             >>> Fetching (1 of 2) app-misc/chain-d-1.0::pacloud-fixtures\n";
         let m = parse_merge_list(log);
-        assert_eq!(m.ebuilds, vec!["app-misc/chain-d-1.0"]);
+        assert_eq!(m.ebuilds, vec!["app-misc/chain-d-1.0", "dev-libs/lzo-2.10"], "a slot is not part of the cpv");
         assert_eq!(m.binaries[0], ("app-misc/chain-e-1.0".to_owned(), Some(3)));
         assert_eq!(m.binaries[1], ("dev-libs/libfoo-1.2-r1".to_owned(), None), "a revision is not a BUILD_ID");
     }

@@ -43,6 +43,12 @@ pub struct BuildEnv {
 pub enum PlanError {
     #[error("target {target} uses repository {repo:?}, which this worker does not have")]
     UnknownRepository { target: String, repo: String },
+    #[error("cannot prepare the build root of target {target}")]
+    BuildRoot {
+        target: String,
+        #[source]
+        source: crate::buildroot::BuildRootError,
+    },
     #[error("cannot prepare the build directory {path}")]
     Io {
         path: PathBuf,
@@ -109,6 +115,26 @@ fn make_conf(
     lines.join("\n") + "\n"
 }
 
+/// `bashrc` of a real-tree target's config root (sourced by every ebuild
+/// phase): DEPEND is merged into SYSROOT (= ROOT, the build's scratch root),
+/// which a host compiler does not search, so its headers and libraries are
+/// added to the search paths (VERIFIED.md §6: without it app-arch/lzop's
+/// configure finds no LZO headers). Nothing of it is recorded in the
+/// binaries (no RPATH: `-rpath-link` only affects the link). A no-op where
+/// SYSROOT is `/` (the bwrap backend's prepared build root).
+pub const SYSROOT_BASHRC: &str = r#"# pacloud: DEPEND lives in SYSROOT (= ROOT), which the host compiler does not search.
+# Once: every phase sources this again over the environment saved by the last.
+if [[ -n ${ESYSROOT} && ${ESYSROOT} != / && " ${CPPFLAGS} " != *" -I${ESYSROOT%/}/usr/include "* ]]; then
+	CPPFLAGS="${CPPFLAGS} -I${ESYSROOT%/}/usr/include"
+	LDFLAGS="${LDFLAGS} -L${ESYSROOT%/}/usr/lib64 -Wl,-rpath-link,${ESYSROOT%/}/usr/lib64"
+	export CPPFLAGS LDFLAGS
+fi
+"#;
+
+/// Where under the work root prepared build roots are kept (one per
+/// target digest and venv, shared by the worker's builds).
+pub const BUILD_ROOTS_DIR: &str = ".buildroots";
+
 /// The name under which the distfiles cache appears in [`BuildPlan::repos`]
 /// (read-only mounts); it is not a portage repository.
 pub const DISTFILES_MOUNT: &str = "distfiles-cache";
@@ -144,7 +170,9 @@ pub fn prepare(env: &BuildEnv, job: &Job, target: &Target, job_id: &str) -> Resu
     }
     let user = if env.run_as.is_some() { ("nobody", "nogroup") } else { ("root", "root") };
     let write = |path: PathBuf, text: String| std::fs::write(&path, text).map_err(io(&path));
-    write(config.join("make.conf"), make_conf(&w, target, &w.join("pkgdir"), &w.join("tmp"), user, &env.mirrors))?;
+    // The target's own mirrors first (not hashed), then the worker's.
+    let mirrors: Vec<String> = target.spec.mirrors.iter().chain(&env.mirrors).cloned().collect();
+    write(config.join("make.conf"), make_conf(&w, target, &w.join("pkgdir"), &w.join("tmp"), user, &mirrors))?;
     let profile = repo.join("profiles").join(&target.spec.profile);
     let link = config.join("make.profile");
     std::os::unix::fs::symlink(&profile, &link).map_err(io(&link))?;
@@ -154,22 +182,54 @@ pub fn prepare(env: &BuildEnv, job: &Job, target: &Target, job_id: &str) -> Resu
     if !spec.use_flags.is_empty() {
         write(config.join("package.use"), format!("{} {}\n", spec.portage_atom(), spec.use_flags.portage()))?;
     }
+    let mut build_root = None;
     let (emerge, path) = match &env.portage {
         PortageInstall::Venv(venv) => {
             // The "host" config portage builds for ROOT != / (see VERIFIED.md §1):
             // its packages go to a throw-away directory, never the published PKGDIR.
-            let hostconf = make_conf(&w, target, &w.join("hostpkgdir"), &w.join("hosttmp"), user, &env.mirrors);
+            let hostconf = make_conf(&w, target, &w.join("hostpkgdir"), &w.join("hosttmp"), user, &mirrors);
             write(w.join("hostconf/make.conf"), hostconf)?;
             for d in ["hostpkgdir", "hosttmp"].map(|d| w.join(d)) {
                 std::fs::create_dir_all(&d).map_err(io(&d))?;
             }
+            if let Some(spec) = &target.spec.build_root {
+                // A real tree: the venv prefix is the build root (host config).
+                let parent = env.work_root.join(BUILD_ROOTS_DIR);
+                std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+                let dir = crate::buildroot::prepare(spec, venv, &parent)
+                    .map_err(|source| PlanError::BuildRoot { target: target.name.to_string(), source })?;
+                let profile = config.join("profile");
+                std::fs::create_dir_all(&profile).map_err(io(&profile))?;
+                let provided = dir.join("target-package.provided");
+                let bytes = std::fs::read(&provided).map_err(io(&provided))?;
+                write(profile.join("package.provided"), String::from_utf8_lossy(&bytes).into_owned())?;
+                build_root = Some(dir);
+            }
             (
                 venv.join("bin/emerge").to_string_lossy().into_owned(),
-                format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", venv.join("bin").display()),
+                format!(
+                    "{}:{}:/usr/sbin:/usr/bin:/sbin:/bin",
+                    venv.join("bin").display(),
+                    venv.join("usr/bin").display()
+                ),
             )
         }
-        PortageInstall::System => ("emerge".to_owned(), "/usr/sbin:/usr/bin:/sbin:/bin".to_owned()),
+        PortageInstall::System => {
+            // The builder image carries the host side of a real tree's build
+            // root (worker-image/builder/standin/Dockerfile; a stage3 needs
+            // none); the target root's package.provided is the build's own.
+            if let Some(provided) = target.spec.build_root.as_ref().and_then(|b| b.package_provided_target.as_ref()) {
+                let profile = config.join("profile");
+                std::fs::create_dir_all(&profile).map_err(io(&profile))?;
+                let bytes = std::fs::read(provided).map_err(io(provided))?;
+                write(profile.join("package.provided"), String::from_utf8_lossy(&bytes).into_owned())?;
+            }
+            ("emerge".to_owned(), "/usr/sbin:/usr/bin:/sbin:/bin".to_owned())
+        }
     };
+    if target.spec.build_root.is_some() {
+        write(config.join("bashrc"), SYSROOT_BASHRC.to_owned())?;
+    }
     let root = w.join("root").to_string_lossy().into_owned();
     let env_vars = vec![
         ("PATH".to_owned(), path),
@@ -177,7 +237,11 @@ pub fn prepare(env: &BuildEnv, job: &Job, target: &Target, job_id: &str) -> Resu
         ("LANG".to_owned(), "C.UTF-8".to_owned()),
         ("PORTAGE_CONFIGROOT".to_owned(), w.join("config").to_string_lossy().into_owned()),
         ("ROOT".to_owned(), root.clone()),
-        ("SYSROOT".to_owned(), root),
+        // A prepared build root (bwrap) provides DEPEND from the host (its
+        // -dev packages, listed in the host's package.provided): SYSROOT=/.
+        // In a builder image (docker) DEPEND is built into ROOT like every
+        // dependency, and SYSROOT_BASHRC puts it on the compiler's paths.
+        ("SYSROOT".to_owned(), if build_root.is_some() { "/".to_owned() } else { root }),
         ("EPREFIX".to_owned(), String::new()),
         ("PORTAGE_REPOSITORIES".to_owned(), repos_conf),
     ];
@@ -208,6 +272,7 @@ pub fn prepare(env: &BuildEnv, job: &Job, target: &Target, job_id: &str) -> Resu
         limits: env.limits.clone(),
         image: env.image.clone(),
         run_as: env.run_as,
+        build_root,
     })
 }
 
@@ -283,6 +348,50 @@ mod tests {
         let spec =
             BuildRequest { atom: "a/b".into(), version: "1".into(), ..Default::default() }.validate(&targets).unwrap();
         assert!(matches!(prepare(&none, &Job::new(spec), &target, "job-2"), Err(PlanError::UnknownRepository { .. })));
+    }
+
+    #[test]
+    fn a_real_tree_target_in_the_image_gets_the_target_package_provided_and_the_sysroot_bashrc() {
+        let dir = tempfile::tempdir().unwrap();
+        let provided = dir.path().join("package.provided.target");
+        std::fs::write(&provided, "sys-libs/glibc-2.36\n").unwrap();
+        let env = BuildEnv {
+            work_root: dir.path().join("builds"),
+            portage: PortageInstall::System,
+            repos: BTreeMap::from([("gentoo".to_owned(), dir.path().join("repo"))]),
+            limits: Limits { wall_clock: Duration::from_secs(60), memory_bytes: None },
+            network: false,
+            run_as: None,
+            image: Some(format!("sha256:{}", "a".repeat(64))),
+            distfiles: None,
+            package_cache: PackageCache::disabled(),
+            mirrors: vec![],
+        };
+        let targets = TargetSet::builtin();
+        let spec = BuildRequest { atom: "app-arch/lzop".into(), version: "1.04-r1".into(), ..Default::default() }
+            .validate(&targets)
+            .unwrap();
+        let toy = targets.get(&spec.target).unwrap().clone();
+        let mut real_spec = toy.spec.clone();
+        real_spec.build_root = Some(pacloud_domain::target::BuildRootSpec {
+            package_provided_host: "/not/read/by/the/docker/plan".into(),
+            package_provided_target: Some(provided),
+            vdb: vec![],
+            host_tools: None,
+            links: BTreeMap::new(),
+            digest: "0".repeat(64),
+        });
+        let real = Target::new("real".parse().unwrap(), real_spec).unwrap();
+        let plan = prepare(&env, &Job::new(spec.clone()), &real, "job-real").unwrap();
+        let config = plan.config_root().join("etc/portage");
+        assert_eq!(std::fs::read_to_string(config.join("profile/package.provided")).unwrap(), "sys-libs/glibc-2.36\n");
+        assert_eq!(std::fs::read_to_string(config.join("bashrc")).unwrap(), SYSROOT_BASHRC);
+        assert_eq!(plan.build_root, None, "the image carries the host side");
+        assert!(!plan.work_dir.join("hostconf/make.conf").exists(), "the image's own /etc/portage is the host config");
+        // A toy target gets neither.
+        let plan = prepare(&env, &Job::new(spec), &toy, "job-toy").unwrap();
+        let config = plan.config_root().join("etc/portage");
+        assert!(!config.join("bashrc").exists() && !config.join("profile/package.provided").exists());
     }
 
     #[test]

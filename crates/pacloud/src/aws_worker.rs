@@ -19,6 +19,12 @@ use crate::settings::Settings;
 /// The AWS client settings from `[aws]` / `PACLOUD_AWS_*`.
 pub fn aws_config(settings: &Settings) -> anyhow::Result<AwsConfig> {
     let a = &settings.aws;
+    // The worker AMI's IMDS rule filters bridged container traffic only.
+    anyhow::ensure!(
+        settings.build.docker_network != pacloud_worker::sandbox::docker::NetworkMode::Host,
+        "build.docker_network = \"host\" is refused on AWS workers: a host-network container would reach the \
+         instance metadata service (docs/fleet.md)"
+    );
     Ok(AwsConfig {
         table: a.table.clone().context("aws.table (PACLOUD_AWS_TABLE) is required")?,
         queue_url: a.queue_url.clone().context("aws.queue_url (PACLOUD_AWS_QUEUE_URL) is required")?,

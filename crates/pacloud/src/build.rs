@@ -49,7 +49,9 @@ pub enum Detected {
 fn find_portage(configured: Option<&Path>) -> Result<PortageInstall, String> {
     if let Some(v) = configured {
         return if v.join("bin/emerge").is_file() {
-            Ok(PortageInstall::Venv(v.to_owned()))
+            // Its real path: the sandbox lays a tmpfs over it, which a
+            // symbolic link (e.g. a worktree's `.venv`) cannot take.
+            Ok(PortageInstall::Venv(v.canonicalize().unwrap_or_else(|_| v.to_owned())))
         } else {
             Err(format!("portage venv {} has no bin/emerge", v.display()))
         };
@@ -134,7 +136,8 @@ pub async fn detect(settings: &Settings) -> Detected {
                         .into(),
                 );
             }
-            let docker = DockerSandbox::default().with_read_only_root(DOCKER_READ_ONLY_ROOT);
+            let docker =
+                DockerSandbox::default().with_read_only_root(DOCKER_READ_ONLY_ROOT).with_network(b.docker_network);
             let found = match docker.preflight(image).await {
                 Ok(found) => found,
                 Err(e) => return Detected::Unavailable(format!("docker backend: {e}")),

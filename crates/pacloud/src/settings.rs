@@ -5,6 +5,7 @@
 
 use pacloud_domain::target::{TargetError, TargetSpec};
 use pacloud_domain::{Target, TargetName, TargetSet};
+use pacloud_worker::sandbox::docker::NetworkMode;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -35,6 +36,12 @@ pub enum SettingsError {
     },
     #[error(transparent)]
     Target(#[from] TargetError),
+    #[error("target {target:?}: build_root is not usable")]
+    BuildRoot {
+        target: String,
+        #[source]
+        source: pacloud_worker::buildroot::BuildRootError,
+    },
     #[error("config file: build.{key} = {value:?} is not valid: {expected}")]
     Build { key: &'static str, value: String, expected: &'static str },
 }
@@ -114,6 +121,9 @@ pub struct BuildFileSettings {
     pub distfiles_max_mb: Option<u64>,
     /// The worker-local binary package cache (MiB; 0 turns it off).
     pub package_cache_mb: Option<u64>,
+    /// Docker backend: the network of containers that have network (the
+    /// fetch step; builds with `network = true`): "bridge" or "host".
+    pub docker_network: Option<String>,
 }
 
 /// Which sandbox builds run in.
@@ -158,6 +168,10 @@ pub struct BuildSettings {
     pub distfiles_max_bytes: u64,
     /// `None`: the backend's default (off locally, 10 GiB on AWS workers).
     pub package_cache_bytes: Option<u64>,
+    /// Docker backend: the network of containers whose step has network
+    /// (default bridge; host reaches a mirror on the host's loopback and is
+    /// refused on AWS workers, where the IMDS rule would not apply).
+    pub docker_network: NetworkMode,
 }
 
 impl Default for BuildSettings {
@@ -181,6 +195,7 @@ impl Default for BuildSettings {
             distfiles_max_age: Duration::from_secs(30 * 24 * 3600),
             distfiles_max_bytes: 20 << 30,
             package_cache_bytes: None,
+            docker_network: NetworkMode::Bridge,
         }
     }
 }
@@ -395,11 +410,23 @@ impl Settings {
         if let Some(v) = fb.package_cache_mb {
             b.package_cache_bytes = Some(v << 20);
         }
+        if let Some(v) = fb.docker_network {
+            b.docker_network = match v.as_str() {
+                "bridge" => NetworkMode::Bridge,
+                "host" => NetworkMode::Host,
+                _ => return Err(SettingsError::Build { key: "docker_network", value: v, expected: "bridge or host" }),
+            };
+        }
         if !f.targets.is_empty() || f.default_target.is_some() {
             let mut targets: Vec<Target> = TargetSet::builtin().iter().cloned().collect();
-            for (name, spec) in f.targets {
+            for (name, mut spec) in f.targets {
                 let tn: TargetName =
                     name.parse().map_err(|source| SettingsError::TargetName { name: name.clone(), source })?;
+                if let Some(root) = &mut spec.build_root {
+                    // The contents of the preparation's inputs enter the hash.
+                    root.digest = pacloud_worker::buildroot::digest(root)
+                        .map_err(|source| SettingsError::BuildRoot { target: name.clone(), source })?;
+                }
                 targets.retain(|t| t.name != tn);
                 targets.push(Target::new(tn, spec)?);
             }
@@ -556,6 +583,19 @@ builder = "host"
         }
         let s = Settings::load(None, |k| (k == "PACLOUD_BUILD_IMAGE").then(|| id.clone())).unwrap();
         assert_eq!(s.build.image, Some(id));
+    }
+
+    #[test]
+    fn docker_network_is_bridge_unless_host_is_asked_for() {
+        assert_eq!(Settings::load(None, |_| None).unwrap().build.docker_network, NetworkMode::Bridge);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pacloud.toml");
+        std::fs::write(&file, "[build]\ndocker_network = \"host\"\n").unwrap();
+        assert_eq!(Settings::load(Some(&file), |_| None).unwrap().build.docker_network, NetworkMode::Host);
+        std::fs::write(&file, "[build]\ndocker_network = \"none\"\n").unwrap();
+        let e = Settings::load(Some(&file), |_| None).unwrap_err();
+        assert!(matches!(&e, SettingsError::Build { key: "docker_network", .. }), "{e}");
+        assert!(e.to_string().contains("bridge or host"), "{e}");
     }
 
     #[test]

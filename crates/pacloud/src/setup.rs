@@ -123,6 +123,8 @@ pub fn choose_repository(settings: &mut Settings) -> Result<Vec<String>, SetupEr
         builder: "host".into(),
         env: Default::default(),
         tree_index: false,
+        mirrors: Vec::new(),
+        build_root: None,
     };
     if let Ok(demo) = Target::new("demo".parse().map_err(|_| unreachable_name())?, spec) {
         let mut all: Vec<Target> = settings.targets.iter().cloned().collect();

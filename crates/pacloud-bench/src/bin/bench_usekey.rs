@@ -47,6 +47,8 @@ fn target(name: &str, tree_index: bool) -> anyhow::Result<Target> {
         builder: "host".into(),
         env: BTreeMap::new(),
         tree_index,
+        mirrors: Vec::new(),
+        build_root: None,
     };
     Ok(Target::new(name.parse()?, spec)?)
 }

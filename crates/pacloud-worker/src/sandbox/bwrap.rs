@@ -63,26 +63,20 @@ impl BwrapSandbox {
             // bound back read-only.
             let v = s(venv);
             a.extend(["--perms".into(), "0755".into(), "--tmpfs".into(), v.clone()]);
-            let entries = std::fs::read_dir(venv).map_err(|source| SandboxError::Io { path: venv.clone(), source })?;
-            let mut names: Vec<_> = entries.filter_map(|e| e.ok()).collect();
-            names.sort_by_key(|e| e.file_name());
-            for e in names {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if matches!(name.as_str(), "etc" | "var" | "usr" | "tmp") {
-                    continue;
-                }
-                let path = e.path();
-                match std::fs::read_link(&path) {
-                    Ok(target) => a.extend(["--symlink".into(), s(&target), s(&path)]),
-                    Err(_) => a.extend(["--ro-bind".into(), s(&path), s(&path)]),
-                }
-            }
+            let prefix = plan.build_root.as_ref().map(|d| d.join("prefix"));
+            a.extend(overlay_args(Some(venv), prefix.as_deref(), venv, &["etc", "var", "usr", "tmp"])?);
             let etc = venv.join("etc/portage");
             a.extend(["--dir".into(), s(&etc)]);
             let profile = std::fs::read_link(plan.config_root().join("etc/portage/make.profile"))
                 .map_err(|source| SandboxError::Io { path: plan.config_root(), source })?;
             a.extend(["--symlink".into(), s(&profile), s(&etc.join("make.profile"))]);
             a.extend(["--ro-bind".into(), s(&w.join("hostconf/make.conf")), s(&etc.join("make.conf"))]);
+            if let Some(d) = &plan.build_root {
+                // The host configuration of a real tree: what the host
+                // provides, and the records has_version looks for.
+                a.extend(["--ro-bind".into(), s(&d.join("host-profile")), s(&etc.join("profile"))]);
+                a.extend(["--ro-bind".into(), s(&d.join("vdb")), s(&venv.join("var/db/pkg"))]);
+            }
         }
         let config = plan.config_root();
         a.extend(["--ro-bind".into(), s(&config), s(&config)]);
@@ -124,6 +118,57 @@ impl BwrapSandbox {
         }
         Ok(())
     }
+}
+
+fn entries(dir: &Path) -> Result<Vec<(String, PathBuf)>, SandboxError> {
+    let rd = std::fs::read_dir(dir).map_err(|source| SandboxError::Io { path: dir.to_owned(), source })?;
+    Ok(rd.filter_map(|e| e.ok()).map(|e| (e.file_name().to_string_lossy().into_owned(), e.path())).collect())
+}
+
+fn is_real_dir(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
+}
+
+/// bwrap arguments that show at `dest` (a fresh tmpfs or `--dir`) the
+/// entries of `base` (the venv) with those of `over` (a prepared build
+/// root's prefix) laid over them: a directory both have is merged, anything
+/// else is bound read-only (symlinks recreated). `skip` names top-level
+/// entries of `base` left out (the writable host prefix parts).
+pub fn overlay_args(
+    base: Option<&Path>,
+    over: Option<&Path>,
+    dest: &Path,
+    skip: &[&str],
+) -> Result<Vec<String>, SandboxError> {
+    let mut names: std::collections::BTreeMap<String, (Option<PathBuf>, Option<PathBuf>)> = Default::default();
+    if let Some(b) = base {
+        for (n, p) in entries(b)? {
+            if !skip.contains(&n.as_str()) {
+                names.entry(n).or_default().0 = Some(p);
+            }
+        }
+    }
+    if let Some(o) = over {
+        for (n, p) in entries(o)? {
+            names.entry(n).or_default().1 = Some(p);
+        }
+    }
+    let mut a = Vec::new();
+    for (name, (b, o)) in names {
+        let to = dest.join(&name);
+        match (b, o) {
+            (Some(b), Some(o)) if is_real_dir(&b) && is_real_dir(&o) => {
+                a.extend(["--dir".into(), s(&to)]);
+                a.extend(overlay_args(Some(&b), Some(&o), &to, &[])?);
+            }
+            (_, Some(p)) | (Some(p), None) => match std::fs::read_link(&p) {
+                Ok(target) => a.extend(["--symlink".into(), s(&target), s(&to)]),
+                Err(_) => a.extend(["--ro-bind".into(), s(&p), s(&to)]),
+            },
+            (None, None) => {}
+        }
+    }
+    Ok(a)
 }
 
 #[async_trait]
@@ -208,6 +253,7 @@ mod tests {
             limits: Limits { wall_clock: Duration::from_secs(5), memory_bytes: Some(1 << 30) },
             image: None,
             run_as: Some((65534, 65534)),
+            build_root: None,
         }
     }
 
@@ -237,5 +283,32 @@ mod tests {
         let a = BwrapSandbox::new("bwrap".into()).argv(&open).unwrap();
         assert!(!a.iter().any(|x| x == "--unshare-net"));
         assert_eq!(a[0], "prlimit");
+    }
+
+    #[test]
+    fn a_prepared_build_root_is_laid_over_the_venv() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = plan(dir.path());
+        let venv = dir.path().join("venv");
+        std::fs::create_dir_all(venv.join("lib/python3.11")).unwrap();
+        let d = dir.path().join("prepared");
+        for sub in ["prefix/lib/gentoo", "prefix/usr/bin", "host-profile", "vdb"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        std::os::unix::fs::symlink("/bin/tar", d.join("prefix/usr/bin/gtar")).unwrap();
+        p.build_root = Some(d.clone());
+        let joined = BwrapSandbox::new("bwrap".into()).argv(&p).unwrap().join(" ");
+        let (v, d) = (s(&venv), s(&d));
+        for must in [
+            format!(
+                "--dir {v}/lib --ro-bind {d}/prefix/lib/gentoo {v}/lib/gentoo --ro-bind {v}/lib/python3.11 {v}/lib/python3.11"
+            ),
+            format!("--ro-bind {d}/prefix/usr {v}/usr"),
+            format!("--ro-bind {d}/host-profile {v}/etc/portage/profile"),
+            format!("--ro-bind {d}/vdb {v}/var/db/pkg"),
+        ] {
+            assert!(joined.contains(&must), "{must} in {joined}");
+        }
+        assert!(!joined.contains(&format!("--ro-bind {v}/lib {v}/lib")), "lib is merged, not hidden");
     }
 }

@@ -91,6 +91,32 @@ pub struct Preflight {
     pub portage: String,
 }
 
+/// The docker network of containers whose plan allows the network (the
+/// fetch step, and every build when the worker allows builds the network).
+/// Builds without network always get `--network=none`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// docker's default bridge (production): the worker AMI blocks IMDS
+    /// from it (module docs).
+    #[default]
+    Bridge,
+    /// `--network=host`: the host's own network namespace, so a mirror on
+    /// the host's loopback (tests, a local mirror on a single-user machine)
+    /// is reachable. The AMI's IMDS rule (`DOCKER-USER`) does not apply to
+    /// it: not for workers holding instance credentials.
+    Host,
+}
+
+impl NetworkMode {
+    /// The `--network` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Bridge => "bridge",
+            NetworkMode::Host => "host",
+        }
+    }
+}
+
 /// The docker backend. `docker` is the CLI (a path, or a bare name looked up
 /// on `PATH`); it talks to whatever engine the worker's environment points it
 /// at (`DOCKER_HOST`), which must be local: bind-mount sources are host paths.
@@ -99,6 +125,7 @@ pub struct DockerSandbox {
     docker: PathBuf,
     pids_limit: u32,
     read_only_root: bool,
+    network: NetworkMode,
 }
 
 impl Default for DockerSandbox {
@@ -109,7 +136,12 @@ impl Default for DockerSandbox {
 
 impl DockerSandbox {
     pub fn new(docker: impl Into<PathBuf>) -> Self {
-        Self { docker: docker.into(), pids_limit: DEFAULT_PIDS_LIMIT, read_only_root: false }
+        Self {
+            docker: docker.into(),
+            pids_limit: DEFAULT_PIDS_LIMIT,
+            read_only_root: false,
+            network: NetworkMode::Bridge,
+        }
     }
 
     /// Sets `--pids-limit`.
@@ -131,6 +163,13 @@ impl DockerSandbox {
     /// the next build or reaches the host either way.
     pub fn with_read_only_root(mut self, read_only_root: bool) -> Self {
         self.read_only_root = read_only_root;
+        self
+    }
+
+    /// The network of containers whose plan allows it (default:
+    /// [`NetworkMode::Bridge`]).
+    pub fn with_network(mut self, network: NetworkMode) -> Self {
+        self.network = network;
         self
     }
 
@@ -172,6 +211,8 @@ impl DockerSandbox {
         a.push("--log-driver=none".into());
         if !plan.network {
             a.push("--network=none".into());
+        } else if self.network == NetworkMode::Host {
+            a.push("--network=host".into());
         }
         // else: default bridge; IMDS is blocked from it by the AMI (module docs).
         if let Some(bytes) = plan.limits.memory_bytes {
@@ -637,6 +678,7 @@ mod tests {
             limits: Limits { wall_clock: Duration::from_secs(3600), memory_bytes: None },
             image: Some(format!("docker.io/gentoo/stage3@sha256:{DIGEST}")),
             run_as: None,
+            build_root: None,
         }
     }
 
@@ -739,6 +781,14 @@ mod tests {
         assert!(argv(&p).iter().any(|x| x == "--network=none"));
         p.network = true;
         assert!(!argv(&p).iter().any(|x| x.starts_with("--network") || x.starts_with("--net=")));
+        // Host mode (a mirror on the host's loopback) only where the plan has network.
+        let host = DockerSandbox::new("/usr/bin/docker").with_network(NetworkMode::Host);
+        let networks = |p: &BuildPlan| -> Vec<String> {
+            host.run_argv(p).unwrap().into_iter().filter(|x| x.starts_with("--network")).collect()
+        };
+        assert_eq!(networks(&p), ["--network=host"]);
+        p.network = false;
+        assert_eq!(networks(&p), ["--network=none"]);
     }
 
     #[test]
@@ -865,6 +915,7 @@ mod tests {
             limits: Limits { wall_clock: Duration::from_secs(120), memory_bytes: Some(256 << 20) },
             image: Some(image),
             run_as: None,
+            build_root: None,
         };
         let pkgdir = p.pkgdir().display().to_string();
         let script = format!(

@@ -54,6 +54,10 @@ pub struct BuildPlan {
     pub image: Option<String>,
     /// Run the build as this uid/gid (unprivileged) where the backend can.
     pub run_as: Option<(u32, u32)>,
+    /// A real-tree target's prepared build root (see [`crate::buildroot`]),
+    /// laid over the venv prefix by the bwrap backend; `None` for a toy
+    /// target or where the image carries it.
+    pub build_root: Option<PathBuf>,
 }
 
 impl BuildPlan {

@@ -21,7 +21,7 @@ static ENGINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Held for a whole docker test: the lock, and on drop (pass or panic) the
 /// removal of every container a test worker started.
-struct EngineGuard {
+pub(crate) struct EngineGuard {
     _lock: tokio::sync::MutexGuard<'static, ()>,
 }
 
@@ -33,7 +33,7 @@ impl Drop for EngineGuard {
     }
 }
 
-async fn engine() -> EngineGuard {
+pub(crate) async fn engine() -> EngineGuard {
     let lock = ENGINE.lock().await;
     let out = Command::new("docker").args(["version", "--format", "{{.Server.Version}}"]).output();
     match out {
@@ -56,7 +56,7 @@ fn managed_containers() -> Vec<String> {
 
 /// Waits (up to 30 s: `--rm` removal is the daemon's, after the client
 /// returned) until no pacloud container is left.
-async fn wait_no_containers() {
+pub(crate) async fn wait_no_containers() {
     let start = Instant::now();
     while !managed_containers().is_empty() {
         assert!(start.elapsed() < Duration::from_secs(30), "left behind: {:?}", managed_containers());
@@ -66,7 +66,7 @@ async fn wait_no_containers() {
 
 /// The stand-in builder image: PACLOUD_BUILDER_IMAGE, else the newest local
 /// image labelled `org.pacloud.builder=standin`.
-fn builder_image() -> String {
+pub(crate) fn builder_image() -> String {
     if let Some(image) = std::env::var("PACLOUD_BUILDER_IMAGE").ok().filter(|i| !i.is_empty()) {
         return image;
     }

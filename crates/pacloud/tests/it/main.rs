@@ -10,5 +10,7 @@ mod cli;
 mod docker;
 mod helpers;
 mod key_vectors;
+mod real_docker;
+mod realtree;
 mod sources;
 mod usekey;

@@ -33,6 +33,8 @@ fn subset_target() -> Target {
         builder: "host".into(),
         env: BTreeMap::new(),
         tree_index: true,
+        mirrors: Vec::new(),
+        build_root: None,
     };
     Target::new("subset".parse().unwrap(), spec).unwrap()
 }
