@@ -7,6 +7,7 @@
 //! Architecture invariant: every external program (bwrap, docker, emerge)
 //! is started from an argv list through [`runner`], never through a shell.
 
+pub mod closure;
 pub mod fetch;
 pub mod pkgcache;
 pub mod pkgindex;
