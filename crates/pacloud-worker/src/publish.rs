@@ -84,6 +84,8 @@ pub struct Seeded {
     pub index: PackageIndex,
     /// `PATH`s of its entries (never published again by this build).
     pub paths: HashSet<String>,
+    /// How many of its entries the build's own index shows.
+    pub visible: usize,
 }
 
 /// Writes the target's index and a sparse placeholder per entry into
@@ -141,6 +143,7 @@ pub async fn seed_selected(
         }
     };
     let pkgdir = pkgdir.to_owned();
+    let visible = entries.len();
     let paths = tokio::task::spawn_blocking(move || -> Result<HashSet<String>, PublishError> {
         let mut paths = HashSet::new();
         for e in &entries {
@@ -162,7 +165,7 @@ pub async fn seed_selected(
     })
     .await
     .map_err(|e| PublishError::Io { path: PathBuf::from("seed"), source: std::io::Error::other(e) })??;
-    Ok(Seeded { index, paths: paths_all.unwrap_or(paths) })
+    Ok(Seeded { index, paths: paths_all.unwrap_or(paths), visible })
 }
 
 /// Replaces the placeholders of the binaries the graph uses (`cpv`,

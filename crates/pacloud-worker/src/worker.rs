@@ -444,19 +444,30 @@ impl Worker {
                 .collect();
             (binaries.len() <= FAST_PATH_MAX_BINARIES).then_some(binaries)
         };
-        let (mut log_text, binaries) = match fast {
-            Some(binaries) => (
-                format!(
-                    ">>> pacloud: no fetch step: every source the graph can need is in the distfiles cache; \
-                     {} binary package(s) of its {} reachable name(s) materialised\n",
-                    binaries.len(),
-                    reach.names.len()
-                )
-                .into_bytes(),
-                binaries,
-            ),
+        let mut log_text = format!(
+            ">>> pacloud: the build sees {} of the {} entries of the target's index ({} reachable names)\n",
+            seeded.visible,
+            seeded.index.packages.len(),
+            reach.names.len()
+        )
+        .into_bytes();
+        let binaries = match fast {
+            Some(binaries) => {
+                log_text.extend(
+                    format!(
+                        ">>> pacloud: no fetch step (every source the graph can need is cached); \
+                         {} binary package(s) of reachable names materialised\n",
+                        binaries.len()
+                    )
+                    .into_bytes(),
+                );
+                binaries
+            }
             None => match self.fetch_step(job, &plan, owner, &repo, &distdir, cancel).await {
-                Ok(done) => done,
+                Ok((log, binaries)) => {
+                    log_text.extend(log);
+                    binaries
+                }
                 Err(FetchStep::Failed(result)) => return Ok(result),
                 Err(FetchStep::Infra(e)) => return Err(e),
             },

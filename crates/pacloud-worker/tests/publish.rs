@@ -179,6 +179,20 @@ async fn seeding_downloads_no_package_and_materializes_only_the_graph() {
     publish::materialize(&store, &cache, "t", &pkgdir2, &seeded2, &graph).await.unwrap();
     assert_eq!(store.package_gets.load(Ordering::SeqCst), 2, "the worker-local cache served them");
 
+    // Only the selected names: the build's index and placeholders hold them
+    // alone; the whole index is still what this build must not publish again.
+    let pkgdir3 = dir.path().join("build3");
+    std::fs::create_dir_all(&pkgdir3).unwrap();
+    let names = std::collections::BTreeSet::from(["app-misc/q3".to_owned(), "app-misc/q11".to_owned()]);
+    let seeded3 = publish::seed_selected(&store, "t", &pkgdir3, |_| Some(names)).await.unwrap();
+    let visible = pacloud_worker::pkgindex::parse(&std::fs::read_to_string(pkgdir3.join("Packages")).unwrap()).unwrap();
+    let cpvs: Vec<_> = visible.packages.iter().filter_map(|e| e.cpv()).collect();
+    assert_eq!(cpvs, ["app-misc/q11-1.0", "app-misc/q3-1.0"]);
+    assert_eq!((seeded3.visible, seeded3.paths.len(), seeded3.index.packages.len()), (2, 30, 30));
+    assert!(pkgdir3.join("app-misc/q3/q3-1.0-1.gpkg.tar").exists());
+    assert!(!pkgdir3.join("app-misc/q4").exists(), "no placeholder for a name not selected");
+    assert_eq!(store.package_gets.load(Ordering::SeqCst), 2, "seeding GETs no package");
+
     // A stored package that does not match the index is refused.
     std::fs::write(dir.path().join("store/t/app-misc/q9/q9-1.0-1.gpkg.tar"), vec![0u8; 4096]).unwrap();
     let bad = vec![("app-misc/q9-1.0".to_owned(), Some(1))];
