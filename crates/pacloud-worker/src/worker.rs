@@ -183,7 +183,15 @@ impl Worker {
             .map(|d| d.as_nanos() % 1_000_000_000)
             .unwrap_or(0);
         let Ok(path) = ArtifactPath::parse(&format!("{WORKER_BEATS_PREFIX}{}-{started}", self.name)) else { return };
+        let mut beats = 0u64;
         loop {
+            // At start and about hourly: remove beats of stopped or long-gone workers.
+            if beats % 360 == 0
+                && let Err(e) = prune_beats(&*self.artifacts, self.clock.now(), BEAT_RETENTION).await
+            {
+                tracing::warn!(error = &e as &dyn std::error::Error, "cannot prune old worker liveness beats");
+            }
+            beats += 1;
             let now = self.clock.now().0.to_string().into_bytes();
             if let Err(e) = self.artifacts.put_bytes(&path, now, "text/plain").await {
                 tracing::warn!(error = &e as &dyn std::error::Error, "cannot write the worker's liveness beat");
@@ -422,6 +430,16 @@ impl Worker {
             Some(reach.names.clone())
         })
         .await?;
+        // Sources another worker fetched: from the shared tier, verified.
+        if let Some(cache) = self.env.distfiles.as_ref().filter(|c| c.shared && reach.needs_fetch) {
+            let wanted = fetch::name_manifests(&repo, &reach.names);
+            let pulled = cache.pull(&*self.artifacts, &wanted).await?;
+            if !pulled.is_empty() {
+                tracing::info!(files = ?pulled, "distfiles pulled from the shared tier");
+                let cached = |f: &str| !f.contains('/') && cache.dir.join(f).is_file();
+                reach.needs_fetch = closure::reach(&repo, &seeded.index, &requested, &cached).needs_fetch;
+            }
+        }
         let distdir = plan.work_dir.join("distfiles");
         if let Some(cache) = &self.env.distfiles {
             cache.link_into(&distdir)?;
@@ -597,6 +615,9 @@ impl Worker {
             cache.touch(&expected.keys().cloned().collect::<Vec<_>>());
             if !admitted.is_empty() {
                 tracing::info!(files = ?admitted, "distfiles verified and cached");
+                if cache.shared {
+                    cache.push(&*self.artifacts, &admitted, &expected).await?;
+                }
             }
         }
         Ok((log_text, graph.binaries))
@@ -693,6 +714,12 @@ impl From<Infra> for FetchStep {
     }
 }
 
+impl From<fetch::DistfileError> for FetchStep {
+    fn from(e: fetch::DistfileError) -> Self {
+        FetchStep::Infra(e.into())
+    }
+}
+
 impl From<SandboxError> for FetchStep {
     fn from(e: SandboxError) -> Self {
         FetchStep::Infra(e.into())
@@ -702,6 +729,28 @@ impl From<SandboxError> for FetchStep {
 /// Binaries the no-fetch path materialises at most; beyond, the fetch
 /// step's merge list names exactly the ones the graph uses.
 const FAST_PATH_MAX_BINARIES: usize = 64;
+
+/// Beats older than this (or of stopped workers) are deleted.
+pub const BEAT_RETENTION: Duration = Duration::from_secs(3600);
+
+/// Deletes the liveness beats (`workers/<name>`) of stopped workers (`0`)
+/// and those older than `keep`; returns how many. Unreadable beats are left.
+pub async fn prune_beats(
+    artifacts: &dyn ArtifactStore,
+    now: pacloud_domain::Millis,
+    keep: Duration,
+) -> Result<usize, pacloud_domain::ports::ArtifactError> {
+    let mut removed = 0;
+    for p in artifacts.list(pacloud_domain::service::WORKER_BEATS_PREFIX).await? {
+        let Ok(bytes) = artifacts.get(&p).await else { continue };
+        let Ok(beat) = String::from_utf8_lossy(&bytes).trim().parse::<i64>() else { continue };
+        if beat <= 0 || now.0.saturating_sub(beat) > keep.as_millis() as i64 {
+            artifacts.delete(&p).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
 
 enum BuildResult {
     Built {
