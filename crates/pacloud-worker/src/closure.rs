@@ -58,8 +58,7 @@ fn plain_name(cat: &str, pn: &str) -> bool {
 /// or whole ebuilds. Operators, blockers, versions, slots and USE
 /// dependencies are stripped; tokens that cannot be a name are skipped.
 pub fn atom_names(text: &str, out: &mut BTreeSet<String>) {
-    let tokens =
-        text.split(|c: char| !(is_name_char(c) || matches!(c, '/' | '<' | '>' | '=' | '~' | '!' | '*')));
+    let tokens = text.split(|c: char| !(is_name_char(c) || matches!(c, '/' | '<' | '>' | '=' | '~' | '!' | '*')));
     for token in tokens {
         let t = token.trim_start_matches('!');
         let versioned = t.starts_with(['<', '>', '=', '~']);

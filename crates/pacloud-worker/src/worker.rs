@@ -586,7 +586,9 @@ impl Worker {
         let fetch_log = String::from_utf8_lossy(&log_text).into_owned();
         if fetched.timed_out {
             let reason = format!("the fetch step exceeded the wall-clock limit of {:?}", self.env.limits.wall_clock);
-            return Err(FetchStep::Failed(self.failed_early(job, owner, FailureClass::Timeout, reason, log_text).await?));
+            return Err(FetchStep::Failed(
+                self.failed_early(job, owner, FailureClass::Timeout, reason, log_text).await?,
+            ));
         }
         let graph = fetch::parse_merge_list(&fetch_log);
         let expected = fetch::graph_manifests(&repo, &graph.ebuilds);
@@ -598,12 +600,16 @@ impl Worker {
         if !fetched.succeeded() {
             let code = fetched.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "a signal".into());
             if let Some(why) = fetch::fetch_failure_reason(&fetch_log, &graph) {
-                return Err(FetchStep::Infra(Infra::Fetch(format!("fetching sources failed (emerge --fetchonly exited {code}): {why}"))));
+                return Err(FetchStep::Infra(Infra::Fetch(format!(
+                    "fetching sources failed (emerge --fetchonly exited {code}): {why}"
+                ))));
             }
             if graph.ebuilds.is_empty() && graph.binaries.is_empty() {
                 // Not even a merge list: the graph does not resolve.
                 let reason = format!("emerge --fetchonly {} exited with status {code}", job.spec.portage_atom());
-                return Err(FetchStep::Failed(self.failed_early(job, owner, FailureClass::Build, reason, log_text).await?));
+                return Err(FetchStep::Failed(
+                    self.failed_early(job, owner, FailureClass::Build, reason, log_text).await?,
+                ));
             }
             log_text.extend_from_slice(
                 b"\n>>> pacloud: binary packages are placeholders during the fetch step; \

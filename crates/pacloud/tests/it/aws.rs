@@ -314,9 +314,13 @@ async fn distfiles_shared_tier_in_s3_is_verified_before_upload_and_after_downloa
     let entry = |bytes: &[u8]| {
         use sha2::Digest;
         let sha512 = hex::encode(sha2::Sha512::digest(bytes));
-        ("app-misc/src".to_owned(), DistEntry { size: bytes.len() as u64, hashes: BTreeMap::from([("SHA512".into(), sha512)]) })
+        (
+            "app-misc/src".to_owned(),
+            DistEntry { size: bytes.len() as u64, hashes: BTreeMap::from([("SHA512".into(), sha512)]) },
+        )
     };
-    let wanted = BTreeMap::from([("src-1.0.txt".to_owned(), entry(b"hello\n")), ("bad-1.0.txt".to_owned(), entry(b"hello\n"))]);
+    let wanted =
+        BTreeMap::from([("src-1.0.txt".to_owned(), entry(b"hello\n")), ("bad-1.0.txt".to_owned(), entry(b"hello\n"))]);
     let cache = |name: &str| {
         let mut c = DistfilesCache::new(app.dir.path().join(name), Duration::from_secs(3600), 1 << 20).unwrap();
         c.shared = true;
@@ -334,7 +338,10 @@ async fn distfiles_shared_tier_in_s3_is_verified_before_upload_and_after_downloa
     assert!(e.contains("bad-1.0.txt") && e.contains("SHA512"), "{e}");
     assert!(store.head(&ArtifactPath::parse("distfiles/bad-1.0.txt").unwrap()).await.unwrap().is_none());
     // Worker B pulls the good one (verified); a corrupt object in the bucket is ignored.
-    store.put_bytes(&ArtifactPath::parse("distfiles/bad-1.0.txt").unwrap(), b"hellO\n".to_vec(), "text/plain").await.unwrap();
+    store
+        .put_bytes(&ArtifactPath::parse("distfiles/bad-1.0.txt").unwrap(), b"hellO\n".to_vec(), "text/plain")
+        .await
+        .unwrap();
     let b = cache("b");
     assert_eq!(b.pull(store, &wanted).await.unwrap(), vec!["src-1.0.txt"]);
     assert_eq!(std::fs::read(b.dir.join("src-1.0.txt")).unwrap(), b"hello\n");
