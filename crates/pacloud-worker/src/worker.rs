@@ -186,7 +186,7 @@ impl Worker {
         let mut beats = 0u64;
         loop {
             // At start and about hourly: remove beats of stopped or long-gone workers.
-            if beats % 360 == 0
+            if beats.is_multiple_of(360)
                 && let Err(e) = prune_beats(&*self.artifacts, self.clock.now(), BEAT_RETENTION).await
             {
                 tracing::warn!(error = &e as &dyn std::error::Error, "cannot prune old worker liveness beats");
@@ -591,10 +591,10 @@ impl Worker {
             ));
         }
         let graph = fetch::parse_merge_list(&fetch_log);
-        let expected = fetch::graph_manifests(&repo, &graph.ebuilds);
+        let expected = fetch::graph_manifests(repo, &graph.ebuilds);
         // Whatever the step did, the cache only takes verified files.
         let admitted = match &self.env.distfiles {
-            Some(cache) => cache.admit(&distdir, &expected),
+            Some(cache) => cache.admit(distdir, &expected),
             None => Ok(Vec::new()),
         };
         if !fetched.succeeded() {
