@@ -222,6 +222,12 @@ impl ArtifactStore for S3ArtifactStore {
         }
     }
 
+    async fn delete(&self, path: &ArtifactPath) -> Result<(), ArtifactError> {
+        // S3 answers 204 whether or not the key existed.
+        self.client.delete_object().bucket(&self.bucket).key(path.as_str()).send().await.map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn get(&self, path: &ArtifactPath) -> Result<Vec<u8>, ArtifactError> {
         let r = self.client.get_object().bucket(&self.bucket).key(path.as_str()).send().await;
         match r {

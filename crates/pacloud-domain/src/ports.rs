@@ -297,6 +297,9 @@ pub trait ArtifactStore: Send + Sync + 'static {
     async fn list(&self, prefix: &str) -> Result<Vec<ArtifactPath>, ArtifactError>;
     async fn head(&self, path: &ArtifactPath) -> Result<Option<StoredObject>, ArtifactError>;
     async fn get(&self, path: &ArtifactPath) -> Result<Vec<u8>, ArtifactError>;
+    /// Removes the object; an absent object is not an error. Only for
+    /// objects that are not packages (e.g. old worker liveness beats).
+    async fn delete(&self, path: &ArtifactPath) -> Result<(), ArtifactError>;
     /// A URL that lets anyone holding it GET the object until `expires_at`.
     async fn signed_url(&self, path: &ArtifactPath, now: Millis, ttl: Duration) -> Result<SignedUrl, ArtifactError>;
 }

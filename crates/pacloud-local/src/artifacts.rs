@@ -370,6 +370,14 @@ impl ArtifactStore for DirArtifactStore {
         }
     }
 
+    async fn delete(&self, path: &ArtifactPath) -> Result<(), ArtifactError> {
+        match tokio::fs::remove_file(self.file_path(path)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     async fn get(&self, path: &ArtifactPath) -> Result<Vec<u8>, ArtifactError> {
         match tokio::fs::read(self.file_path(path)).await {
             Ok(b) => Ok(b),

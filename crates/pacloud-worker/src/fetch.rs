@@ -12,8 +12,19 @@
 //! cache never keeps a corrupt or unexpected file whatever the step did.
 //! The build step then runs without network and reads the distfiles
 //! through those symlinks. The cache is pruned by age and total size.
+//!
+//! With [`DistfilesCache::shared`] (AWS workers) the local directory is
+//! the worker's cache in front of a tier in the artifact store
+//! (`distfiles/<name>`, the bucket on AWS) shared by every worker: before
+//! the fetch step, files the graph's Manifests list that are missing
+//! locally are pulled from it ([`DistfilesCache::pull`], verified against
+//! the Manifest after download, a bad copy ignored), and files the fetch
+//! step downloaded and the worker admitted are pushed to it
+//! ([`DistfilesCache::push`], verified again just before upload,
+//! create-if-absent).
 
-use std::collections::BTreeMap;
+use pacloud_domain::ports::{ArtifactError, ArtifactPath, ArtifactStore};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -211,6 +222,24 @@ pub struct DistfilesCache {
     pub max_age: Duration,
     /// Least recently used files are removed beyond this total.
     pub max_bytes: u64,
+    /// Backed by the shared tier in the artifact store (`distfiles/<name>`).
+    pub shared: bool,
+}
+
+/// The artifact-store prefix of the shared distfiles tier.
+pub const STORE_PREFIX: &str = "distfiles/";
+
+/// The `DIST` entries of the Manifests of the packages `names`
+/// (`category/pn`, all versions), by file name.
+pub fn name_manifests(repo: &Path, names: &BTreeSet<String>) -> BTreeMap<String, (String, DistEntry)> {
+    let mut out = BTreeMap::new();
+    for name in names {
+        let Ok(text) = std::fs::read_to_string(repo.join(name).join("Manifest")) else { continue };
+        for (file, entry) in parse_manifest(&text) {
+            out.insert(file, (name.clone(), entry));
+        }
+    }
+    out
 }
 
 fn is_plain_name(name: &str) -> bool {
@@ -220,7 +249,79 @@ fn is_plain_name(name: &str) -> bool {
 impl DistfilesCache {
     pub fn new(dir: PathBuf, max_age: Duration, max_bytes: u64) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        Ok(DistfilesCache { dir, max_age, max_bytes })
+        Ok(DistfilesCache { dir, max_age, max_bytes, shared: false })
+    }
+
+    /// Pulls every file of `wanted` that the local cache lacks from the
+    /// shared tier, verified against its Manifest entry before it enters
+    /// the local cache (a missing or bad copy is skipped: the fetch step
+    /// downloads it). Returns the names pulled.
+    pub async fn pull(
+        &self,
+        store: &dyn ArtifactStore,
+        wanted: &BTreeMap<String, (String, DistEntry)>,
+    ) -> Result<Vec<String>, DistfileError> {
+        let mut pulled = Vec::new();
+        for (name, (cpv, entry)) in wanted {
+            if !is_plain_name(name) || self.dir.join(name).is_file() {
+                continue;
+            }
+            let Ok(path) = ArtifactPath::parse(&format!("{STORE_PREFIX}{name}")) else { continue };
+            let bytes = match store.get(&path).await {
+                Ok(b) => b,
+                Err(ArtifactError::NotFound(_)) => continue,
+                Err(e) => {
+                    tracing::warn!(file = %name, error = &e as &dyn std::error::Error, "cannot read the shared distfiles tier");
+                    continue;
+                }
+            };
+            let tmp = self.dir.join(format!(".{name}.{}.pull", std::process::id()));
+            std::fs::write(&tmp, &bytes).map_err(io(&tmp))?;
+            match verify(&tmp, entry) {
+                Ok(()) => {
+                    let dest = self.dir.join(name);
+                    std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+                    pulled.push(name.clone());
+                }
+                Err(reason) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    tracing::warn!(file = %name, %reason, manifest = %cpv, "shared distfile does not match the Manifest; ignored");
+                }
+            }
+        }
+        Ok(pulled)
+    }
+
+    /// Uploads the cached files `names` to the shared tier (create-if-absent),
+    /// each verified against `wanted` again just before. Returns how many
+    /// were uploaded.
+    pub async fn push(
+        &self,
+        store: &dyn ArtifactStore,
+        names: &[String],
+        wanted: &BTreeMap<String, (String, DistEntry)>,
+    ) -> Result<usize, DistfileError> {
+        let mut n = 0;
+        for name in names {
+            let (Some((_, entry)), true) = (wanted.get(name), is_plain_name(name)) else { continue };
+            let file = self.dir.join(name);
+            if let Err(reason) = verify(&file, entry) {
+                return Err(DistfileError::Rejected { file: name.clone(), reason });
+            }
+            let Ok(path) = ArtifactPath::parse(&format!("{STORE_PREFIX}{name}")) else { continue };
+            let sha256 = {
+                let bytes = std::fs::read(&file).map_err(io(&file))?;
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
+            };
+            match store.put_file_if_absent(&path, &file, &sha256).await {
+                Ok(Some(_)) => n += 1,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(file = %name, error = &e as &dyn std::error::Error, "cannot upload to the shared distfiles tier")
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Symlinks every cached file into a build's DISTDIR (the cache itself is

@@ -8,6 +8,7 @@
 //! is started from an argv list through [`runner`], never through a shell.
 
 pub mod buildroot;
+pub mod closure;
 pub mod fetch;
 pub mod pkgcache;
 pub mod pkgindex;

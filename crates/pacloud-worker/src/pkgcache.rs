@@ -3,14 +3,20 @@
 //! their store paths so later builds on this worker do not GET them again
 //! (on AWS: no repeated S3 GETs). Every use is verified against the
 //! target's index (`SIZE`, `SHA1`); a file that does not match is dropped
-//! and fetched again. Bounded: after each insertion the least recently used
-//! files are removed until the cache fits `max_bytes`.
+//! and fetched again. Bounded: the bytes in use are counted (one scan of the
+//! directory when the cache is first used, then kept up to date on every
+//! insertion); when an insertion takes the count over `max_bytes`, the
+//! directory is scanned again (the truth on disk, whatever else removed or
+//! replaced files meanwhile) and the least recently used files are removed
+//! until it fits. The count never exceeds what the last scan found plus what
+//! was written since, so it is bounded by what is really on disk.
 //!
 //! Builds never see the cache: packages are *copied* into a build's PKGDIR
 //! (never hard-linked, so a build cannot change a cached file).
 
 use pacloud_domain::ports::{ArtifactPath, ArtifactStore};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::publish::{Expected, PublishError};
@@ -20,6 +26,8 @@ use crate::publish::{Expected, PublishError};
 pub struct PackageCache {
     dir: Option<PathBuf>,
     max_bytes: u64,
+    /// Bytes in use, once counted (shared by the clones of one cache).
+    used: Arc<Mutex<Option<u64>>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
@@ -50,7 +58,19 @@ impl PackageCache {
         if max_bytes == 0 {
             return PackageCache::disabled();
         }
-        PackageCache { dir: Some(dir), max_bytes }
+        PackageCache { dir: Some(dir), max_bytes, used: Arc::default() }
+    }
+
+    /// Bytes the cache holds (counted on first use, then kept up to date).
+    pub fn bytes_in_use(&self) -> Result<u64, PublishError> {
+        let Some(dir) = &self.dir else { return Ok(0) };
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = *used {
+            return Ok(n);
+        }
+        let n = scan(dir)?.iter().map(|f| f.1).sum();
+        *used = Some(n);
+        Ok(n)
     }
 
     /// Puts the package at `path` into `dest`, from the cache when a
@@ -77,27 +97,26 @@ impl PackageCache {
         let bytes = store.get(path).await?;
         expect.check(&bytes).map_err(|check| PublishError::Digest { path: path.to_string(), check })?;
         if let Some(c) = &cached {
+            self.bytes_in_use()?;
             write_atomic(c, &bytes)?;
-            self.evict()?;
+            let over = {
+                let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+                let n = used.unwrap_or(0).saturating_add(bytes.len() as u64);
+                *used = Some(n);
+                n > self.max_bytes
+            };
+            if over {
+                self.evict()?;
+            }
         }
         write_atomic(dest, &bytes)
     }
 
-    /// Removes least recently used files until the cache fits.
+    /// Scans the directory, removes least recently used files until the
+    /// cache fits and records the bytes left.
     fn evict(&self) -> Result<(), PublishError> {
         let Some(dir) = &self.dir else { return Ok(()) };
-        let mut files = Vec::new();
-        let mut stack = vec![dir.clone()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).map_err(io(&d))?.flatten() {
-                let Ok(m) = e.metadata() else { continue };
-                if m.is_dir() {
-                    stack.push(e.path());
-                } else if m.is_file() {
-                    files.push((m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), e.path()));
-                }
-            }
-        }
+        let mut files = scan(dir)?;
         let mut total: u64 = files.iter().map(|f| f.1).sum();
         files.sort();
         for (_, len, path) in files {
@@ -108,6 +127,29 @@ impl PackageCache {
                 total -= len;
             }
         }
+        *self.used.lock().unwrap_or_else(|e| e.into_inner()) = Some(total);
         Ok(())
     }
+}
+
+/// Every file under `dir`: modification time, length, path.
+fn scan(dir: &Path) -> Result<Vec<(SystemTime, u64, PathBuf)>, PublishError> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(PublishError::Io { path: d, source: e }),
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                files.push((m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), e.path()));
+            }
+        }
+    }
+    Ok(files)
 }

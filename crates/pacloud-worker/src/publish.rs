@@ -84,21 +84,66 @@ pub struct Seeded {
     pub index: PackageIndex,
     /// `PATH`s of its entries (never published again by this build).
     pub paths: HashSet<String>,
+    /// How many of its entries the build's own index shows.
+    pub visible: usize,
 }
 
 /// Writes the target's index and a sparse placeholder per entry into
 /// `pkgdir` (one GET, no package downloaded).
 pub async fn seed(store: &dyn ArtifactStore, target: &str, pkgdir: &Path) -> Result<Seeded, PublishError> {
+    seed_selected(store, target, pkgdir, |_| None).await
+}
+
+/// [`seed`], but the build's index and placeholders hold only the entries
+/// whose `category/pn` is in the set `select` returns for the target's index
+/// (`None`: all), e.g. the names the graph can reach
+/// ([`crate::closure::reach`]), so portage's cost follows the graph, not
+/// the store. [`Seeded::index`] and [`Seeded::paths`] still describe the
+/// whole index (what this build must never publish again).
+pub async fn seed_selected(
+    store: &dyn ArtifactStore,
+    target: &str,
+    pkgdir: &Path,
+    select: impl FnOnce(&PackageIndex) -> Option<BTreeSet<String>>,
+) -> Result<Seeded, PublishError> {
     let bytes = match store.get(&index_path(target)?).await {
         Ok(b) => b,
-        Err(ArtifactError::NotFound(_)) => return Ok(Seeded::default()),
+        Err(ArtifactError::NotFound(_)) => {
+            let _ = select(&PackageIndex::default());
+            return Ok(Seeded::default());
+        }
         Err(e) => return Err(e.into()),
     };
     let index = pkgindex::parse(&String::from_utf8_lossy(&bytes))?;
     let dest = pkgdir.join("Packages");
-    tokio::fs::write(&dest, &bytes).await.map_err(io(&dest))?;
+    let (entries, paths_all) = match select(&index) {
+        None => {
+            tokio::fs::write(&dest, &bytes).await.map_err(io(&dest))?;
+            (index.packages.clone(), None)
+        }
+        Some(names) => {
+            let keep = |e: &PackageEntry| {
+                e.cpv()
+                    .and_then(|c| pacloud_domain::grammar::parse_versioned_atom(c).ok())
+                    .is_some_and(|(atom, _)| names.contains(atom.to_string().as_str()))
+            };
+            let visible = PackageIndex {
+                header: index.header.clone(),
+                packages: index.packages.iter().filter(|e| keep(e)).cloned().collect(),
+            };
+            tokio::fs::write(&dest, visible.render()?).await.map_err(io(&dest))?;
+            let mut all = HashSet::new();
+            for e in &index.packages {
+                if let Some(rel) = e.path() {
+                    checked_rel_path("t", rel)?;
+                    all.insert(rel.to_owned());
+                }
+            }
+            (visible.packages, Some(all))
+        }
+    };
     let pkgdir = pkgdir.to_owned();
-    let entries = index.packages.clone();
+    let visible = entries.len();
     let paths = tokio::task::spawn_blocking(move || -> Result<HashSet<String>, PublishError> {
         let mut paths = HashSet::new();
         for e in &entries {
@@ -120,7 +165,7 @@ pub async fn seed(store: &dyn ArtifactStore, target: &str, pkgdir: &Path) -> Res
     })
     .await
     .map_err(|e| PublishError::Io { path: PathBuf::from("seed"), source: std::io::Error::other(e) })??;
-    Ok(Seeded { index, paths })
+    Ok(Seeded { index, paths: paths_all.unwrap_or(paths), visible })
 }
 
 /// Replaces the placeholders of the binaries the graph uses (`cpv`,

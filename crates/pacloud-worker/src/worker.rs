@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+use crate::closure;
 use crate::fetch;
 use crate::plan::{self, BuildEnv};
 use crate::publish;
@@ -216,7 +217,15 @@ impl Worker {
             .map(|d| d.as_nanos() % 1_000_000_000)
             .unwrap_or(0);
         let Ok(path) = ArtifactPath::parse(&format!("{WORKER_BEATS_PREFIX}{}-{started}", self.name)) else { return };
+        let mut beats = 0u64;
         loop {
+            // At start and about hourly: remove beats of stopped or long-gone workers.
+            if beats.is_multiple_of(360)
+                && let Err(e) = prune_beats(&*self.artifacts, self.clock.now(), BEAT_RETENTION).await
+            {
+                tracing::warn!(error = &e as &dyn std::error::Error, "cannot prune old worker liveness beats");
+            }
+            beats += 1;
             let now = self.clock.now().0.to_string().into_bytes();
             if let Err(e) = self.artifacts.put_bytes(&path, now, "text/plain").await {
                 tracing::warn!(error = &e as &dyn std::error::Error, "cannot write the worker's liveness beat");
@@ -445,52 +454,78 @@ impl Worker {
     ) -> Result<BuildResult, Infra> {
         let plan = plan::prepare(&self.env, job, target, owner)?;
         let target_name = target.name.as_str();
-        // Seeding: the target's index and sparse placeholders (one GET).
-        let seeded = publish::seed(&*self.artifacts, target_name, &plan.pkgdir()).await?;
+        // Seeding: the target's index (one GET), of which the build sees only
+        // the entries (and sparse placeholders) of the names its graph can reach.
+        let repo = self.env.repos.get(&target.spec.repository).cloned().unwrap_or_default();
+        let requested = job.spec.atom.to_string();
+        let cache_dir = self.env.distfiles.as_ref().map(|c| c.dir.clone());
+        let mut reach = closure::Reach::default();
+        let seeded = publish::seed_selected(&*self.artifacts, target_name, &plan.pkgdir(), |index| {
+            let cached = |f: &str| !f.contains('/') && cache_dir.as_ref().is_some_and(|d| d.join(f).is_file());
+            reach = closure::reach(&repo, index, &requested, &cached);
+            Some(reach.names.clone())
+        })
+        .await?;
+        // Sources another worker fetched: from the shared tier, verified.
+        if let Some(cache) = self.env.distfiles.as_ref().filter(|c| c.shared && reach.needs_fetch) {
+            let wanted = fetch::name_manifests(&repo, &reach.names);
+            let pulled = cache.pull(&*self.artifacts, &wanted).await?;
+            if !pulled.is_empty() {
+                tracing::info!(files = ?pulled, "distfiles pulled from the shared tier");
+                let cached = |f: &str| !f.contains('/') && cache.dir.join(f).is_file();
+                reach.needs_fetch = closure::reach(&repo, &seeded.index, &requested, &cached).needs_fetch;
+            }
+        }
         let distdir = plan.work_dir.join("distfiles");
         if let Some(cache) = &self.env.distfiles {
             cache.link_into(&distdir)?;
         }
-        // The fetch step: network on, sources downloaded, nothing built; its
-        // merge list names the binaries the graph uses.
-        let fetch = plan::fetch_plan(&plan);
-        let fetched = self.sandbox.run(&fetch, cancel.clone()).await?;
-        let mut log_text = tokio::fs::read(&fetched.log).await.unwrap_or_default();
-        let fetch_log = String::from_utf8_lossy(&log_text).into_owned();
-        if fetched.timed_out {
-            let reason = format!("the fetch step exceeded the wall-clock limit of {:?}", self.env.limits.wall_clock);
-            return self.failed_early(job, owner, FailureClass::Timeout, reason, log_text).await;
-        }
-        let graph = fetch::parse_merge_list(&fetch_log);
-        let repo = self.env.repos.get(&target.spec.repository).cloned().unwrap_or_default();
-        let expected = fetch::graph_manifests(&repo, &graph.ebuilds);
-        // Whatever the step did, the cache only takes verified files.
-        let admitted = match &self.env.distfiles {
-            Some(cache) => cache.admit(&distdir, &expected),
-            None => Ok(Vec::new()),
+        // Nothing to download: no fetch step; every binary of a reached name
+        // is materialised instead of the fetch step's exact list (bounded).
+        let fast = if reach.needs_fetch {
+            None
+        } else {
+            let binaries: Vec<(String, Option<u64>)> = seeded
+                .index
+                .packages
+                .iter()
+                .filter_map(|e| {
+                    let cpv = e.cpv()?;
+                    let (atom, _) = parse_versioned_atom(cpv).ok()?;
+                    let name = atom.to_string();
+                    (name != requested && reach.names.contains(&name)).then(|| (cpv.to_owned(), e.build_id()))
+                })
+                .collect();
+            (binaries.len() <= FAST_PATH_MAX_BINARIES).then_some(binaries)
         };
-        if !fetched.succeeded() {
-            let code = fetched.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "a signal".into());
-            if let Some(why) = fetch::fetch_failure_reason(&fetch_log, &graph) {
-                return Err(Infra::Fetch(format!("fetching sources failed (emerge --fetchonly exited {code}): {why}")));
+        let mut log_text = format!(
+            ">>> pacloud: the build sees {} of the {} entries of the target's index ({} reachable names)\n",
+            seeded.visible,
+            seeded.index.packages.len(),
+            reach.names.len()
+        )
+        .into_bytes();
+        let binaries = match fast {
+            Some(binaries) => {
+                log_text.extend(
+                    format!(
+                        ">>> pacloud: no fetch step (every source the graph can need is cached); \
+                         {} binary package(s) of reachable names materialised\n",
+                        binaries.len()
+                    )
+                    .into_bytes(),
+                );
+                binaries
             }
-            if graph.ebuilds.is_empty() && graph.binaries.is_empty() {
-                // Not even a merge list: the graph does not resolve.
-                let reason = format!("emerge --fetchonly {} exited with status {code}", job.spec.portage_atom());
-                return self.failed_early(job, owner, FailureClass::Build, reason, log_text).await;
-            }
-            log_text.extend_from_slice(
-                b"\n>>> pacloud: binary packages are placeholders during the fetch step; \
-                  their digest messages above are expected (the real files are verified next)\n",
-            );
-        }
-        let admitted = admitted.map_err(|e| Infra::Fetch(format!("fetched sources refused: {e}")))?;
-        if let Some(cache) = &self.env.distfiles {
-            cache.touch(&expected.keys().cloned().collect::<Vec<_>>());
-            if !admitted.is_empty() {
-                tracing::info!(files = ?admitted, "distfiles verified and cached");
-            }
-        }
+            None => match self.fetch_step(job, &plan, owner, &repo, &distdir, cancel).await {
+                Ok((log, binaries)) => {
+                    log_text.extend(log);
+                    binaries
+                }
+                Err(FetchStep::Failed(result)) => return Ok(result),
+                Err(FetchStep::Infra(e)) => return Err(e),
+            },
+        };
         // Only the binaries the graph uses are fetched (verified) over their placeholders.
         publish::materialize(
             &*self.artifacts,
@@ -498,7 +533,7 @@ impl Worker {
             target_name,
             &plan.pkgdir(),
             &seeded,
-            &graph.binaries,
+            &binaries,
         )
         .await?;
         let outcome = self.sandbox.run(&plan, cancel.clone()).await?;
@@ -564,6 +599,70 @@ impl Worker {
         };
         let deps = published.into_iter().filter(|p| p.cpv != cpv).collect();
         Ok(BuildResult::Built { artifact, deps })
+    }
+
+    /// The fetch step: network on, sources downloaded into the build's
+    /// DISTDIR and admitted to the shared cache only when they match the
+    /// graph's Manifests, nothing built. Returns its log and the binaries
+    /// its merge list uses.
+    async fn fetch_step(
+        &self,
+        job: &Job,
+        plan: &crate::sandbox::BuildPlan,
+        owner: &str,
+        repo: &std::path::Path,
+        distdir: &std::path::Path,
+        cancel: &CancellationToken,
+    ) -> Result<(Vec<u8>, Vec<(String, Option<u64>)>), FetchStep> {
+        // The fetch step: network on, sources downloaded, nothing built; its
+        // merge list names the binaries the graph uses.
+        let fetch = plan::fetch_plan(plan);
+        let fetched = self.sandbox.run(&fetch, cancel.clone()).await?;
+        let mut log_text = tokio::fs::read(&fetched.log).await.unwrap_or_default();
+        let fetch_log = String::from_utf8_lossy(&log_text).into_owned();
+        if fetched.timed_out {
+            let reason = format!("the fetch step exceeded the wall-clock limit of {:?}", self.env.limits.wall_clock);
+            return Err(FetchStep::Failed(
+                self.failed_early(job, owner, FailureClass::Timeout, reason, log_text).await?,
+            ));
+        }
+        let graph = fetch::parse_merge_list(&fetch_log);
+        let expected = fetch::graph_manifests(repo, &graph.ebuilds);
+        // Whatever the step did, the cache only takes verified files.
+        let admitted = match &self.env.distfiles {
+            Some(cache) => cache.admit(distdir, &expected),
+            None => Ok(Vec::new()),
+        };
+        if !fetched.succeeded() {
+            let code = fetched.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "a signal".into());
+            if let Some(why) = fetch::fetch_failure_reason(&fetch_log, &graph) {
+                return Err(FetchStep::Infra(Infra::Fetch(format!(
+                    "fetching sources failed (emerge --fetchonly exited {code}): {why}"
+                ))));
+            }
+            if graph.ebuilds.is_empty() && graph.binaries.is_empty() {
+                // Not even a merge list: the graph does not resolve.
+                let reason = format!("emerge --fetchonly {} exited with status {code}", job.spec.portage_atom());
+                return Err(FetchStep::Failed(
+                    self.failed_early(job, owner, FailureClass::Build, reason, log_text).await?,
+                ));
+            }
+            log_text.extend_from_slice(
+                b"\n>>> pacloud: binary packages are placeholders during the fetch step; \
+                  their digest messages above are expected (the real files are verified next)\n",
+            );
+        }
+        let admitted = admitted.map_err(|e| Infra::Fetch(format!("fetched sources refused: {e}")))?;
+        if let Some(cache) = &self.env.distfiles {
+            cache.touch(&expected.keys().cloned().collect::<Vec<_>>());
+            if !admitted.is_empty() {
+                tracing::info!(files = ?admitted, "distfiles verified and cached");
+                if cache.shared {
+                    cache.push(&*self.artifacts, &admitted, &expected).await?;
+                }
+            }
+        }
+        Ok((log_text, graph.binaries))
     }
 
     /// A failure before the build step: stores the log so far.
@@ -643,6 +742,56 @@ impl Worker {
             }
         }
     }
+}
+
+/// How the fetch step ended a build early.
+enum FetchStep {
+    Failed(BuildResult),
+    Infra(Infra),
+}
+
+impl From<Infra> for FetchStep {
+    fn from(e: Infra) -> Self {
+        FetchStep::Infra(e)
+    }
+}
+
+impl From<fetch::DistfileError> for FetchStep {
+    fn from(e: fetch::DistfileError) -> Self {
+        FetchStep::Infra(e.into())
+    }
+}
+
+impl From<SandboxError> for FetchStep {
+    fn from(e: SandboxError) -> Self {
+        FetchStep::Infra(e.into())
+    }
+}
+
+/// Binaries the no-fetch path materialises at most; beyond, the fetch
+/// step's merge list names exactly the ones the graph uses.
+const FAST_PATH_MAX_BINARIES: usize = 64;
+
+/// Beats older than this (or of stopped workers) are deleted.
+pub const BEAT_RETENTION: Duration = Duration::from_secs(3600);
+
+/// Deletes the liveness beats (`workers/<name>`) of stopped workers (`0`)
+/// and those older than `keep`; returns how many. Unreadable beats are left.
+pub async fn prune_beats(
+    artifacts: &dyn ArtifactStore,
+    now: pacloud_domain::Millis,
+    keep: Duration,
+) -> Result<usize, pacloud_domain::ports::ArtifactError> {
+    let mut removed = 0;
+    for p in artifacts.list(pacloud_domain::service::WORKER_BEATS_PREFIX).await? {
+        let Ok(bytes) = artifacts.get(&p).await else { continue };
+        let Ok(beat) = String::from_utf8_lossy(&bytes).trim().parse::<i64>() else { continue };
+        if beat <= 0 || now.0.saturating_sub(beat) > keep.as_millis() as i64 {
+            artifacts.delete(&p).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 enum BuildResult {

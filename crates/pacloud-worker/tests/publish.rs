@@ -56,6 +56,9 @@ impl ArtifactStore for Counting {
     async fn list(&self, prefix: &str) -> Result<Vec<ArtifactPath>, ArtifactError> {
         self.inner.list(prefix).await
     }
+    async fn delete(&self, p: &ArtifactPath) -> Result<(), ArtifactError> {
+        self.inner.delete(p).await
+    }
     async fn head(&self, p: &ArtifactPath) -> Result<Option<StoredObject>, ArtifactError> {
         self.inner.head(p).await
     }
@@ -178,6 +181,29 @@ async fn seeding_downloads_no_package_and_materializes_only_the_graph() {
     let seeded2 = publish::seed(&store, "t", &pkgdir2).await.unwrap();
     publish::materialize(&store, &cache, "t", &pkgdir2, &seeded2, &graph).await.unwrap();
     assert_eq!(store.package_gets.load(Ordering::SeqCst), 2, "the worker-local cache served them");
+    assert_eq!(cache.bytes_in_use().unwrap(), 2 * 4096);
+    // A new cache over the same directory counts what is on disk; one too
+    // small for both keeps the newest only.
+    assert_eq!(PackageCache::new(dir.path().join("cache"), 1 << 20).bytes_in_use().unwrap(), 2 * 4096);
+    let small = PackageCache::new(dir.path().join("small"), 6000);
+    publish::materialize(&store, &small, "t", &pkgdir2, &seeded2, &graph).await.unwrap();
+    assert_eq!(small.bytes_in_use().unwrap(), 4096, "bounded: the least recently used package was evicted");
+    let on_disk: u64 = walk(&dir.path().join("small")).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+    assert_eq!(on_disk, 4096);
+
+    // Only the selected names: the build's index and placeholders hold them
+    // alone; the whole index is still what this build must not publish again.
+    let pkgdir3 = dir.path().join("build3");
+    std::fs::create_dir_all(&pkgdir3).unwrap();
+    let names = std::collections::BTreeSet::from(["app-misc/q3".to_owned(), "app-misc/q11".to_owned()]);
+    let seeded3 = publish::seed_selected(&store, "t", &pkgdir3, |_| Some(names)).await.unwrap();
+    let visible = pacloud_worker::pkgindex::parse(&std::fs::read_to_string(pkgdir3.join("Packages")).unwrap()).unwrap();
+    let cpvs: Vec<_> = visible.packages.iter().filter_map(|e| e.cpv()).collect();
+    assert_eq!(cpvs, ["app-misc/q11-1.0", "app-misc/q3-1.0"]);
+    assert_eq!((seeded3.visible, seeded3.paths.len(), seeded3.index.packages.len()), (2, 30, 30));
+    assert!(pkgdir3.join("app-misc/q3/q3-1.0-1.gpkg.tar").exists());
+    assert!(!pkgdir3.join("app-misc/q4").exists(), "no placeholder for a name not selected");
+    assert_eq!(store.package_gets.load(Ordering::SeqCst), 4, "seeding GETs no package");
 
     // A stored package that does not match the index is refused.
     std::fs::write(dir.path().join("store/t/app-misc/q9/q9-1.0-1.gpkg.tar"), vec![0u8; 4096]).unwrap();
@@ -189,4 +215,32 @@ async fn seeding_downloads_no_package_and_materializes_only_the_graph() {
         publish::materialize(&store, &cache, "t", &pkgdir, &seeded, &missing).await,
         Err(publish::PublishError::NotInIndex(_))
     ));
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_and_stopped_worker_beats_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let now = pacloud_domain::Millis(10_000_000);
+    for (name, beat) in [("fresh", 9_990_000i64), ("stopped", 0), ("old", 10_000_000 - 3_600_001)] {
+        let p = ArtifactPath::parse(&format!("workers/{name}")).unwrap();
+        store.put_bytes(&p, beat.to_string().into_bytes(), "text/plain").await.unwrap();
+    }
+    let removed = pacloud_worker::worker::prune_beats(&store, now, Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(removed, 2);
+    let left: Vec<_> = store.list("workers/").await.unwrap().iter().map(|p| p.to_string()).collect();
+    assert_eq!(left, ["workers/fresh"]);
 }

@@ -60,10 +60,15 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> anyhow::Re
     // Packages come from S3: a worker-local cache saves repeated GETs.
     settings.build.package_cache_bytes.get_or_insert(10 << 30);
     let settings = &settings;
-    let backend = match detect(settings).await {
+    let mut backend = match detect(settings).await {
         Detected::Ready(b) => b,
         Detected::Unavailable(why) => anyhow::bail!("no build backend: {why}"),
     };
+    // Sources are shared by every worker through the bucket (`distfiles/`);
+    // the local directory is this worker's cache in front of it.
+    if let Some(d) = backend.env.distfiles.as_mut() {
+        d.shared = true;
+    }
     tracing::info!(queue = %config.queue_url, table = %config.table, bucket = %config.bucket, "pacloud worker on AWS: {}", backend.description);
     let signer = match (&settings.aws.signing_key_id, settings.sign_packages) {
         (Some(key_id), true) => {

@@ -63,7 +63,8 @@ fn settings(dir: &Path) -> anyhow::Result<Settings> {
         .replace("@WORKSPACE@", &ws.display().to_string());
     let toml = format!(
         "{fixtures}\n[build]\nbackend = \"bwrap\"\nworkers = 1\nportage_venv = \"{}\"\n",
-        ws.join(".venv").display()
+        // Canonical: a symlinked venv cannot be a bwrap mount point.
+        ws.join(".venv").canonicalize()?.display()
     );
     let file = dir.join("bench.toml");
     std::fs::write(&file, toml)?;

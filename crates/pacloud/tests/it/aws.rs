@@ -303,3 +303,50 @@ async fn a_resume_that_finds_the_lease_taken_publishes_nothing() {
     assert!(app.ports.artifacts.list("fixtures/app-misc/slow/").await.unwrap().is_empty(), "nothing published");
     workers.abort_now();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distfiles_shared_tier_in_s3_is_verified_before_upload_and_after_download() {
+    use pacloud_domain::ports::ArtifactPath;
+    use pacloud_worker::fetch::{DistEntry, DistfilesCache};
+    use std::collections::BTreeMap;
+    let app = spawn_aws("dist", 5).await;
+    let store = &app.ports.artifacts;
+    let entry = |bytes: &[u8]| {
+        use sha2::Digest;
+        let sha512 = hex::encode(sha2::Sha512::digest(bytes));
+        (
+            "app-misc/src".to_owned(),
+            DistEntry { size: bytes.len() as u64, hashes: BTreeMap::from([("SHA512".into(), sha512)]) },
+        )
+    };
+    let wanted =
+        BTreeMap::from([("src-1.0.txt".to_owned(), entry(b"hello\n")), ("bad-1.0.txt".to_owned(), entry(b"hello\n"))]);
+    let cache = |name: &str| {
+        let mut c = DistfilesCache::new(app.dir.path().join(name), Duration::from_secs(3600), 1 << 20).unwrap();
+        c.shared = true;
+        c
+    };
+    // Worker A admitted src-1.0.txt: it goes to S3 under distfiles/.
+    let a = cache("a");
+    std::fs::write(a.dir.join("src-1.0.txt"), b"hello\n").unwrap();
+    assert_eq!(a.push(store, &["src-1.0.txt".to_owned()], &wanted).await.unwrap(), 1);
+    let key = ArtifactPath::parse("distfiles/src-1.0.txt").unwrap();
+    assert_eq!(store.get(&key).await.unwrap(), b"hello\n", "in the bucket");
+    // A file that does not match its Manifest entry is never uploaded.
+    std::fs::write(a.dir.join("bad-1.0.txt"), b"hellO\n").unwrap();
+    let e = a.push(store, &["bad-1.0.txt".to_owned()], &wanted).await.unwrap_err().to_string();
+    assert!(e.contains("bad-1.0.txt") && e.contains("SHA512"), "{e}");
+    assert!(store.head(&ArtifactPath::parse("distfiles/bad-1.0.txt").unwrap()).await.unwrap().is_none());
+    // Worker B pulls the good one (verified); a corrupt object in the bucket is ignored.
+    store
+        .put_bytes(&ArtifactPath::parse("distfiles/bad-1.0.txt").unwrap(), b"hellO\n".to_vec(), "text/plain")
+        .await
+        .unwrap();
+    let b = cache("b");
+    assert_eq!(b.pull(store, &wanted).await.unwrap(), vec!["src-1.0.txt"]);
+    assert_eq!(std::fs::read(b.dir.join("src-1.0.txt")).unwrap(), b"hello\n");
+    assert!(!b.dir.join("bad-1.0.txt").exists(), "the local cache keeps no corrupt file");
+    assert_eq!(std::fs::read_dir(&b.dir).unwrap().count(), 1, "no temporary file left");
+    // Already cached locally: no second pull.
+    assert!(b.pull(store, &wanted).await.unwrap().is_empty());
+}

@@ -112,9 +112,19 @@ async fn published_dependencies_are_reused_not_rebuilt() {
     let app = spawn_builder().await;
     let (dep_key, dep) = app.build(&req("dev-libs/libfoo", "1.0", &[])).await;
     assert_eq!(dep["status"], "ready");
+    // Three packages no graph here can reach: the next build's index leaves them out.
+    let root = app.dir.path().join("data/artifacts/fixtures");
+    let fillers: Vec<_> =
+        (0..3).map(|i| pacloud_worker::testkit::package(&root, &format!("filler{i}"), 1, 4096).unwrap()).collect();
+    let header = pacloud_worker::testkit::header();
+    pacloud_worker::publish::update_index(&*app.app.artifacts, "fixtures", &header, fillers, 1_800_000_000)
+        .await
+        .unwrap();
     let (key, built) = app.build(&req("app-misc/uses-libfoo", "1.0", &[])).await;
     assert_eq!(built["status"], "ready", "{built}");
     let log = app.logs(&key).concat();
+    assert!(log.contains("the build sees 1 of the 4 entries of the target's index"), "{log}");
+    assert!(log.contains("no fetch step") && log.contains("1 binary package(s)"), "{log}");
     assert!(log.contains(">>> Emerging binary (1 of 2) dev-libs/libfoo-1.0"), "libfoo came from the cache:\n{log}");
     assert!(!log.contains(">>> Emerging (1 of 2) dev-libs/libfoo-1.0"), "libfoo was compiled again:\n{log}");
     assert_eq!(log.matches(">>> Compiling source").count(), 1, "exactly one compile (uses-libfoo itself)");

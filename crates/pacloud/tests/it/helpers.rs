@@ -237,7 +237,9 @@ pub fn use_fixtures(s: &mut Settings) {
     let f = Settings::load(Some(&file), |_| None).expect("fixture settings");
     s.targets = f.targets;
     s.build.repositories = f.build.repositories;
-    s.build.portage_venv = Some(workspace().join(".venv"));
+    // Canonical: a symlinked venv cannot be a bwrap mount point.
+    let venv = workspace().join(".venv");
+    s.build.portage_venv = Some(venv.canonicalize().unwrap_or(venv));
     s.build.backend = pacloud::settings::BackendChoice::Bwrap;
     s.build.workers = 2;
     s.build.poll_wait = Duration::from_millis(500);
