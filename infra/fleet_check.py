@@ -125,7 +125,10 @@ for key, (name, arch) in FAMILIES.items():
           and env.get("PACLOUD_AWS_TABLE") == outputs["TableName"] and env.get("PACLOUD_AWS_BUCKET") == outputs["BucketName"]
           and env.get("PACLOUD_AWS_DLQ_URL") == outputs["DeadLetterQueueUrl"],
           f"{name}: user data writes /etc/pacloud/worker.env with this stack's queue, table and bucket")
+    check(env.get("PACLOUD_AWS_SIGNING_KEY_ID") == outputs["BinhostSigningKeyArn"],
+          f"{name}: workers sign with this stack's KMS key (they refuse to start without one)")
     unknown = set(env) - {"PACLOUD_AWS_TABLE", "PACLOUD_AWS_QUEUE_URL", "PACLOUD_AWS_DLQ_URL", "PACLOUD_AWS_BUCKET",
+                          "PACLOUD_AWS_SIGNING_KEY_ID",
                           "PACLOUD_AWS_REGION", "PACLOUD_URL_TTL_SECS", "PACLOUD_MAX_RECEIVES", "PACLOUD_WORKERS"}
     check(not unknown, f"{name}: user data sets only settings the worker reads (unknown: {sorted(unknown)})")
 

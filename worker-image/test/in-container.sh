@@ -71,10 +71,17 @@ start() { # $1 = label; the env file's contents come on stdin
 start none </dev/null
 printf 'PACLOUD_AWS_TABLE=builds\n' | start table_only
 printf 'PACLOUD_AWS_TABLE=builds\nPACLOUD_AWS_QUEUE_URL=http://127.0.0.1:9/q\n' | start no_bucket
-env_all() {
+env_queue_table_bucket() {
   printf '%s\n' PACLOUD_AWS_TABLE=builds PACLOUD_AWS_QUEUE_URL=http://127.0.0.1:9/q PACLOUD_AWS_BUCKET=b \
     PACLOUD_AWS_ENDPOINT_URL=http://127.0.0.1:9 PACLOUD_AWS_REGION=us-east-1 \
     AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_EC2_METADATA_DISABLED=true
+}
+# No signing key (and signing not turned off): the worker refuses to start
+# rather than publish unsigned packages. The later cases carry a key id.
+env_queue_table_bucket | start no_signing_key
+env_all() {
+  env_queue_table_bucket
+  printf '%s\n' PACLOUD_AWS_SIGNING_KEY_ID=alias/pacloud-test
 }
 # Everything set and the image step's builder image (an empty rootfs) in
 # pacloud.toml: the worker refuses because that image has no portage.

@@ -46,6 +46,10 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("a backend is unavailable; try again shortly")]
     Unavailable(#[source] ServiceError),
+    /// The published binhost signing key cannot be read (the artifact
+    /// store failed, or the stored object is unusable).
+    #[error("the binhost signing key is unavailable; try again shortly")]
+    KeyUnavailable(#[source] crate::KeyLookupError),
     #[error("internal error")]
     Internal(#[source] ServiceError),
 }
@@ -66,7 +70,9 @@ impl ApiError {
             ApiError::UnknownTarget(_) | ApiError::NotFound(_) | ApiError::NotInTree(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Unavailable(_) | ApiError::TreeIndexPending(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::TreeIndexPending(_) | ApiError::KeyUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -119,7 +125,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => {
                 json!({"error": "method_not_allowed", "message": self.to_string()})
             }
-            ApiError::Unavailable(_) => {
+            ApiError::Unavailable(_) | ApiError::KeyUnavailable(_) => {
                 json!({"error": "unavailable", "message": self.to_string()})
             }
             ApiError::Internal(_) => json!({"error": "internal", "message": self.to_string()}),

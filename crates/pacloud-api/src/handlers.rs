@@ -15,7 +15,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use crate::auth::Credentials;
 use crate::error::ApiError;
-use crate::{ApiState, MAX_BODY_BYTES, OPENAPI_JSON};
+use crate::{ApiState, KeyLookupError, MAX_BODY_BYTES, OPENAPI_JSON};
 
 fn rfc3339(ms: pacloud_domain::Millis) -> String {
     let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms.0).unwrap_or(0));
@@ -293,19 +293,30 @@ pub async fn targets(State(state): State<Arc<ApiState>>) -> Response {
             })
         })
         .collect();
-    let signing_key = state
-        .binhost_key
-        .as_ref()
-        .map(|k| json!({"fingerprint": k.fingerprint, "url": format!("{}/v1/signing-key.asc", state.base_path)}));
+    let signing_key = match state.binhost_key.get().await {
+        Ok(k) => Some(json!({"fingerprint": k.fingerprint, "url": format!("{}/v1/signing-key.asc", state.base_path)})),
+        Err(KeyLookupError::Unsigned | KeyLookupError::NotYetPublished) => None,
+        Err(e) => {
+            // The targets are still worth answering; the key route says why.
+            tracing::warn!(error = &e as &dyn std::error::Error, "binhost signing key unavailable");
+            None
+        }
+    };
     Json(json!({"default": set.default_name(), "targets": list, "signing_key": signing_key})).into_response()
 }
 
 /// `GET /v1/signing-key.asc`: the armored public key binhost packages are
 /// signed with (`application/pgp-keys`).
 pub async fn signing_key(State(state): State<Arc<ApiState>>) -> Response {
-    match &state.binhost_key {
-        Some(k) => ([(header::CONTENT_TYPE, "application/pgp-keys")], k.armored.clone()).into_response(),
-        None => ApiError::NotFound("this service publishes unsigned packages: no signing key".into()).into_response(),
+    match state.binhost_key.get().await {
+        Ok(k) => ([(header::CONTENT_TYPE, "application/pgp-keys")], k.armored).into_response(),
+        Err(e @ (KeyLookupError::Unsigned | KeyLookupError::NotYetPublished)) => {
+            ApiError::NotFound(e.to_string()).into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = &e as &dyn std::error::Error, "binhost signing key unavailable");
+            ApiError::KeyUnavailable(e).into_response()
+        }
     }
 }
 

@@ -11,6 +11,7 @@ mod handlers;
 
 use axum::Router;
 use axum::routing::{get, post};
+use pacloud_domain::ports::ArtifactStore;
 use pacloud_domain::service::BuildService;
 use std::sync::Arc;
 
@@ -30,9 +31,61 @@ pub struct ApiState {
     /// Prefix of every link the API returns (e.g. an API Gateway stage
     /// `/prod`); empty when the API is served at the root.
     pub base_path: String,
-    /// The binhost signing key clients import (`GET /v1/signing-key.asc`);
-    /// `None` when packages are published unsigned.
-    pub binhost_key: Option<PublicKeyInfo>,
+    /// The binhost signing key clients import (`GET /v1/signing-key.asc`).
+    pub binhost_key: BinhostKey,
+}
+
+/// Where the API finds the binhost signing key's certificate.
+pub enum BinhostKey {
+    /// Packages are published unsigned: no key.
+    Unsigned,
+    /// Known at startup (local mode: the key in the data directory).
+    Fixed(PublicKeyInfo),
+    /// Published in the artifact store by the workers
+    /// ([`pacloud_domain::published_key`]; AWS, where the key is in KMS):
+    /// read on first use, then kept for the life of the process. Until a
+    /// worker has published it, the key route answers 404.
+    Published { store: Arc<dyn ArtifactStore>, cached: std::sync::OnceLock<PublicKeyInfo> },
+}
+
+/// Why the published key cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyLookupError {
+    #[error("this service publishes unsigned packages: no signing key")]
+    Unsigned,
+    #[error("no worker has published the signing key yet ({})", pacloud_domain::published_key::PUBLISHED_KEY_PATH)]
+    NotYetPublished,
+    #[error(transparent)]
+    Bad(#[from] pacloud_domain::published_key::BadPublishedKey),
+    #[error("the artifact store is unavailable")]
+    Store(#[from] pacloud_domain::ports::ArtifactError),
+}
+
+impl BinhostKey {
+    /// Reads from `store` (see [`BinhostKey::Published`]).
+    pub fn published(store: Arc<dyn ArtifactStore>) -> BinhostKey {
+        BinhostKey::Published { store, cached: std::sync::OnceLock::new() }
+    }
+
+    /// The certificate, or why there is none.
+    pub async fn get(&self) -> Result<PublicKeyInfo, KeyLookupError> {
+        match self {
+            BinhostKey::Unsigned => Err(KeyLookupError::Unsigned),
+            BinhostKey::Fixed(k) => Ok(k.clone()),
+            BinhostKey::Published { store, cached } => {
+                if let Some(k) = cached.get() {
+                    return Ok(k.clone());
+                }
+                let path = pacloud_domain::published_key::PublishedKey::path();
+                let Some((bytes, _)) = store.get_versioned(&path).await? else {
+                    return Err(KeyLookupError::NotYetPublished);
+                };
+                let k = pacloud_domain::published_key::PublishedKey::decode(&bytes)?;
+                let info = PublicKeyInfo { armored: k.armored, fingerprint: k.fingerprint };
+                Ok(cached.get_or_init(|| info).clone())
+            }
+        }
+    }
 }
 
 /// The public half of the binhost signing key.

@@ -12,6 +12,7 @@ pub mod eta;
 pub mod grammar;
 pub mod key;
 pub mod ports;
+pub mod published_key;
 pub mod record;
 pub mod request;
 pub mod service;

@@ -27,7 +27,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use pacloud_api::{ApiState, Tokens};
+use pacloud_api::{ApiState, BinhostKey, Tokens};
 use pacloud_domain::SystemClock;
 use pacloud_domain::service::BuildService;
 
@@ -38,6 +38,8 @@ pub use init::InitError;
 /// here, once).
 pub async fn build_state(config: &LambdaConfig) -> Arc<ApiState> {
     let ports = pacloud_aws::connect(&config.aws).await;
+    // The certificate of the KMS-held key, as the first worker stored it.
+    let binhost_key = BinhostKey::published(Arc::new(ports.artifacts.clone()));
     let service = BuildService::new(
         Arc::new(ports.store),
         Arc::new(ports.queue),
@@ -50,8 +52,7 @@ pub async fn build_state(config: &LambdaConfig) -> Arc<ApiState> {
         service: Arc::new(service),
         tokens: Tokens::new(&config.tokens),
         base_path: config.base_path.clone(),
-        // KMS-held binhost key: not wired into the Lambda yet (docs/aws.md).
-        binhost_key: None,
+        binhost_key,
     })
 }
 

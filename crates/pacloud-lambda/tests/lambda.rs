@@ -339,3 +339,58 @@ async fn post_event_then_worker_then_the_same_event_is_a_cache_hit() {
     workers.abort_now();
     d.assert_no_function_errors();
 }
+
+/// The binhost signing key on AWS: the worker publishes the certificate of
+/// its KMS key in the bucket at startup (`publish_signing_key`, the call
+/// `pacloud worker --backend aws` makes) and the function serves it. An
+/// Ed25519 key stands in for the KMS key here: moto's KMS cannot sign
+/// digests (docs/aws.md), and the certificate's origin does not matter to
+/// the route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_key_published_by_a_worker_is_served_with_its_fingerprint() {
+    let d = Deployment::start("key", 1, &[]).await;
+    let key_event = || with_method_path(event("get-build"), "GET", "/v1/signing-key.asc");
+    let targets_event = || with_method_path(event("get-build"), "GET", "/v1/targets");
+
+    // Before any worker started: a JSON 404 saying so, and no key in targets.
+    let r = d.call(&key_event()).await;
+    assert_eq!(r.status, 404, "{:?}", r.raw);
+    assert!(r.body["message"].as_str().unwrap().contains("no worker has published"), "{:?}", r.body);
+    let t = d.call(&targets_event()).await;
+    assert_eq!((t.status, &t.body["signing_key"]), (200, &Value::Null), "{:?}", t.body);
+
+    let signer = pacloud_sign::Signer::ephemeral(pacloud_sign::key::DEFAULT_USER_ID).unwrap();
+    let published = pacloud_worker::sign::publish_signing_key(&d.ports.artifacts, &signer).await.unwrap();
+    assert_eq!(published, pacloud_worker::sign::KeyPublication::Stored);
+
+    let raw = match d.runtime.invoke_and_wait(&key_event()).await {
+        fake_runtime::Outcome::Response(v) => v,
+        other => panic!("function error: {other:?}"),
+    };
+    assert_eq!(raw["statusCode"], 200, "{raw}");
+    assert_eq!(raw["headers"]["content-type"], "application/pgp-keys", "{raw}");
+    // lambda_http base64-encodes a body of a non-text type; API Gateway
+    // decodes it for the client.
+    let body = raw["body"].as_str().unwrap();
+    let body = if raw["isBase64Encoded"] == true {
+        use base64::Engine;
+        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(body).unwrap()).unwrap()
+    } else {
+        body.to_owned()
+    };
+    assert_eq!(body, signer.public_key_armored().unwrap());
+    let t = d.call(&targets_event()).await;
+    assert_eq!(t.body["signing_key"]["fingerprint"], signer.fingerprint(), "{:?}", t.body);
+    assert_eq!(t.body["signing_key"]["url"], "/v1/signing-key.asc");
+
+    // A second worker with the same key finds it; one with another key is
+    // refused (its packages would not verify) and the published key stays.
+    let again = pacloud_worker::sign::publish_signing_key(&d.ports.artifacts, &signer).await.unwrap();
+    assert_eq!(again, pacloud_worker::sign::KeyPublication::AlreadyPublished);
+    let other = pacloud_sign::Signer::ephemeral("other").unwrap();
+    let err = pacloud_worker::sign::publish_signing_key(&d.ports.artifacts, &other).await.unwrap_err();
+    assert!(err.to_string().contains(&other.fingerprint()), "{err}");
+    let t = d.call(&targets_event()).await;
+    assert_eq!(t.body["signing_key"]["fingerprint"], signer.fingerprint());
+    d.assert_no_function_errors();
+}

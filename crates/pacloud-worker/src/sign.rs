@@ -10,6 +10,8 @@
 //! infrastructure failure (retried), and publishing only runs after every
 //! new package was signed.
 
+use pacloud_domain::ports::{ArtifactError, ArtifactStore};
+use pacloud_domain::published_key::{BadPublishedKey, PUBLISHED_KEY_PATH, PublishedKey};
 use pacloud_sign::{SignError, Signer};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -119,6 +121,63 @@ fn sign_blocking(signer: &Signer, pkgdir: &Path, seeded: &HashSet<String>) -> Re
     Ok(signed)
 }
 
+/// Why the signing key's certificate could not be published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishKeyError {
+    #[error("exporting the certificate failed")]
+    Export(#[source] SignError),
+    #[error("the artifact store failed while publishing the signing key")]
+    Store(#[from] ArtifactError),
+    #[error(transparent)]
+    Bad(#[from] BadPublishedKey),
+    #[error(
+        "{PUBLISHED_KEY_PATH} publishes key {published} but this worker signs with {ours}: clients would refuse \
+         its packages (to change keys, delete that object first)"
+    )]
+    OtherKey { published: String, ours: String },
+    #[error("{PUBLISHED_KEY_PATH} kept changing while publishing it")]
+    Contended,
+}
+
+/// Whether [`publish_signing_key`] stored the certificate or found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyPublication {
+    /// This call stored it.
+    Stored,
+    /// It was already there (the same key).
+    AlreadyPublished,
+}
+
+/// Publishes the signer's certificate at [`PUBLISHED_KEY_PATH`] for the API
+/// to serve (create-if-absent, so the first worker's copy stays). A
+/// certificate of another key there is an error: this worker's packages
+/// would not verify against what clients import.
+pub async fn publish_signing_key(
+    store: &dyn ArtifactStore,
+    signer: &Signer,
+) -> Result<KeyPublication, PublishKeyError> {
+    let ours = signer.fingerprint();
+    let path = PublishedKey::path();
+    for _ in 0..3 {
+        if let Some((bytes, _)) = store.get_versioned(&path).await? {
+            let published = PublishedKey::decode(&bytes)?;
+            if published.fingerprint != ours {
+                return Err(PublishKeyError::OtherKey { published: published.fingerprint, ours });
+            }
+            return Ok(KeyPublication::AlreadyPublished);
+        }
+        let key = PublishedKey {
+            armored: signer.public_key_armored().map_err(PublishKeyError::Export)?,
+            fingerprint: ours.clone(),
+        };
+        if store.put_bytes_if(&path, key.encode(), "application/json", None).await?.is_some() {
+            return Ok(KeyPublication::Stored);
+        }
+        // Another worker stored one meanwhile: check it is ours.
+    }
+    Err(PublishKeyError::Contended)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +246,32 @@ mod tests {
         let err = sign_new_packages(signer, pkgdir, &HashSet::new()).await.unwrap_err();
         assert!(matches!(err, SignPackagesError::Sign { .. }), "{err}");
         assert_eq!(std::fs::read_to_string(pkgdir.join("Packages")).unwrap(), index);
+    }
+
+    #[tokio::test]
+    async fn the_certificate_is_published_once_and_another_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = pacloud_local::DirArtifactStore::new(
+            dir.path().join("store"),
+            "http://127.0.0.1:1",
+            pacloud_local::SigningKey::new(&[1; 32]),
+            Arc::new(pacloud_domain::SystemClock),
+        )
+        .unwrap();
+        let signer = Signer::ephemeral("a").unwrap();
+        assert_eq!(publish_signing_key(&store, &signer).await.unwrap(), KeyPublication::Stored);
+        let stored = store.get(&PublishedKey::path()).await.unwrap();
+        let key = PublishedKey::decode(&stored).unwrap();
+        assert_eq!(key.fingerprint, signer.fingerprint());
+        assert_eq!(key.armored, signer.public_key_armored().unwrap());
+        // A second worker with the same key leaves the first copy.
+        assert_eq!(publish_signing_key(&store, &signer).await.unwrap(), KeyPublication::AlreadyPublished);
+        assert_eq!(store.get(&PublishedKey::path()).await.unwrap(), stored);
+        // A worker with another key refuses, naming both fingerprints.
+        let other = Signer::ephemeral("b").unwrap();
+        let err = publish_signing_key(&store, &other).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(&signer.fingerprint()) && text.contains(&other.fingerprint()), "{text}");
+        assert_eq!(store.get(&PublishedKey::path()).await.unwrap(), stored);
     }
 }

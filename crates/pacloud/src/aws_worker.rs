@@ -3,7 +3,13 @@
 //! aborts running builds and releases their messages (visibility 0) and
 //! leases at once; a resume after hibernation makes running jobs re-check
 //! their leases before publishing; SIGTERM drains within the grace period.
-//! With `aws.signing_key_id` every package is signed by that KMS key.
+//! With `aws.signing_key_id` every package is signed by that KMS key, and
+//! the key's certificate is published for the API at startup
+//! (`keys/binhost-signing-key.json` in the bucket).
+//!
+//! Architecture invariant: an AWS worker that should sign (`sign_packages`,
+//! the default) does not start without a signing key: it never publishes
+//! unsigned packages unless configured to (`sign_packages = false`).
 
 use anyhow::Context;
 use pacloud_aws::AwsConfig;
@@ -38,8 +44,22 @@ pub fn aws_config(settings: &Settings) -> anyhow::Result<AwsConfig> {
     })
 }
 
+/// Refuses a configuration that would publish unsigned packages without
+/// saying so: `sign_packages` (the default) needs `aws.signing_key_id`.
+pub fn check_signing(settings: &Settings) -> anyhow::Result<()> {
+    if settings.sign_packages && settings.aws.signing_key_id.is_none() {
+        anyhow::bail!(
+            "no binhost signing key: set aws.signing_key_id (PACLOUD_AWS_SIGNING_KEY_ID) to the KMS key, or \
+             sign_packages = false (PACLOUD_SIGN_PACKAGES=false) to publish unsigned packages, which portage \
+             refuses by default"
+        );
+    }
+    Ok(())
+}
+
 /// Runs workers on AWS until `shutdown` or a terminate/stop notice.
 pub async fn run(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    check_signing(settings)?;
     let config = aws_config(settings)?;
     let ports = pacloud_aws::connect(&config).await;
     // The last attempt is the one before the queue's redrive moves the
@@ -70,19 +90,21 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> anyhow::Re
         d.shared = true;
     }
     tracing::info!(queue = %config.queue_url, table = %config.table, bucket = %config.bucket, "pacloud worker on AWS: {}", backend.description);
-    let signer = match (&settings.aws.signing_key_id, settings.sign_packages) {
-        (Some(key_id), true) => {
+    let signer = match &settings.aws.signing_key_id {
+        Some(key_id) if settings.sign_packages => {
             let signer = kms_signer(&config, key_id).await?;
             tracing::info!(fingerprint = %signer.fingerprint(), "binhost signing key: {}", signer.source());
+            let published = pacloud_worker::sign::publish_signing_key(&ports.artifacts, &signer)
+                .await
+                .context("publishing the binhost signing key's certificate")?;
+            tracing::info!(?published, path = pacloud_domain::published_key::PUBLISHED_KEY_PATH, "binhost certificate");
             Some(signer)
         }
-        (None, true) => {
-            tracing::warn!(
-                "no aws.signing_key_id (PACLOUD_AWS_SIGNING_KEY_ID): packages are published unsigned, which portage refuses by default"
-            );
+        // check_signing above refused "sign without a key".
+        _ => {
+            tracing::warn!("sign_packages = false: packages are published unsigned; portage refuses them by default");
             None
         }
-        (_, false) => None,
     };
     let workers = start_signing_workers_on(
         (Arc::new(ports.store), Arc::new(ports.queue)),

@@ -279,6 +279,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging();
             let settings = load_settings(config.as_deref(), None, data_dir)?;
             pacloud::aws_worker::aws_config(&settings).map_err(|e| Usage(format!("{e:#}")))?;
+            pacloud::aws_worker::check_signing(&settings).map_err(|e| Usage(format!("{e:#}")))?;
             pacloud::aws_worker::run(&settings, shutdown_token()).await
         }
         Command::Worker { backend: WorkerBackend::Local, data_dir, config } => {

@@ -52,11 +52,11 @@ pub fn build_app_with_clock(settings: &Settings, public_url: &str, clock: Arc<dy
         None
     };
     let binhost_key = match &signer {
-        Some(s) => Some(pacloud_api::PublicKeyInfo {
+        Some(s) => pacloud_api::BinhostKey::Fixed(pacloud_api::PublicKeyInfo {
             armored: s.public_key_armored().context("exporting the binhost public key")?,
             fingerprint: s.fingerprint(),
         }),
-        None => None,
+        None => pacloud_api::BinhostKey::Unsigned,
     };
     let store = Arc::new(SqliteStore::new(db.clone()));
     let queue = Arc::new(SqliteQueue::new(db, clock.clone(), settings.max_receives));

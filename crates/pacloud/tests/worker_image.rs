@@ -238,6 +238,7 @@ fn provision_installs_a_worker_host_that_refuses_missing_configuration() {
         ("none", "2", "PACLOUD_AWS_TABLE"),
         ("table_only", "2", "PACLOUD_AWS_QUEUE_URL"),
         ("no_bucket", "2", "PACLOUD_AWS_BUCKET"),
+        ("no_signing_key", "2", "PACLOUD_AWS_SIGNING_KEY_ID"),
         ("no_portage", "1", "has no usable portage"),
         ("no_image", "1", "build.image"),
     ] {

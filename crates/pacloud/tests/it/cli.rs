@@ -54,6 +54,43 @@ async fn bad_arguments_exit_2_with_one_line() {
     }
 }
 
+/// An AWS worker that should sign but has no key refuses to start (exit 2,
+/// before any AWS call) rather than publish unsigned packages; configured
+/// unsigned, it gets past that check (and fails later on the closed port).
+#[tokio::test]
+async fn aws_worker_without_a_signing_key_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let aws_worker = |sign: Option<&str>| {
+        let mut c = pacloud();
+        c.args(["worker", "--backend", "aws", "--data-dir"])
+            .arg(dir.path())
+            .env_remove("PACLOUD_AWS_SIGNING_KEY_ID")
+            .env_remove("PACLOUD_SIGN_PACKAGES")
+            .env("PACLOUD_AWS_TABLE", "builds")
+            .env("PACLOUD_AWS_QUEUE_URL", "http://127.0.0.1:9/q")
+            .env("PACLOUD_AWS_BUCKET", "b")
+            .env("PACLOUD_AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+            .env("PACLOUD_AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        if let Some(v) = sign {
+            c.env("PACLOUD_SIGN_PACKAGES", v);
+        }
+        c
+    };
+    let out = aws_worker(None).output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("PACLOUD_AWS_SIGNING_KEY_ID") && err.contains("PACLOUD_SIGN_PACKAGES=false"),
+        "names both ways out: {err}"
+    );
+    let out = tokio::time::timeout(Duration::from_secs(60), aws_worker(Some("false")).output()).await.unwrap().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("PACLOUD_AWS_SIGNING_KEY_ID"), "unsigned on purpose passes the check: {err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_waits_downloads_and_verifies() {
     let app = std::sync::Arc::new(spawn_app().await);
