@@ -207,7 +207,12 @@ impl SubsetClient {
     pub fn run(&self, program: &str, args: &[&str]) -> (bool, String) {
         let root = self.dir.join("root");
         let libs = ["usr/lib64", "lib64"].map(|l| root.join(l).display().to_string()).join(":");
-        let out = Command::new(root.join(program))
+        // 23.0 profiles: some packages install to /bin, others to /usr/bin.
+        let path = [root.join(program), root.join(program.trim_start_matches("usr/"))]
+            .into_iter()
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{program} is not installed in the ROOT"));
+        let out = Command::new(path)
             .args(args)
             .env_clear()
             .env("LD_LIBRARY_PATH", libs)
