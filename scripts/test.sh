@@ -22,7 +22,7 @@ command -v gpg >/dev/null 2>&1 || need+=(gnupg)
 # root's package.provided lists them; DEPEND comes from the host, SYSROOT=/).
 for p in build-essential autoconf automake libtool autotools-dev cmake ninja-build help2man bison texinfo \
   libncurses-dev libpcre2-dev libgmp-dev zlib1g-dev libbz2-dev liblzma-dev pkgconf pax-utils gawk \
-  liblzo2-dev libattr1-dev libacl1-dev; do
+  liblzo2-dev libattr1-dev libacl1-dev gettext; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3 python3-venv)
