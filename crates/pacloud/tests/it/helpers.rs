@@ -350,3 +350,68 @@ pub fn trust_key(gnupg: &std::path::Path, key_asc: &str, fingerprint: &str) {
     let _ = Command::new("gpgconf").arg("--homedir").arg(gnupg).args(["--kill", "all"]).status();
     assert!(Command::new("chmod").args(["-R", "a+rX"]).arg(gnupg).status().unwrap().success());
 }
+
+/// A loopback source mirror in the `GENTOO_MIRRORS` layout
+/// (`<url>/distfiles/<name>`), standing in for upstream sites in the
+/// fetch-step tests: files added in memory ([`Mirror::serve`]) and, when
+/// started with a directory, that directory's files (read at each request,
+/// so a test may change one). Counts the GETs of each name, served or not.
+/// An axum router on 127.0.0.1:0.
+pub struct Mirror {
+    pub url: String,
+    files: Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>>,
+    hits: Arc<std::sync::Mutex<std::collections::BTreeMap<String, usize>>>,
+}
+
+#[derive(Clone)]
+struct MirrorState {
+    dir: Option<std::path::PathBuf>,
+    files: Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>>,
+    hits: Arc<std::sync::Mutex<std::collections::BTreeMap<String, usize>>>,
+}
+
+async fn mirror_get(
+    axum::extract::State(st): axum::extract::State<MirrorState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Vec<u8>, axum::http::StatusCode> {
+    *st.hits.lock().unwrap().entry(name.clone()).or_default() += 1;
+    if let Some(bytes) = st.files.lock().unwrap().get(&name) {
+        return Ok(bytes.clone());
+    }
+    let plain = !name.is_empty() && !name.contains('/') && !name.starts_with('.');
+    match &st.dir {
+        Some(dir) if plain => tokio::fs::read(dir.join(&name)).await.map_err(|_| axum::http::StatusCode::NOT_FOUND),
+        _ => Err(axum::http::StatusCode::NOT_FOUND),
+    }
+}
+
+impl Mirror {
+    /// A mirror serving only what [`Mirror::serve`] adds.
+    pub async fn start() -> Mirror {
+        Self::start_with(None).await
+    }
+
+    /// A mirror serving the files of `dir` (and whatever is added).
+    pub async fn of_dir(dir: std::path::PathBuf) -> Mirror {
+        Self::start_with(Some(dir)).await
+    }
+
+    async fn start_with(dir: Option<std::path::PathBuf>) -> Mirror {
+        let st = MirrorState { dir, files: Arc::default(), hits: Arc::default() };
+        let (files, hits) = (st.files.clone(), st.hits.clone());
+        let router = axum::Router::new().route("/distfiles/{name}", axum::routing::get(mirror_get)).with_state(st);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        Mirror { url, files, hits }
+    }
+
+    pub fn serve(&self, name: &str, bytes: &[u8]) {
+        self.files.lock().unwrap().insert(name.to_owned(), bytes.to_vec());
+    }
+
+    /// How many times `/distfiles/<name>` was asked for.
+    pub fn hits(&self, name: &str) -> usize {
+        self.hits.lock().unwrap().get(name).copied().unwrap_or(0)
+    }
+}

@@ -16,79 +16,13 @@
 
 use crate::docker::{builder_image, engine, wait_no_containers};
 use crate::helpers::*;
+use crate::realtree::subset;
 use pacloud::settings::{BackendChoice, Settings};
 use pacloud_worker::sandbox::docker::NetworkMode;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// The real Gentoo subset shared by the tests (never copied into the repo).
-fn subset() -> PathBuf {
-    workspace().join("../shared/gentoo-subset").canonicalize().expect("../shared/gentoo-subset")
-}
-
-/// A loopback mirror serving the subset's `distfiles/` as `/distfiles/<name>`
-/// (the upstream sites' stand-in), counting requests per file.
-struct Mirror {
-    url: String,
-    hits: Arc<Mutex<BTreeMap<String, usize>>>,
-}
-
-impl Mirror {
-    async fn start(dir: PathBuf) -> Mirror {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let hits: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
-        let h = hits.clone();
-        tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let (h, dir) = (h.clone(), dir.clone());
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 8192];
-                    let mut n = 0;
-                    while n < buf.len() {
-                        match sock.read(&mut buf[n..]).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => n += k,
-                        }
-                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
-                        }
-                    }
-                    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
-                    let name = path.strip_prefix("/distfiles/").unwrap_or("").to_owned();
-                    let ok_name = !name.is_empty() && !name.contains('/') && !name.starts_with('.');
-                    let body = if ok_name { std::fs::read(dir.join(&name)).ok() } else { None };
-                    if body.is_some() {
-                        *h.lock().unwrap().entry(name).or_default() += 1;
-                    }
-                    let resp = match body {
-                        Some(b) => {
-                            let mut r =
-                                format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", b.len())
-                                    .into_bytes();
-                            r.extend(b);
-                            r
-                        }
-                        None => b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
-                    };
-                    let _ = sock.write_all(&resp).await;
-                    let _ = sock.shutdown().await;
-                });
-            }
-        });
-        Mirror { url, hits }
-    }
-
-    fn hits(&self, name: &str) -> usize {
-        self.hits.lock().unwrap().get(name).copied().unwrap_or(0)
-    }
-}
 
 /// tests/fixtures/gentoo-subset.toml with @SUBSET@ and @MIRROR@ replaced,
 /// switched to the docker backend on the stand-in image.
@@ -262,7 +196,7 @@ async fn docker_builds_real_gentoo_packages_that_a_portage_client_installs_and_r
     // The workers' reasons for retries go to the test's output.
     let _ = tracing_subscriber::fmt().with_max_level(tracing::Level::INFO).with_test_writer().try_init();
     let started = Instant::now();
-    let mirror = Mirror::start(subset().join("distfiles")).await;
+    let mirror = Mirror::of_dir(subset().join("distfiles")).await;
     let app = spawn_app_with(|s| use_subset_on_docker(s, &mirror.url)).await;
 
     // lzop pulls dev-libs/lzo, built and published first in the same build;

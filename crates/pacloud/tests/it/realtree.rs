@@ -7,7 +7,7 @@
 //! result installed by a real portage client from the signed binhost into a
 //! scratch ROOT, where the installed program runs.
 //!
-//! Reusable by the docker test: [`subset`], [`DirMirror`],
+//! Reusable by the docker test: [`subset`], [`Mirror`] (helpers),
 //! [`subset_settings_toml`], [`use_subset`], [`wait_long`], [`SubsetClient`].
 
 use crate::helpers::*;
@@ -16,69 +16,10 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `../shared/gentoo-subset` (relative to the workspace root).
 pub fn subset() -> PathBuf {
     workspace().join("../shared/gentoo-subset").canonicalize().expect("../shared/gentoo-subset")
-}
-
-/// A loopback mirror serving `/distfiles/<name>` from a directory (read at
-/// each request, so a test may change a file); counts requests.
-pub struct DirMirror {
-    pub url: String,
-    pub hits: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl DirMirror {
-    pub async fn start(dir: PathBuf) -> DirMirror {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let hits: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
-        let h = hits.clone();
-        tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let (dir, h) = (dir.clone(), h.clone());
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 8192];
-                    let mut n = 0;
-                    while n < buf.len() {
-                        match sock.read(&mut buf[n..]).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => n += k,
-                        }
-                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
-                        }
-                    }
-                    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
-                    h.lock().unwrap().push(path.clone());
-                    let name = path.strip_prefix("/distfiles/").unwrap_or("");
-                    let ok = !name.is_empty() && !name.contains('/') && !name.starts_with('.');
-                    let body = if ok { tokio::fs::read(dir.join(name)).await.ok() } else { None };
-                    let resp = match body {
-                        Some(b) => {
-                            let mut r =
-                                format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", b.len())
-                                    .into_bytes();
-                            r.extend(b);
-                            r
-                        }
-                        None => b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
-                    };
-                    let _ = sock.write_all(&resp).await;
-                    let _ = sock.shutdown().await;
-                });
-            }
-        });
-        DirMirror { url, hits }
-    }
-
-    pub fn hits(&self, name: &str) -> usize {
-        let want = format!("/distfiles/{name}");
-        self.hits.lock().unwrap().iter().filter(|p| **p == want).count()
-    }
 }
 
 /// tests/fixtures/gentoo-subset.toml with `@SUBSET@` and `@MIRROR@` replaced.
@@ -237,7 +178,7 @@ fn ready(done: &Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_packages_build_publish_and_install_and_their_programs_run() {
     let started = Instant::now();
-    let mirror = DirMirror::start(subset().join("distfiles")).await;
+    let mirror = Mirror::of_dir(subset().join("distfiles")).await;
     let app = subset_builder(&mirror.url, "").await;
     let limit = Duration::from_secs(1500);
     // lzop first (builds and publishes dev-libs/lzo in the same graph), the
@@ -343,7 +284,7 @@ async fn an_unbuildable_package_is_a_build_failure_and_a_bad_source_is_refused()
     let mid = pv.len() / 2;
     pv[mid] ^= 1;
     std::fs::write(mirror_dir.join("pv-1.6.20.tar.bz2"), &pv).unwrap();
-    let mirror = DirMirror::start(mirror_dir).await;
+    let mirror = Mirror::of_dir(mirror_dir).await;
     let repo_s = repo.display().to_string();
     let app = spawn_app_with(move |s| {
         use_subset(s, &sub, &mirror.url, "");

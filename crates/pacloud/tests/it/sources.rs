@@ -2,74 +2,10 @@
 //! built) from a loopback mirror served by this test, into the shared
 //! distfiles cache, verified against the Manifest; the build step runs
 //! without network. Real portage, real bubblewrap, a real HTTP server on
-//! 127.0.0.1 (a minimal HTTP/1.0 responder written here).
+//! 127.0.0.1 (`helpers::Mirror`).
 
 use crate::helpers::*;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A loopback mirror: serves `/distfiles/<name>` from a map and counts requests.
-struct Mirror {
-    url: String,
-    files: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
-    hits: Arc<Mutex<BTreeMap<String, usize>>>,
-}
-
-impl Mirror {
-    async fn start() -> Mirror {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let files: Arc<Mutex<BTreeMap<String, Vec<u8>>>> = Arc::default();
-        let hits: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
-        let (f, h) = (files.clone(), hits.clone());
-        tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let (f, h) = (f.clone(), h.clone());
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 8192];
-                    let mut n = 0;
-                    while n < buf.len() {
-                        match sock.read(&mut buf[n..]).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => n += k,
-                        }
-                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
-                        }
-                    }
-                    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
-                    let name = path.strip_prefix("/distfiles/").unwrap_or("").to_owned();
-                    *h.lock().unwrap().entry(path.clone()).or_default() += 1;
-                    let body = f.lock().unwrap().get(&name).cloned();
-                    let resp = match body {
-                        Some(b) => {
-                            let mut r =
-                                format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", b.len())
-                                    .into_bytes();
-                            r.extend(b);
-                            r
-                        }
-                        None => b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
-                    };
-                    let _ = sock.write_all(&resp).await;
-                    let _ = sock.shutdown().await;
-                });
-            }
-        });
-        Mirror { url, files, hits }
-    }
-
-    fn serve(&self, name: &str, bytes: &[u8]) {
-        self.files.lock().unwrap().insert(name.to_owned(), bytes.to_vec());
-    }
-
-    fn hits(&self, name: &str) -> usize {
-        self.hits.lock().unwrap().get(&format!("/distfiles/{name}")).copied().unwrap_or(0)
-    }
-}
 
 fn req(atom: &str, version: &str, use_flags: &[&str]) -> Value {
     json!({"atom": atom, "version": version, "use": use_flags})
