@@ -415,3 +415,51 @@ impl Mirror {
         self.hits.lock().unwrap().get(name).copied().unwrap_or(0)
     }
 }
+
+/// A portage binhost client in bubblewrap: the test venv's
+/// `emerge --getbinpkgonly --binpkg-respect-use=y <opts> <atoms>` with the
+/// client directory `client` writable (config root `client/config`, ROOT
+/// `client/root`), `repo` (repository `repo_name`) read-only, and
+/// `host_config` as the venv prefix's own `etc/portage` (portage's host
+/// configuration for ROOT != /). Returns (success, combined output).
+pub fn client_emerge(
+    client: &std::path::Path,
+    host_config: &std::path::Path,
+    (repo_name, repo): (&str, &std::path::Path),
+    opts: &[&str],
+    atoms: &[&str],
+) -> (bool, String) {
+    // Its real path: bwrap cannot lay a tmpfs on a symbolic link.
+    let venv = workspace().join(".venv").canonicalize().expect("the test venv (.venv)");
+    let (v, c, r) = (venv.display().to_string(), client.display().to_string(), repo.display().to_string());
+    let mut args: Vec<String> = Vec::new();
+    let mut add = |parts: &[&str]| args.extend(parts.iter().map(|s| s.to_string()));
+    add(&["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]);
+    add(&["--tmpfs", "/var/tmp", "--tmpfs", "/var/cache", "--tmpfs", "/var/lib", "--tmpfs", &v]);
+    for sub in ["bin", "lib", "include", "share", "pyvenv.cfg"] {
+        add(&["--ro-bind", &format!("{v}/{sub}"), &format!("{v}/{sub}")]);
+    }
+    add(&["--symlink", "lib", &format!("{v}/lib64")]);
+    add(&["--bind", &c, &c, "--ro-bind", &r, &r]);
+    add(&["--ro-bind", &host_config.display().to_string(), &format!("{v}/etc/portage")]);
+    add(&["--unshare-pid", "--unshare-ipc", "--die-with-parent", "--new-session", "--clearenv"]);
+    let path = format!("{v}/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    let repos = format!("[DEFAULT]\nmain-repo = {repo_name}\n\n[{repo_name}]\nlocation = {r}\n");
+    let (config, root) = (format!("{c}/config"), format!("{c}/root"));
+    for (k, val) in [
+        ("PATH", path.as_str()),
+        ("HOME", "/var/tmp"),
+        ("LANG", "C.UTF-8"),
+        ("PORTAGE_CONFIGROOT", config.as_str()),
+        ("ROOT", root.as_str()),
+        ("EPREFIX", ""),
+        ("PORTAGE_REPOSITORIES", repos.as_str()),
+    ] {
+        add(&["--setenv", k, val]);
+    }
+    add(&["--", &format!("{v}/bin/emerge"), "--getbinpkgonly", "--binpkg-respect-use=y", "--oneshot"]);
+    args.extend(opts.iter().chain(atoms).map(|a| a.to_string()));
+    let out = std::process::Command::new("bwrap").args(&args).output().expect("bwrap runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}

@@ -113,49 +113,9 @@ impl Client {
     /// `emerge --getbinpkgonly --binpkg-respect-use=y <atoms>` into the
     /// scratch ROOT; returns (success, combined output).
     fn emerge(&self, atoms: &[&str]) -> (bool, String) {
-        // Resolved: bubblewrap cannot mount over a symlink.
-        let venv = workspace().join(".venv").canonicalize().expect("the test venv (.venv)");
-        let (v, c, r) = (venv.display().to_string(), self.dir.display().to_string(), subset().join("repo"));
-        let r = r.display().to_string();
-        let mut args: Vec<String> = Vec::new();
-        let mut add = |parts: &[&str]| args.extend(parts.iter().map(|s| s.to_string()));
-        add(&["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]);
-        add(&["--tmpfs", "/var/tmp", "--tmpfs", "/var/cache", "--tmpfs", "/var/lib", "--tmpfs", &v]);
-        for sub in ["bin", "lib", "include", "share", "pyvenv.cfg"] {
-            add(&["--ro-bind", &format!("{v}/{sub}"), &format!("{v}/{sub}")]);
-        }
-        add(&["--symlink", "lib", &format!("{v}/lib64")]);
-        add(&["--bind", &c, &c, "--ro-bind", &r, &r]);
-        // Portage also reads the host configuration under its prefix (the
-        // venv): the same client configuration.
-        add(&["--ro-bind", &format!("{c}/config/etc/portage"), &format!("{v}/etc/portage")]);
-        add(&["--unshare-pid", "--unshare-ipc", "--die-with-parent", "--new-session", "--clearenv"]);
-        let path = format!("{v}/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-        let repos = format!("[DEFAULT]\nmain-repo = gentoo\n\n[gentoo]\nlocation = {r}\n");
-        let (config, root) = (format!("{c}/config"), format!("{c}/root"));
-        for (k, val) in [
-            ("PATH", path.as_str()),
-            ("HOME", "/var/tmp"),
-            ("LANG", "C.UTF-8"),
-            ("PORTAGE_CONFIGROOT", config.as_str()),
-            ("ROOT", root.as_str()),
-            ("EPREFIX", ""),
-            ("PORTAGE_REPOSITORIES", repos.as_str()),
-        ] {
-            add(&["--setenv", k, val]);
-        }
-        add(&[
-            "--",
-            &format!("{v}/bin/emerge"),
-            "--getbinpkgonly",
-            "--binpkg-respect-use=y",
-            "--oneshot",
-            "--quiet-build",
-        ]);
-        args.extend(atoms.iter().map(|a| a.to_string()));
-        let out = Command::new("bwrap").args(&args).output().expect("bwrap runs");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        (out.status.success(), text)
+        // Portage's host configuration (the venv prefix): the same client configuration.
+        let config = self.dir.join("config/etc/portage");
+        client_emerge(&self.dir, &config, ("gentoo", &subset().join("repo")), &["--quiet-build"], atoms)
     }
 
     /// Runs an installed program of the scratch ROOT (its libraries from

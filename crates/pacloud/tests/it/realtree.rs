@@ -108,40 +108,8 @@ impl SubsetClient {
     /// `emerge --getbinpkgonly --binpkg-respect-use=y <atoms>` into the
     /// scratch ROOT (portage kept off the host by bubblewrap).
     pub fn emerge(&self, atoms: &[&str]) -> (bool, String) {
-        // Its real path: bwrap cannot lay a tmpfs on a symbolic link.
-        let venv = workspace().join(".venv").canonicalize().expect(".venv");
-        let (v, c) = (venv.display().to_string(), self.dir.display().to_string());
-        let repo = subset().join("repo").display().to_string();
-        let mut args: Vec<String> = Vec::new();
-        let mut add = |parts: &[&str]| args.extend(parts.iter().map(|s| s.to_string()));
-        add(&["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]);
-        add(&["--tmpfs", "/var/tmp", "--tmpfs", "/var/cache", "--tmpfs", "/var/lib", "--tmpfs", &v]);
-        for sub in ["bin", "lib", "include", "share", "pyvenv.cfg"] {
-            add(&["--ro-bind", &format!("{v}/{sub}"), &format!("{v}/{sub}")]);
-        }
-        add(&["--symlink", "lib", &format!("{v}/lib64")]);
-        add(&["--bind", &c, &c, "--ro-bind", &repo, &repo]);
-        add(&["--ro-bind", &format!("{c}/hostconfig/etc/portage"), &format!("{v}/etc/portage")]);
-        add(&["--unshare-pid", "--unshare-ipc", "--die-with-parent", "--new-session", "--clearenv"]);
-        let path = format!("{v}/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-        let repos = format!("[DEFAULT]\nmain-repo = gentoo\n\n[gentoo]\nlocation = {repo}\n");
-        let (config, root) = (format!("{c}/config"), format!("{c}/root"));
-        for (k, val) in [
-            ("PATH", path.as_str()),
-            ("HOME", "/var/tmp"),
-            ("LANG", "C.UTF-8"),
-            ("PORTAGE_CONFIGROOT", config.as_str()),
-            ("ROOT", root.as_str()),
-            ("EPREFIX", ""),
-            ("PORTAGE_REPOSITORIES", repos.as_str()),
-        ] {
-            add(&["--setenv", k, val]);
-        }
-        add(&["--", &format!("{v}/bin/emerge"), "--getbinpkgonly", "--binpkg-respect-use=y", "--oneshot", "--color=n"]);
-        args.extend(atoms.iter().map(|a| a.to_string()));
-        let out = Command::new("bwrap").args(&args).output().expect("bwrap runs");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        (out.status.success(), text)
+        let host = self.dir.join("hostconfig/etc/portage");
+        client_emerge(&self.dir, &host, ("gentoo", &subset().join("repo")), &["--color=n"], atoms)
     }
 
     /// Runs a program installed in the scratch ROOT, with its libraries.
