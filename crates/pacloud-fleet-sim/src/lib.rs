@@ -18,7 +18,7 @@ use pacloud_fleet::baselines::{Fixed, PerJob, WatchPending};
 use pacloud_fleet::{Config, PacloudPolicy};
 
 pub use params::Params;
-pub use world::{Interruption, Job, MaxPrice, Outcome, run, trace};
+pub use world::{Interruption, Job, MaxPrice, Outcome, Setup, Trigger, run, trace};
 
 /// The policies, in the order they are printed.
 pub const POLICIES: [&str; 5] = ["pacloud", "watch-pending", "per-job", "fixed", "on-demand"];
@@ -31,31 +31,48 @@ pub fn simulate(p: &Params, jobs: &[Job], name: &str) -> Option<Outcome> {
 /// [`simulate`] with a policy configuration (shared by pacloud and the baselines that use its fields).
 pub fn simulate_with(p: &Params, jobs: &[Job], name: &str, c: &Config) -> Option<Outcome> {
     let c = c.clone();
+    let setup = |interruption, max_price, trigger, period_s| Setup { interruption, max_price, trigger, period_s };
     let o = match name {
-        // The project's: hibernate on interruption, buildbot's price cap in the fleet.
+        // The project's: hibernate on interruption, buildbot's price cap in
+        // the fleet, and the scaler nudged by the API for every new job.
         "pacloud" => run(
             p,
             jobs,
             &PacloudPolicy::new(c.clone()).ok()?,
-            Interruption::Hibernate,
-            MaxPrice::Multiplier(c.max_price_multiplier),
+            setup(
+                Interruption::Hibernate,
+                MaxPrice::Multiplier(c.max_price_multiplier),
+                Trigger::OnEnqueue,
+                p.scaler_period_s,
+            ),
         ),
-        // Mozilla: spot requests terminated on interruption, bid up to on-demand.
-        "watch-pending" => run(p, jobs, &WatchPending { config: c }, Interruption::Terminate, MaxPrice::OnDemand),
-        // buildbot latent workers: one instance per build, price multiplier cap.
+        // Mozilla: a cron; spot requests terminated on interruption, bid up to on-demand.
+        "watch-pending" => run(
+            p,
+            jobs,
+            &WatchPending { config: c, ..WatchPending::default() },
+            setup(Interruption::Terminate, MaxPrice::OnDemand, Trigger::Periodic, p.tick_s),
+        ),
+        // buildbot latent workers: one instance per build, substantiated when
+        // the build request arrives, price multiplier cap.
         "per-job" => {
             let pj = PerJob { config: c, build_wait_timeout_s: 600 };
             let m = pj.config.max_price_multiplier;
-            run(p, jobs, &pj, Interruption::Terminate, MaxPrice::Multiplier(m))
+            run(p, jobs, &pj, setup(Interruption::Terminate, MaxPrice::Multiplier(m), Trigger::OnEnqueue, p.tick_s))
         }
         // The original static workers: N spot instances, replaced when interrupted.
-        "fixed" => run(p, jobs, &Fixed { n: p.fixed_n() }, Interruption::Terminate, MaxPrice::OnDemand),
+        "fixed" => run(
+            p,
+            jobs,
+            &Fixed { n: p.fixed_n() },
+            setup(Interruption::Terminate, MaxPrice::OnDemand, Trigger::Periodic, p.tick_s),
+        ),
+        // pacloud's sizing and triggers on on-demand capacity.
         "on-demand" => run(
             p,
             jobs,
             &PacloudPolicy::new(Config { spot: false, ..c }).ok()?,
-            Interruption::Terminate,
-            MaxPrice::OnDemand,
+            setup(Interruption::Terminate, MaxPrice::OnDemand, Trigger::OnEnqueue, p.scaler_period_s),
         ),
         _ => return None,
     };

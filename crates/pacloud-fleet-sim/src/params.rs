@@ -60,8 +60,17 @@ pub struct Params {
     /// The worker lease / visibility timeout. Default 60 s (the template's
     /// LeaseSeconds); a hibernated worker's build is requeued after it.
     pub lease_s: u64,
-    /// Scaler period. Default 60 s (the EventBridge schedule).
+    /// The market's step and the seeds' scaler period. Default 60 s (a cron
+    /// or an EventBridge schedule every minute).
     pub tick_s: u64,
+    /// pacloud's scaler period. Default 20 s: each scheduled invocation
+    /// (every minute) runs three ticks 20 s apart.
+    pub scaler_period_s: u64,
+    /// Enqueue to decision, for policies triggered on enqueue. Default 5 s:
+    /// the API's SendMessage to the fleet events queue, the SQS event source
+    /// mapping's long poll handing the batch to the scaler (reserved
+    /// concurrency 1), and the tick's reads before ModifyFleet.
+    pub nudge_s: u64,
     /// Build time: an atom's median is log-normal(median, σ), each build of
     /// it log-normal around that with σ = 0.25, capped. Defaults 240 s,
     /// σ = 1.3, cap 6 h: most builds take minutes (p50 4 min, mean 9 min),
@@ -94,6 +103,8 @@ impl Default for Params {
             resume_mean_s: 900.0,
             lease_s: 60,
             tick_s: 60,
+            scaler_period_s: 20,
+            nudge_s: 5,
             build_median_s: 240.0,
             build_sigma: 1.3,
             build_max_s: 6.0 * 3600.0,

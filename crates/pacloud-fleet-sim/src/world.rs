@@ -25,6 +25,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
+use pacloud_domain::eta::{self, BuildHistory};
 use pacloud_fleet::policy::price_caps;
 use pacloud_fleet::{
     Action, Activity, CapacityError, CapacityType, CpuFamily, FamilySnapshot, FleetTarget, Instance, InstanceState,
@@ -48,6 +49,32 @@ pub enum MaxPrice {
     OnDemand,
     /// `multiplier × the 24-hour average` (buildbot), capped at on-demand.
     Multiplier(f64),
+}
+
+/// What triggers a policy's decisions besides its period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// Only the period: a cron (Mozilla's watch_pending) or a schedule alone.
+    Periodic,
+    /// The period, plus a decision `Params::nudge_s` after a build is
+    /// enqueued (coalesced: one pending nudge at a time). pacloud's API sends
+    /// a nudge to the scaler's events queue for every new job; buildbot
+    /// substantiates a latent worker when a build request arrives.
+    OnEnqueue,
+}
+
+/// How one policy's fleet behaves in the world.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Setup {
+    pub interruption: Interruption,
+    pub max_price: MaxPrice,
+    pub trigger: Trigger,
+    /// Seconds between periodic decisions (`Params::tick_s` for a cron
+    /// every minute; pacloud's scaler ticks every `Params::scaler_period_s`
+    /// within each scheduled invocation). The market moves every
+    /// `Params::tick_s` whatever the policy's period, so every policy of a
+    /// seed meets the same prices and outages.
+    pub period_s: u64,
 }
 
 /// A job of the trace.
@@ -115,6 +142,11 @@ pub struct Outcome {
     pub wait_p95_s: u64,
     pub wait_max_s: u64,
     pub instance_hours: f64,
+    /// Hours instances spent building (finished builds and lost attempts):
+    /// `instance_hours - busy_hours` is boot and idle time.
+    pub busy_hours: f64,
+    /// Decisions taken (periodic ticks plus enqueue nudges).
+    pub decisions: u64,
     pub on_demand_hours: f64,
     pub interrupted_builds: u64,
     pub lost_build_hours: f64,
@@ -160,6 +192,9 @@ struct JobSt {
     progress: u64,
     done: bool,
     epoch: u32,
+    /// The atom's median build time when this attempt started (what the
+    /// worker tags as its expected end); None without history.
+    expected_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -170,6 +205,8 @@ enum Ev {
     Done(usize, u32),
     LeaseExpired(usize, u32),
     Resume(usize, u32),
+    Decide,
+    Nudge,
 }
 
 struct World<'a> {
@@ -191,19 +228,27 @@ struct World<'a> {
     unavailable: BTreeMap<usize, u64>,
     errors: Vec<CapacityError>,
     fleet: FleetTarget,
-    durations_done: Vec<u64>,
-    atom_seen: BTreeMap<u32, u64>,
+    /// The newest finished build times over all atoms (at most
+    /// `eta::ALL_ATOMS`), as the workers' `stats/all.json` keeps them.
+    durations_done: VecDeque<u64>,
+    /// Per atom, the newest finished build times (at most `eta::PER_ATOM`),
+    /// as the workers' `stats/atoms/<atom>.json` keeps them: a worker
+    /// starting a build tags its expected end with that median.
+    builds: BuildHistory,
     o: Outcome,
     cost_closed: f64,
     behaviour: Interruption,
     max_price: MaxPrice,
+    trigger: Trigger,
+    period_s: u64,
+    nudge_pending: bool,
     /// The fleet's spot max price per type, as the policy set it
     /// (`SetSpotMaxPrices`); a type without one launches up to `max_price`.
     fleet_max_prices: Vec<Option<f64>>,
 }
 
 /// Simulates `policy` on `jobs` (from [`trace`] of the same `p`).
-pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, behaviour: Interruption, max_price: MaxPrice) -> Outcome {
+pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, setup: Setup) -> Outcome {
     let mut w = World {
         p,
         jobs,
@@ -221,8 +266,8 @@ pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, behaviour: Interruptio
         unavailable: BTreeMap::new(),
         errors: Vec::new(),
         fleet: FleetTarget::default(),
-        durations_done: Vec::new(),
-        atom_seen: BTreeMap::new(),
+        durations_done: VecDeque::new(),
+        builds: BuildHistory::default(),
         o: Outcome {
             policy: policy.name().to_owned(),
             builds: 0,
@@ -232,6 +277,8 @@ pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, behaviour: Interruptio
             wait_p95_s: 0,
             wait_max_s: 0,
             instance_hours: 0.0,
+            busy_hours: 0.0,
+            decisions: 0,
             on_demand_hours: 0.0,
             interrupted_builds: 0,
             lost_build_hours: 0.0,
@@ -242,8 +289,11 @@ pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, behaviour: Interruptio
             series: Vec::new(),
         },
         cost_closed: 0.0,
-        behaviour,
-        max_price,
+        behaviour: setup.interruption,
+        max_price: setup.max_price,
+        trigger: setup.trigger,
+        period_s: setup.period_s.max(1),
+        nudge_pending: false,
         fleet_max_prices: vec![None; TYPES.len()],
     };
     // A day of price history before the start, so the 24-hour average exists at t = 0.
@@ -252,6 +302,7 @@ pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, behaviour: Interruptio
         w.push(T0 + j.arrival, Ev::Arrival(i));
     }
     w.push(T0, Ev::Tick);
+    w.push(T0, Ev::Decide);
     let arrivals_end = T0 + (p.hours * 3600.0) as u64;
     let hard_end = arrivals_end + 48 * 3600;
     let mut last_done = 0;
@@ -264,6 +315,15 @@ pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, behaviour: Interruptio
             Ev::Arrival(j) => {
                 w.queue.push_back(j);
                 w.dispatch();
+                if w.trigger == Trigger::OnEnqueue && !w.nudge_pending {
+                    w.nudge_pending = true;
+                    w.push(t + p.nudge_s, Ev::Nudge);
+                }
+            }
+            Ev::Nudge => {
+                w.nudge_pending = false;
+                w.accrue();
+                w.scale(policy);
             }
             Ev::Ready(i, e) if w.inst[i].epoch == e && w.inst[i].st == St::Pending => {
                 w.inst[i].st = St::Running;
@@ -272,11 +332,15 @@ pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, behaviour: Interruptio
             }
             Ev::Done(i, e) if w.inst[i].epoch == e && w.inst[i].st == St::Running => {
                 let j = w.inst[i].job.take().expect("a running build");
+                w.o.busy_hours += t.saturating_sub(w.js[j].attempt_start) as f64 / 3600.0;
                 w.js[j].done = true;
                 w.js[j].owner = None;
                 w.o.builds += 1;
-                w.durations_done.push(w.jobs[j].duration);
-                w.atom_seen.entry(w.jobs[j].atom).or_insert(w.jobs[j].duration);
+                if w.durations_done.len() >= eta::ALL_ATOMS {
+                    w.durations_done.pop_front();
+                }
+                w.durations_done.push_back(w.jobs[j].duration);
+                w.builds.record(&w.jobs[j].atom.to_string(), w.jobs[j].duration as f64);
                 w.inst[i].idle_since = t;
                 last_done = t;
                 w.dispatch();
@@ -296,8 +360,13 @@ pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, behaviour: Interruptio
                 if all_done {
                     break;
                 }
-                w.tick(policy);
+                w.tick();
                 w.push(t + p.tick_s, Ev::Tick);
+            }
+            Ev::Decide => {
+                w.accrue();
+                w.scale(policy);
+                w.push(t + w.period_s, Ev::Decide);
             }
             _ => {}
         }
@@ -422,6 +491,7 @@ impl World<'_> {
         js.owner = Some(i);
         js.attempt_start = now;
         js.epoch += 1;
+        js.expected_s = self.builds.atom_median(&self.jobs[j].atom.to_string()).map(|m| m.round() as u64);
         let remaining = self.jobs[j].duration.saturating_sub(js.progress).max(1);
         self.inst[i].job = Some(j);
         let e = self.inst[i].epoch;
@@ -453,6 +523,7 @@ impl World<'_> {
         if let Some(j) = job {
             self.o.interrupted_builds += 1;
             let done = self.now - self.js[j].attempt_start;
+            self.o.busy_hours += done as f64 / 3600.0;
             self.js[j].progress += done;
         }
         let hibernate = self.behaviour == Interruption::Hibernate && self.inst[i].st == St::Running;
@@ -478,7 +549,7 @@ impl World<'_> {
         if self.durations_done.len() < 5 {
             return None;
         }
-        let mut v = self.durations_done.clone();
+        let mut v: Vec<u64> = self.durations_done.iter().copied().collect();
         let mid = v.len() / 2;
         Some(*v.select_nth_unstable(mid).1)
     }
@@ -495,10 +566,7 @@ impl World<'_> {
                     (St::Pending, _) => (InstanceState::Pending, Activity::Unknown, false),
                     (st, Some(j)) => {
                         let js = &self.js[j];
-                        let expected = self
-                            .atom_seen
-                            .get(&self.jobs[j].atom)
-                            .map(|d| js.attempt_start + d.saturating_sub(js.progress));
+                        let expected = js.expected_s.map(|d| js.attempt_start + d.saturating_sub(js.progress));
                         let state = if st == St::Running { InstanceState::Running } else { InstanceState::Hibernated };
                         (
                             state,
@@ -566,7 +634,8 @@ impl World<'_> {
         }
     }
 
-    fn tick(&mut self, policy: &dyn Policy) {
+    /// The market's minute: prices, outages, interruptions.
+    fn tick(&mut self) {
         let dt = self.p.tick_s as f64;
         self.accrue();
         self.walk_prices(dt);
@@ -600,7 +669,20 @@ impl World<'_> {
             }
         }
         self.dispatch();
+        let live = self.live();
+        let running_cost: f64 = self.inst.iter().map(|x| x.seg_cost).sum();
+        self.o.series.push((
+            (self.now - T0) as f64 / 3600.0,
+            self.queue.len() as u32,
+            live,
+            self.cost_closed + running_cost,
+        ));
+    }
 
+    /// One decision of the policy, applied: the snapshot, the actions, the
+    /// fleet's `maintain`, and idle workers taking what is visible.
+    fn scale(&mut self, policy: &dyn Policy) {
+        self.o.decisions += 1;
         let snap = self.snapshot();
         for a in policy.decide(&snap) {
             match a {
@@ -639,15 +721,7 @@ impl World<'_> {
         }
         self.maintain();
         self.dispatch();
-        let live = self.live();
-        self.o.peak_instances = self.o.peak_instances.max(live);
-        let running_cost: f64 = self.inst.iter().map(|x| x.seg_cost).sum();
-        self.o.series.push((
-            (self.now - T0) as f64 / 3600.0,
-            self.queue.len() as u32,
-            live,
-            self.cost_closed + running_cost,
-        ));
+        self.o.peak_instances = self.o.peak_instances.max(self.live());
     }
 
     /// EC2 Fleet `maintain`: launch up to the target.

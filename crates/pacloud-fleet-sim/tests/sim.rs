@@ -120,3 +120,45 @@ fn trace_follows_the_requested_rate() {
     assert!(durations.iter().all(|&d| (10..=6 * 3600).contains(&d)));
     assert!(durations.iter().any(|&d| d > 3600), "a few builds take hours");
 }
+
+#[test]
+fn a_nudge_on_enqueue_starts_a_cold_build_after_one_boot_not_after_the_next_tick() {
+    use pacloud_fleet::{Config, PacloudPolicy};
+    use pacloud_fleet_sim::{Interruption, Job, MaxPrice, Setup, Trigger, run};
+    // One build arriving 10 s after a tick on an empty fleet.
+    let p = Params { hours: 1.0, interruption_rate: 0.0, capacity_error_rate: 0.0, ..Params::default() };
+    let jobs = vec![Job { arrival: 10, atom: 0, duration: 300 }];
+    let policy = PacloudPolicy::new(Config::default()).unwrap();
+    let setup = |trigger, period_s| Setup {
+        interruption: Interruption::Hibernate,
+        max_price: MaxPrice::Multiplier(1.2),
+        trigger,
+        period_s,
+    };
+    let cron = run(&p, &jobs, &policy, setup(Trigger::Periodic, 60));
+    let nudged = run(&p, &jobs, &policy, setup(Trigger::OnEnqueue, 60));
+    // The cron launches at the next tick (t = 60) and the worker polls a boot later.
+    assert_eq!(cron.wait_max_s, 60 - 10 + p.boot_s);
+    // The nudge launches `nudge_s` after the enqueue.
+    assert_eq!(nudged.wait_max_s, p.nudge_s + p.boot_s);
+    assert_eq!(nudged.builds, 1);
+    assert!(nudged.decisions > cron.decisions, "the nudge is one more decision");
+    // The faster start costs nothing more: both bill the boot and the build,
+    // plus an idle tail until a decision finds the instance idle past the timeout.
+    for o in [&cron, &nudged] {
+        let secs = o.instance_hours * 3600.0;
+        assert!(secs >= 360.0 - 1e-6 && secs <= 360.0 + 60.0 + 10.0 + 1e-6, "{secs}");
+    }
+}
+
+#[test]
+fn busy_hours_are_the_builds_and_the_rest_is_boot_and_idle() {
+    let p = Params { hours: 6.0, interruption_rate: 0.0, ..Params::default() };
+    let jobs = trace(&p);
+    let work: u64 = jobs.iter().map(|j| j.duration).sum();
+    for name in POLICIES {
+        let o = simulate(&p, &jobs, name).unwrap();
+        assert!((o.busy_hours - work as f64 / 3600.0).abs() < 1e-6, "{name}: {} vs {}", o.busy_hours, work);
+        assert!(o.instance_hours > o.busy_hours, "{name}");
+    }
+}

@@ -16,10 +16,22 @@ use crate::{Action, FallbackReason, Policy, TerminateReason};
 /// 10 % of the older ones (rounded up), whether busy or not; spot first,
 /// on-demand when spot requests fail; a per-type limit. Idle instances are
 /// stopped by its companion script after `idle_timeout_s`. It knows nothing
-/// of hibernation, prices or build history.
-#[derive(Debug, Clone, Default)]
+/// of hibernation, prices or build history. It runs from a cron (the
+/// simulator calls it once a minute).
+#[derive(Debug, Clone)]
 pub struct WatchPending {
+    /// Limits, fresh delay, old fraction (its own rules' numbers).
     pub config: Config,
+    /// Idle time before the companion script stops an instance. Default 120 s,
+    /// what every comparison in docs/fleet.md has given it (not read from
+    /// Mozilla's script); docs/fleet.md also shows it with pacloud's 10 s.
+    pub idle_timeout_s: u64,
+}
+
+impl Default for WatchPending {
+    fn default() -> Self {
+        WatchPending { config: Config::default(), idle_timeout_s: 120 }
+    }
 }
 
 impl Policy for WatchPending {
@@ -40,7 +52,7 @@ impl Policy for WatchPending {
             let old = live.len() - fresh;
             let delta = fresh as u32 + (old as f64 * c.old_instance_fraction).ceil() as u32;
             let to_start = f.queue.visible.saturating_sub(delta);
-            let kill = idle_past(f, s.now, c.idle_timeout_s, f.queue.visible);
+            let kill = idle_past(f, s.now, self.idle_timeout_s, f.queue.visible);
             let fleet_count = f.instances.iter().filter(|i| i.state != InstanceState::Stopping).count() as u32;
             let kept = fleet_count - kill.len() as u32;
             push_terminate(&mut out, f, kill, TerminateReason::Idle);

@@ -33,7 +33,8 @@
 //!    when no candidate type can supply spot, the new instances are asked
 //!    for on-demand.
 //! 9. **Idle timeout**: idle instances beyond what the queue needs, idle for
-//!    `idle_timeout_s`, are terminated, on-demand first, never below the
+//!    `idle_timeout_s` (10 s: with the scaler nudged on every enqueue a
+//!    relaunch costs one boot, so idling does not pay), are terminated, on-demand first, never below the
 //!    minimum; never a busy, unreported or lease-holding instance, never a
 //!    hibernated one (EC2 bills per second after the first minute, so there
 //!    is no "end of the billed hour" rule to keep).
@@ -64,11 +65,14 @@ pub struct Config {
     /// Mozilla aws_watch_pending's 10 %.
     pub old_instance_fraction: f64,
     /// An idle instance is terminated after this long when the queue does not
-    /// need it. Default 120 s: the ski-rental break-even of a relaunch (its
-    /// ≈ 60 s billed boot, plus ≈ 60 s of the next build's wait). Keeping
-    /// idle instances longer buys p95 wait at a price: in the simulator, 600 s
-    /// (buildbot's `build_wait_timeout`) gives per-job's p95 at per-job's cost,
-    /// 120 s is cheaper than watch-pending on quiet, default and busy days
+    /// need it. Default 10 s: twice the worker's tag coalescing (5 s), so a
+    /// worker that has just taken a job is never seen idle by a terminate
+    /// decision. Keeping idle instances longer does not pay once the scaler
+    /// reacts to each enqueue within seconds (the API's nudge): an idle
+    /// instance saves at most one billed boot (≈ 60 s) on the next arrival
+    /// and costs that much per minute it waits, so it only pays when builds
+    /// arrive faster than one per boot, and then the p95 wait is a boot
+    /// anyway. In the simulator 120 s costs 6–8 % more for the same p95
     /// (docs/fleet.md, "Results").
     pub idle_timeout_s: u64,
     /// Ask for on-demand when spot cannot supply. Default on.
@@ -81,8 +85,13 @@ pub struct Config {
     /// Pending longer than this = never showed up. Default 600 s (buildbot's
     /// `missing_timeout` is 1200 s for slower boots; EC2 boots in about 60 s).
     pub boot_timeout_s: u64,
-    /// Launch-to-polling time used to judge "freeing soon". Default 90 s
-    /// (about 60 s EC2 boot + the worker's start).
+    /// "Freeing soon" window: a busy instance whose build is expected to end
+    /// within this many seconds counts as a free slot, so a queued build waits
+    /// for it instead of a launch. Default 30 s, half a boot: the expected end
+    /// is the atom's median build time, and one build of an atom varies about
+    /// ±25 % around it, so a late build must still leave the wait under the
+    /// ≈ 65 s a launch takes (nudge + boot). 60–90 s cost p95 (late builds
+    /// make queued ones wait a launch on top) for under 0.3 % of cost.
     pub expected_boot_s: u64,
     /// Acceptable wait-to-start for the backlog-per-instance rule. Default
     /// 180 s, the project's p95 target.
@@ -97,12 +106,12 @@ impl Default for Config {
             max_price_multiplier: 1.2,
             fresh_instance_delay_s: 1200,
             old_instance_fraction: 0.1,
-            idle_timeout_s: 120,
+            idle_timeout_s: 10,
             on_demand_fallback: true,
             spot: true,
             unavailable_for_s: 180,
             boot_timeout_s: 600,
-            expected_boot_s: 90,
+            expected_boot_s: 30,
             target_wait_s: 180,
         }
     }

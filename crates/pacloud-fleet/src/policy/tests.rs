@@ -106,7 +106,7 @@ fn ten_percent_of_old_busy_instances_are_assumed_to_free_up() {
 fn expected_build_end_from_history_replaces_the_ten_percent_guess() {
     let mut f = fam();
     f.queue.visible = 3;
-    let ends = [NOW + 30, NOW + 60, NOW + 3600, NOW + 7200];
+    let ends = [NOW + 10, NOW + 25, NOW + 45, NOW + 3600, NOW + 7200];
     f.instances = ends
         .iter()
         .enumerate()
@@ -116,12 +116,12 @@ fn expected_build_end_from_history_replaces_the_ten_percent_guess() {
             i
         })
         .collect();
-    // Two end within one boot (90 s): 3 - 2 = 1 more.
-    assert_eq!(target(&decide(&pacloud(), f.clone())), Some((5, 0)));
+    // Two end within the freeing window (30 s), the one at +45 s does not: 3 - 2 = 1 more.
+    assert_eq!(target(&decide(&pacloud(), f.clone())), Some((6, 0)));
     // A build past its expected end is late, and a late heavy-tailed build is
     // not about to end: not counted as freeing (3 - 1 = 2 more).
     f.instances[0].activity = Activity::Busy { since: NOW - 600, expected_done_at: Some(NOW - 1) };
-    assert_eq!(target(&decide(&pacloud(), f.clone())), Some((6, 0)));
+    assert_eq!(target(&decide(&pacloud(), f.clone())), Some((7, 0)));
     f.instances[0].activity = Activity::Busy { since: NOW - 600, expected_done_at: Some(NOW + 30) };
 
     // Atoms never built before: with history (a median exists) nothing is assumed to
@@ -131,10 +131,10 @@ fn expected_build_end_from_history_replaces_the_ten_percent_guess() {
     for i in &mut f.instances {
         i.activity = Activity::Busy { since: NOW - 590, expected_done_at: None };
     }
-    assert_eq!(target(&decide(&pacloud(), f.clone())), Some((7, 0)));
-    // Without any history: Mozilla's ceil(10 % of 4 old busy) = 1 frees up: 2 more.
+    assert_eq!(target(&decide(&pacloud(), f.clone())), Some((8, 0)));
+    // Without any history: Mozilla's ceil(10 % of 5 old busy) = 1 frees up: 2 more.
     f.median_build_s = None;
-    assert_eq!(target(&decide(&pacloud(), f)), Some((6, 0)));
+    assert_eq!(target(&decide(&pacloud(), f)), Some((7, 0)));
 }
 
 #[test]
@@ -310,7 +310,7 @@ fn never_terminates_busy_unreported_or_lease_holding_instances() {
         hib_idle,
         idle_lease,
         idle("idle-long", 9000, 9000),
-        idle("idle-short", 9000, 10),
+        idle("idle-short", 9000, 5),
     ];
     f.fleet.total = 7;
     for p in [&pacloud() as &dyn Policy, &WatchPending::default(), &PerJob::default(), &Fixed { n: 0 }] {
@@ -338,7 +338,10 @@ fn limits_bound_the_target_and_the_minimum_survives_idleness() {
     assert_eq!(target(&decide(&pacloud(), f.clone())), Some((64, 0)));
     let small = PacloudPolicy::new(Config { max_instances: 8, ..Config::default() }).unwrap();
     assert_eq!(target(&decide(&small, f.clone())), Some((8, 0)));
-    assert_eq!(target(&decide(&WatchPending { config: small.config.clone() }, f.clone())), Some((8, 0)));
+    assert_eq!(
+        target(&decide(&WatchPending { config: small.config.clone(), ..WatchPending::default() }, f.clone())),
+        Some((8, 0))
+    );
 
     f.queue.visible = 0;
     f.instances = vec![idle("a", 9000, 9000), idle("b", 9000, 9000), idle("c", 9000, 9000)];
