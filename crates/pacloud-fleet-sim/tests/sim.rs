@@ -147,7 +147,7 @@ fn a_nudge_on_enqueue_starts_a_cold_build_after_one_boot_not_after_the_next_tick
     // plus an idle tail until a decision finds the instance idle past the timeout.
     for o in [&cron, &nudged] {
         let secs = o.instance_hours * 3600.0;
-        assert!(secs >= 360.0 - 1e-6 && secs <= 360.0 + 60.0 + 10.0 + 1e-6, "{secs}");
+        assert!((360.0 - 1e-6..=360.0 + 60.0 + 10.0 + 1e-6).contains(&secs), "{secs}");
     }
 }
 
