@@ -60,16 +60,14 @@ pub struct Params {
     /// The worker lease / visibility timeout. Default 60 s (the template's
     /// LeaseSeconds); a hibernated worker's build is requeued after it.
     pub lease_s: u64,
-    /// The market's step and the seeds' scaler period. Default 60 s (a cron
+    /// The market's step and every policy's period. Default 60 s (a cron
     /// or an EventBridge schedule every minute).
     pub tick_s: u64,
-    /// pacloud's scaler period. Default 20 s: each scheduled invocation
-    /// (every minute) runs three ticks 20 s apart.
-    pub scaler_period_s: u64,
-    /// Enqueue to decision, for policies triggered on enqueue. Default 5 s:
-    /// the API's SendMessage to the fleet events queue, the SQS event source
-    /// mapping's long poll handing the batch to the scaler (reserved
-    /// concurrency 1), and the tick's reads before ModifyFleet.
+    /// Event to decision, for policies triggered by events (an enqueue, an
+    /// idle worker). Default 5 s: a SendMessage to the fleet events queue,
+    /// the SQS event source mapping handing the batch to the scaler
+    /// (reserved concurrency 1), and the tick's reads before it acts. The
+    /// same for buildbot's direct EC2 calls (AWS publishes neither figure).
     pub nudge_s: u64,
     /// Build time: an atom's median is log-normal(median, σ), each build of
     /// it log-normal around that with σ = 0.25, capped. Defaults 240 s,
@@ -103,7 +101,6 @@ impl Default for Params {
             resume_mean_s: 900.0,
             lease_s: 60,
             tick_s: 60,
-            scaler_period_s: 20,
             nudge_s: 5,
             build_median_s: 240.0,
             build_sigma: 1.3,

@@ -51,16 +51,27 @@ pub enum MaxPrice {
     Multiplier(f64),
 }
 
-/// What triggers a policy's decisions besides its period.
+/// When a policy decides: its period, and the events that call it at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
-    /// Only the period: a cron (Mozilla's watch_pending) or a schedule alone.
-    Periodic,
-    /// The period, plus a decision `Params::nudge_s` after a build is
-    /// enqueued (coalesced: one pending nudge at a time). pacloud's API sends
-    /// a nudge to the scaler's events queue for every new job; buildbot
-    /// substantiates a latent worker when a build request arrives.
-    OnEnqueue,
+pub struct Triggers {
+    /// Seconds between periodic decisions (a cron or a schedule every minute).
+    pub period_s: u64,
+    /// A decision `Params::nudge_s` after a build is enqueued. pacloud's API
+    /// sends a nudge to the scaler's events queue for every new job;
+    /// buildbot substantiates a latent worker when a build request arrives.
+    pub on_enqueue: bool,
+    /// A decision `Params::nudge_s` after a worker has been idle this long.
+    /// pacloud's worker nudges the scaler when idle past the idle timeout;
+    /// buildbot's latent worker shuts down on its own `build_wait_timeout`
+    /// timer.
+    pub on_idle_after_s: Option<u64>,
+}
+
+impl Triggers {
+    /// A cron: the period only.
+    pub fn periodic(period_s: u64) -> Triggers {
+        Triggers { period_s, on_enqueue: false, on_idle_after_s: None }
+    }
 }
 
 /// How one policy's fleet behaves in the world.
@@ -68,13 +79,9 @@ pub enum Trigger {
 pub struct Setup {
     pub interruption: Interruption,
     pub max_price: MaxPrice,
-    pub trigger: Trigger,
-    /// Seconds between periodic decisions (`Params::tick_s` for a cron
-    /// every minute; pacloud's scaler ticks every `Params::scaler_period_s`
-    /// within each scheduled invocation). The market moves every
-    /// `Params::tick_s` whatever the policy's period, so every policy of a
-    /// seed meets the same prices and outages.
-    pub period_s: u64,
+    /// The market moves every `Params::tick_s` whatever the policy's
+    /// triggers, so every policy of a seed meets the same prices and outages.
+    pub triggers: Triggers,
 }
 
 /// A job of the trace.
@@ -207,6 +214,8 @@ enum Ev {
     Resume(usize, u32),
     Decide,
     Nudge,
+    /// Instance, epoch, idle since: still idle then, its worker nudges.
+    IdleCheck(usize, u32, u64),
 }
 
 struct World<'a> {
@@ -239,8 +248,7 @@ struct World<'a> {
     cost_closed: f64,
     behaviour: Interruption,
     max_price: MaxPrice,
-    trigger: Trigger,
-    period_s: u64,
+    triggers: Triggers,
     nudge_pending: bool,
     /// The fleet's spot max price per type, as the policy set it
     /// (`SetSpotMaxPrices`); a type without one launches up to `max_price`.
@@ -291,8 +299,7 @@ pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, setup: Setup) -> Outco
         cost_closed: 0.0,
         behaviour: setup.interruption,
         max_price: setup.max_price,
-        trigger: setup.trigger,
-        period_s: setup.period_s.max(1),
+        triggers: Triggers { period_s: setup.triggers.period_s.max(1), ..setup.triggers },
         nudge_pending: false,
         fleet_max_prices: vec![None; TYPES.len()],
     };
@@ -315,9 +322,8 @@ pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, setup: Setup) -> Outco
             Ev::Arrival(j) => {
                 w.queue.push_back(j);
                 w.dispatch();
-                if w.trigger == Trigger::OnEnqueue && !w.nudge_pending {
-                    w.nudge_pending = true;
-                    w.push(t + p.nudge_s, Ev::Nudge);
+                if w.triggers.on_enqueue {
+                    w.nudge();
                 }
             }
             Ev::Nudge => {
@@ -327,7 +333,7 @@ pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, setup: Setup) -> Outco
             }
             Ev::Ready(i, e) if w.inst[i].epoch == e && w.inst[i].st == St::Pending => {
                 w.inst[i].st = St::Running;
-                w.inst[i].idle_since = t;
+                w.went_idle(i);
                 w.dispatch();
             }
             Ev::Done(i, e) if w.inst[i].epoch == e && w.inst[i].st == St::Running => {
@@ -341,7 +347,7 @@ pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, setup: Setup) -> Outco
                 }
                 w.durations_done.push_back(w.jobs[j].duration);
                 w.builds.record(&w.jobs[j].atom.to_string(), w.jobs[j].duration as f64);
-                w.inst[i].idle_since = t;
+                w.went_idle(i);
                 last_done = t;
                 w.dispatch();
             }
@@ -366,7 +372,13 @@ pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, setup: Setup) -> Outco
             Ev::Decide => {
                 w.accrue();
                 w.scale(policy);
-                w.push(t + w.period_s, Ev::Decide);
+                w.push(t + w.triggers.period_s, Ev::Decide);
+            }
+            Ev::IdleCheck(i, e, since) => {
+                let x = &w.inst[i];
+                if x.epoch == e && x.st == St::Running && x.job.is_none() && x.idle_since == since {
+                    w.nudge();
+                }
             }
             _ => {}
         }
@@ -386,6 +398,23 @@ pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, setup: Setup) -> Outco
 pub const T0: u64 = 24 * 3600;
 
 impl World<'_> {
+    /// A decision `nudge_s` from now, unless one is already coming.
+    fn nudge(&mut self) {
+        if !self.nudge_pending {
+            self.nudge_pending = true;
+            self.push(self.now + self.p.nudge_s, Ev::Nudge);
+        }
+    }
+
+    /// Instance `i` has no build from now on (it may take one at once).
+    fn went_idle(&mut self, i: usize) {
+        self.inst[i].idle_since = self.now;
+        if let Some(after) = self.triggers.on_idle_after_s {
+            let e = self.inst[i].epoch;
+            self.push(self.now + after, Ev::IdleCheck(i, e, self.now));
+        }
+    }
+
     fn push(&mut self, t: u64, ev: Ev) {
         self.seq += 1;
         self.heap.push(Reverse((t, self.seq, ev)));
@@ -502,7 +531,7 @@ impl World<'_> {
         self.inst[i].st = St::Running;
         self.inst[i].epoch += 1;
         self.start_billing(i);
-        self.inst[i].idle_since = self.now;
+        self.went_idle(i);
         if let Some(j) = self.inst[i].job.take() {
             let mine = self.js[j].owner == Some(i);
             let waiting = !self.js[j].done && self.js[j].owner.is_none() && self.queue.contains(&j);

@@ -124,19 +124,15 @@ fn trace_follows_the_requested_rate() {
 #[test]
 fn a_nudge_on_enqueue_starts_a_cold_build_after_one_boot_not_after_the_next_tick() {
     use pacloud_fleet::{Config, PacloudPolicy};
-    use pacloud_fleet_sim::{Interruption, Job, MaxPrice, Setup, Trigger, run};
+    use pacloud_fleet_sim::{Interruption, Job, MaxPrice, Setup, Triggers, run};
     // One build arriving 10 s after a tick on an empty fleet.
     let p = Params { hours: 1.0, interruption_rate: 0.0, capacity_error_rate: 0.0, ..Params::default() };
     let jobs = vec![Job { arrival: 10, atom: 0, duration: 300 }];
     let policy = PacloudPolicy::new(Config::default()).unwrap();
-    let setup = |trigger, period_s| Setup {
-        interruption: Interruption::Hibernate,
-        max_price: MaxPrice::Multiplier(1.2),
-        trigger,
-        period_s,
-    };
-    let cron = run(&p, &jobs, &policy, setup(Trigger::Periodic, 60));
-    let nudged = run(&p, &jobs, &policy, setup(Trigger::OnEnqueue, 60));
+    let setup =
+        |triggers| Setup { interruption: Interruption::Hibernate, max_price: MaxPrice::Multiplier(1.2), triggers };
+    let cron = run(&p, &jobs, &policy, setup(Triggers::periodic(60)));
+    let nudged = run(&p, &jobs, &policy, setup(Triggers { on_enqueue: true, ..Triggers::periodic(60) }));
     // The cron launches at the next tick (t = 60) and the worker polls a boot later.
     assert_eq!(cron.wait_max_s, 60 - 10 + p.boot_s);
     // The nudge launches `nudge_s` after the enqueue.
