@@ -12,6 +12,8 @@
 //!   redrive policy for dead letters.
 //! - [`S3ArtifactStore`]: PutObject with a SHA-256 checksum, conditional
 //!   create (`If-None-Match: *`), presigned GET URLs, HeadObject, listing.
+//! - [`nudge`]: the nudges that make the fleet scaler tick at once (a job
+//!   made visible, a worker idle past the idle timeout).
 //! - [`fleet::FleetClient`]: what the scaler Lambda reads and does on EC2
 //!   and SQS (worker fleets and instances by tag, spot prices, fleet
 //!   history, ModifyFleet, TerminateInstances), with bounded backoff.
@@ -19,6 +21,7 @@
 mod dynamo;
 pub mod fleet;
 pub mod kms;
+pub mod nudge;
 pub mod provision;
 mod s3;
 mod sqs;
@@ -47,6 +50,10 @@ pub struct AwsConfig {
     pub force_path_style: bool,
     /// Presigned URL lifetime, capped at one hour.
     pub url_ttl: Duration,
+    /// The fleet scaler's events queue: when set, the job queue nudges the
+    /// scaler after each job it makes visible, and an AWS worker when it is
+    /// idle past the idle timeout ([`nudge`]).
+    pub scaler_events_url: Option<String>,
 }
 
 /// Failure to configure the AWS clients.
@@ -118,7 +125,8 @@ pub async fn connect(config: &AwsConfig) -> AwsPorts {
     let c = clients(config).await;
     AwsPorts {
         store: DynamoStore::new(c.dynamodb.clone(), config.table.clone()),
-        queue: SqsQueue::new(c.sqs.clone(), config.queue_url.clone(), config.dlq_url.clone()),
+        queue: SqsQueue::new(c.sqs.clone(), config.queue_url.clone(), config.dlq_url.clone())
+            .with_nudger(config.scaler_events_url.clone().map(|url| nudge::Nudger::new(c.sqs.clone(), url))),
         artifacts: S3ArtifactStore::new(c.s3.clone(), config.bucket.clone(), config.url_ttl),
     }
 }

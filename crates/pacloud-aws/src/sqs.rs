@@ -1,7 +1,8 @@
 //! The job queue on SQS. Visibility and delays are whole seconds (rounded
 //! up); a long poll waits at most 20 s (SQS's limit); the receive count is
 //! SQS's ApproximateReceiveCount; dead-lettering is the queue's redrive
-//! policy, so this adapter never moves messages itself.
+//! policy, so this adapter never moves messages itself. With a nudger, a
+//! job sent without delay is followed by a nudge to the fleet scaler.
 
 use async_trait::async_trait;
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
@@ -16,6 +17,7 @@ pub struct SqsQueue {
     client: aws_sdk_sqs::Client,
     url: String,
     dlq_url: Option<String>,
+    nudger: Option<crate::nudge::Nudger>,
 }
 
 /// Whole seconds, rounded up, within SQS's limits.
@@ -26,7 +28,14 @@ fn secs(d: Duration, max: i32) -> i32 {
 
 impl SqsQueue {
     pub fn new(client: aws_sdk_sqs::Client, url: String, dlq_url: Option<String>) -> Self {
-        SqsQueue { client, url, dlq_url }
+        SqsQueue { client, url, dlq_url, nudger: None }
+    }
+
+    /// Nudges the fleet scaler after every job sent without a delay (a
+    /// delayed one is a backoff: the schedule finds it when it is visible).
+    pub fn with_nudger(mut self, nudger: Option<crate::nudge::Nudger>) -> Self {
+        self.nudger = nudger;
+        self
     }
 
     /// The queue's redrive `maxReceiveCount`, if it has a redrive policy.
@@ -107,6 +116,9 @@ impl JobQueue for SqsQueue {
             .send()
             .await
             .map_err(|e| QueueError::Unavailable(boxed(e)))?;
+        if let Some(n) = self.nudger.as_ref().filter(|_| delay.is_zero()) {
+            n.send_or_log(crate::nudge::NudgeKind::Enqueued, None).await;
+        }
         Ok(out.message_id.unwrap_or_default())
     }
 

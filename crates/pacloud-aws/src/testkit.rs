@@ -65,6 +65,7 @@ impl Moto {
             static_credentials: Some(("testing".into(), "testing".into())),
             force_path_style: true,
             url_ttl: Duration::from_secs(900),
+            scaler_events_url: None,
         }
     }
 

@@ -9,6 +9,7 @@
 //! | `PACLOUD_QUEUE_URL` | SQS job queue URL (required) |
 //! | `PACLOUD_BUCKET` | S3 artifact bucket (required) |
 //! | `PACLOUD_DLQ_URL` | dead-letter queue URL (optional) |
+//! | `PACLOUD_SCALER_EVENTS_URL` | the fleet scaler's events queue: a nudge after each job made visible (optional) |
 //! | `PACLOUD_URL_TTL_SECS` | presigned URL lifetime, 1..=3600, default 900 |
 //! | `PACLOUD_TOKENS` | comma-separated bearer tokens that may start builds; empty = everyone may |
 //! | `PACLOUD_BASE_PATH` | link prefix such as an API Gateway stage `/prod`; also stripped from incoming paths |
@@ -93,6 +94,7 @@ impl LambdaConfig {
         let queue_url = required("PACLOUD_QUEUE_URL")?;
         let bucket = required("PACLOUD_BUCKET")?;
         let dlq_url = get("PACLOUD_DLQ_URL");
+        let scaler_events_url = get("PACLOUD_SCALER_EVENTS_URL");
         let url_ttl = secs("PACLOUD_URL_TTL_SECS", 900, MAX_URL_TTL_SECS)?;
         let requeue_after = secs("PACLOUD_REQUEUE_AFTER_SECS", 900, u64::from(u32::MAX))?;
         let poll_after = secs("PACLOUD_POLL_AFTER_SECS", 5, 3600)?;
@@ -138,6 +140,7 @@ impl LambdaConfig {
                 static_credentials: None,
                 force_path_style,
                 url_ttl,
+                scaler_events_url,
             },
             tokens,
             base_path,

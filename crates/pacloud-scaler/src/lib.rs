@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 
 use pacloud_aws::fleet::{FleetClient, FleetError, WorkerFleet};
+use pacloud_aws::nudge::{self, NudgeKind};
 use pacloud_fleet::{
     Action, CpuFamily, FamilySnapshot, InstanceState, PacloudPolicy, Policy, Secs, Snapshot, TerminateReason,
 };
@@ -77,10 +78,11 @@ impl Settings {
 pub enum Trigger {
     /// The EventBridge schedule (every minute).
     Schedule,
-    /// A batch from the fleet events queue: the EC2 events it held, and how
-    /// many records were malformed (logged, dropped: the tick that follows
-    /// reads the instances' real state anyway).
-    FleetEvents { events: Vec<FleetEvent>, malformed: usize },
+    /// A batch from the fleet events queue: the EC2 events it held, the
+    /// pacloud nudges (a job made visible, a worker idle past the idle
+    /// timeout: `pacloud_aws::nudge`), and how many records were malformed
+    /// (logged, dropped: the tick that follows reads the real state anyway).
+    FleetEvents { events: Vec<FleetEvent>, nudges: Vec<NudgeKind>, malformed: usize },
 }
 
 /// An EC2 event from EventBridge (via the fleet events queue).
@@ -109,12 +111,22 @@ pub struct EventError(pub String);
 pub fn parse_trigger(v: &Value) -> Result<Trigger, EventError> {
     if let Some(records) = v.get("Records").and_then(Value::as_array) {
         let mut events = Vec::new();
+        let mut nudges = Vec::new();
         let mut malformed = 0;
         for r in records {
             if r.get("eventSource").and_then(Value::as_str) != Some("aws:sqs") {
                 return Err(EventError("a Records batch that is not from SQS".into()));
             }
             match r.get("body").and_then(Value::as_str).map(serde_json::from_str::<Value>) {
+                Some(Ok(body)) if body.get("source").and_then(Value::as_str) == Some(nudge::SOURCE) => {
+                    match body.get("detail-type").and_then(Value::as_str).and_then(NudgeKind::from_detail_type) {
+                        Some(k) => nudges.push(k),
+                        None => {
+                            tracing::warn!(message_id = ?r.get("messageId"), "pacloud nudge of an unknown kind dropped");
+                            malformed += 1;
+                        }
+                    }
+                }
                 Some(Ok(body)) => match parse_ec2_event(&body) {
                     Ok(e) => events.push(e),
                     Err(e) => {
@@ -128,7 +140,7 @@ pub fn parse_trigger(v: &Value) -> Result<Trigger, EventError> {
                 }
             }
         }
-        return Ok(Trigger::FleetEvents { events, malformed });
+        return Ok(Trigger::FleetEvents { events, nudges, malformed });
     }
     match (v.get("source").and_then(Value::as_str), v.get("detail-type").and_then(Value::as_str)) {
         (Some("aws.events"), Some("Scheduled Event")) => Ok(Trigger::Schedule),
@@ -322,9 +334,12 @@ pub async fn handle(client: &FleetClient, settings: &Settings, event: &Value, no
             return serde_json::json!({ "ignored": e.to_string() });
         }
     };
-    if let Trigger::FleetEvents { events, malformed } = &trigger {
+    if let Trigger::FleetEvents { events, nudges, malformed } = &trigger {
         for e in events {
             tracing::info!(instance = e.instance_id, kind = ?e.kind, "fleet event");
+        }
+        if !nudges.is_empty() {
+            tracing::info!(?nudges, "nudged");
         }
         if *malformed > 0 {
             tracing::warn!(malformed, "malformed fleet events dropped");
@@ -362,9 +377,13 @@ mod tests {
             {"eventSource": "aws:sqs", "messageId": "2", "body": state.to_string()},
             {"eventSource": "aws:sqs", "messageId": "3", "body": "{not json"},
             {"eventSource": "aws:sqs", "messageId": "4", "body": json!({"source": "aws.ec2", "detail-type": "EC2 Spot Instance Interruption Warning", "detail": {"instance-id": "i-1"}}).to_string()},
+            {"eventSource": "aws:sqs", "messageId": "5", "body": nudge::body(NudgeKind::Enqueued, None)},
+            {"eventSource": "aws:sqs", "messageId": "6", "body": nudge::body(NudgeKind::WorkerIdle, Some("i-0abe"))},
+            {"eventSource": "aws:sqs", "messageId": "7", "body": json!({"source": "pacloud", "detail-type": "Coffee Ready"}).to_string()},
         ]});
-        let Trigger::FleetEvents { events, malformed } = parse_trigger(&batch).unwrap() else { panic!() };
-        assert_eq!(malformed, 2);
+        let Trigger::FleetEvents { events, nudges, malformed } = parse_trigger(&batch).unwrap() else { panic!() };
+        assert_eq!(malformed, 3);
+        assert_eq!(nudges, vec![NudgeKind::Enqueued, NudgeKind::WorkerIdle]);
         assert_eq!(
             events,
             vec![
@@ -378,6 +397,11 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn the_workers_idle_nudge_waits_the_policys_idle_timeout() {
+        assert_eq!(nudge::IDLE_AFTER.as_secs(), pacloud_fleet::Config::default().idle_timeout_s);
     }
 
     #[test]

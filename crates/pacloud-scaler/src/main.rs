@@ -24,6 +24,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         static_credentials: None,
         force_path_style: false,
         url_ttl: std::time::Duration::from_secs(900),
+        scaler_events_url: None,
     };
     let client = FleetClient::connect(&config).await;
     let (client, settings) = (&client, &settings);

@@ -41,6 +41,7 @@ pub fn aws_config(settings: &Settings) -> anyhow::Result<AwsConfig> {
         static_credentials: None,
         force_path_style: a.force_path_style,
         url_ttl: settings.url_ttl,
+        scaler_events_url: a.scaler_events_url.clone(),
     })
 }
 
@@ -171,6 +172,22 @@ fn start_activity_tags(
             since: u64::try_from(a.since.0 / 1000).unwrap_or(0),
         };
         let (tx, rx) = tokio::sync::watch::channel(secs(&activity.borrow()));
+        // Idle past the policy's idle timeout: nudge the scaler to terminate
+        // this instance now rather than at its next scheduled tick.
+        let nudger = match &config.scaler_events_url {
+            Some(url) => {
+                let sqs = pacloud_aws::clients(&config).await.sqs;
+                let n = pacloud_aws::nudge::Nudger::new(sqs, url.clone());
+                Some(tokio::spawn(pacloud_aws::nudge::run_idle_nudger(
+                    n,
+                    id.clone(),
+                    tx.subscribe(),
+                    pacloud_aws::nudge::IDLE_AFTER,
+                    stop.clone(),
+                )))
+            }
+            None => None,
+        };
         let client = pacloud_aws::fleet::FleetClient::connect(&config).await;
         let tagger =
             tokio::spawn(pacloud_aws::fleet::run_activity_tagger(client, id, rx, Duration::from_secs(5), stop.clone()));
@@ -187,6 +204,9 @@ fn start_activity_tags(
         }
         drop(tx);
         let _ = tagger.await;
+        if let Some(n) = nudger {
+            let _ = n.await;
+        }
     });
 }
 

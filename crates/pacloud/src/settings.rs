@@ -95,6 +95,10 @@ pub struct AwsFileSettings {
     /// (`PACLOUD_AWS_SIGNING_KEY_ID`); docs/aws.md.
     pub signing_key_id: Option<String>,
     pub spot_poll_ms: Option<u64>,
+    /// The fleet scaler's events queue (`PACLOUD_AWS_SCALER_EVENTS_URL`): the
+    /// worker nudges the scaler there when idle past the idle timeout
+    /// (docs/fleet.md); unset, the scaler's schedule alone finds it.
+    pub scaler_events_url: Option<String>,
 }
 
 /// The `[build]` table: how `serve` (and `worker`) build packages.
@@ -509,6 +513,7 @@ impl Settings {
             ("PACLOUD_AWS_REGION", &mut self.aws.region),
             ("PACLOUD_IMDS_ENDPOINT", &mut self.aws.imds_endpoint),
             ("PACLOUD_AWS_SIGNING_KEY_ID", &mut self.aws.signing_key_id),
+            ("PACLOUD_AWS_SCALER_EVENTS_URL", &mut self.aws.scaler_events_url),
         ] {
             if let Some(v) = env(name) {
                 *slot = Some(v);
