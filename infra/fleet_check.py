@@ -127,8 +127,10 @@ for key, (name, arch) in FAMILIES.items():
           f"{name}: user data writes /etc/pacloud/worker.env with this stack's queue, table and bucket")
     check(env.get("PACLOUD_AWS_SIGNING_KEY_ID") == outputs["BinhostSigningKeyArn"],
           f"{name}: workers sign with this stack's KMS key (they refuse to start without one)")
+    check(env.get("PACLOUD_AWS_SCALER_EVENTS_URL") == outputs["FleetEventsQueueUrl"],
+          f"{name}: workers nudge this stack's scaler through its events queue")
     unknown = set(env) - {"PACLOUD_AWS_TABLE", "PACLOUD_AWS_QUEUE_URL", "PACLOUD_AWS_DLQ_URL", "PACLOUD_AWS_BUCKET",
-                          "PACLOUD_AWS_SIGNING_KEY_ID",
+                          "PACLOUD_AWS_SIGNING_KEY_ID", "PACLOUD_AWS_SCALER_EVENTS_URL",
                           "PACLOUD_AWS_REGION", "PACLOUD_URL_TTL_SECS", "PACLOUD_MAX_RECEIVES", "PACLOUD_WORKERS"}
     check(not unknown, f"{name}: user data sets only settings the worker reads (unknown: {sorted(unknown)})")
 

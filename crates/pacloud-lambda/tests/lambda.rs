@@ -41,6 +41,10 @@ async fn post_event_queues_exactly_one_job() {
     let b64 = d.call(&event("post-build-base64")).await;
     assert_eq!((b64.status, b64.body["key"].as_str()), (202, Some(key.as_str())));
     assert!(d.drain_queue().await.is_empty());
+    // One job, one nudge to the fleet scaler.
+    let nudges = d.drain_nudges().await;
+    assert_eq!(nudges.len(), 1, "{nudges:?}");
+    assert_eq!(nudges[0]["detail-type"], "Build Enqueued");
 
     d.assert_no_function_errors();
     // Logs are JSON lines on stdout; the open-build warning is logged once.
@@ -79,6 +83,7 @@ async fn two_hundred_concurrent_identical_posts_make_one_record_and_one_message(
     let messages = d.drain_queue().await;
     assert_eq!(messages.len(), 1, "exactly one SQS message: {messages:?}");
     assert_eq!(Job::decode(&messages[0]).unwrap().key.as_str(), keys.first().unwrap());
+    assert_eq!(d.drain_nudges().await.len(), 1, "one job, one nudge to the fleet scaler");
     d.assert_no_function_errors();
 }
 

@@ -140,6 +140,9 @@ pub fn pacloud_env(cfg: &AwsConfig, moto_endpoint: &str) -> Vec<(String, String)
     if let Some(dlq) = &cfg.dlq_url {
         v.push(("PACLOUD_DLQ_URL".into(), dlq.clone()));
     }
+    if let Some(events) = &cfg.scaler_events_url {
+        v.push(("PACLOUD_SCALER_EVENTS_URL".into(), events.clone()));
+    }
     v
 }
 
@@ -176,8 +179,12 @@ impl Deployment {
     /// `extra` adds or overrides function variables.
     pub async fn start(prefix: &str, instances: usize, extra: &[(&str, &str)]) -> Deployment {
         let moto = Moto::start();
-        let cfg = moto.provision(prefix, 3).await;
-        let ports = pacloud_aws::connect(&cfg).await;
+        let mut cfg = moto.provision(prefix, 3).await;
+        // The fleet scaler's events queue, as the template wires it.
+        let sqs = pacloud_aws::clients(&cfg).await.sqs;
+        let events = sqs.create_queue().queue_name(format!("{prefix}-fleet-events")).send().await.unwrap();
+        cfg.scaler_events_url = events.queue_url;
+        let ports = pacloud_aws::connect(&AwsConfig { scaler_events_url: None, ..cfg.clone() }).await;
         let runtime = FakeRuntimeApi::start().await;
         let dir = tempfile::tempdir().unwrap();
         let mut env = lambda_env(&runtime.runtime_api());
@@ -199,6 +206,30 @@ impl Deployment {
 
     pub async fn call(&self, event: &Value) -> HttpReply {
         http(self.runtime.invoke_and_wait(event).await)
+    }
+
+    /// Receives (and deletes) every message on the fleet scaler's events
+    /// queue: the nudges the function sent.
+    pub async fn drain_nudges(&self) -> Vec<Value> {
+        let sqs = pacloud_aws::clients(&self.cfg).await.sqs;
+        let url = self.cfg.scaler_events_url.clone().expect("an events queue");
+        let mut out = Vec::new();
+        loop {
+            let r = sqs.receive_message().queue_url(&url).max_number_of_messages(10).send().await.unwrap();
+            let msgs = r.messages.unwrap_or_default();
+            if msgs.is_empty() {
+                return out;
+            }
+            for m in msgs {
+                out.push(serde_json::from_str(m.body().unwrap_or_default()).unwrap());
+                sqs.delete_message()
+                    .queue_url(&url)
+                    .receipt_handle(m.receipt_handle().unwrap_or_default())
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
     }
 
     /// Receives (and deletes) every message on the job queue.
