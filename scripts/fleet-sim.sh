@@ -47,6 +47,23 @@ done
     done
   done
 } >>"$tables"
+# Sensitivity: the idle timeouts that decide the cost/wait trade-off.
+{
+  printf '\n#### Default day, seed 1: idle timeouts (sensitivity)\n\n'
+  printf '| variant | $/build | wait p50 | wait p95 |\n|---|---:|---:|---:|\n'
+  cfg=$(mktemp)
+  printf '{"idle_timeout_s": 120, "expected_boot_s": 90}' >"$cfg"
+  row() { sed -n 's/.*"cost_per_build_usd":\([0-9.e-]*\).*"wait_p50_s":\([0-9]*\),"wait_p95_s":\([0-9]*\).*/\1 \2 \3/p'; }
+  read -r c p50 p95 < <($sim --seed 1 --policy pacloud --json | row)
+  printf '| pacloud (idle 10 s, freeing window 30 s: the defaults) | %.4f | %s s | %s s |\n' "$c" "$p50" "$p95"
+  read -r c p50 p95 < <($sim --seed 1 --policy pacloud --config "$cfg" --json | row)
+  printf '| pacloud with the previous defaults (idle 120 s, window 90 s) | %.4f | %s s | %s s |\n' "$c" "$p50" "$p95"
+  read -r c p50 p95 < <($sim --seed 1 --policy watch-pending --json | row)
+  printf '| watch-pending, idle 120 s (as compared) | %.4f | %s s | %s s |\n' "$c" "$p50" "$p95"
+  read -r c p50 p95 < <($sim --seed 1 --policy watch-pending --watch-pending-idle-s 10 --json | row)
+  printf '| watch-pending with pacloud'"'"'s 10 s idle | %.4f | %s s | %s s |\n' "$c" "$p50" "$p95"
+  rm -f "$cfg"
+} >>"$tables"
 cat "$tables"
 
 if [ "$update_docs" = 1 ]; then

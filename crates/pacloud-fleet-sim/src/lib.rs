@@ -48,7 +48,7 @@ pub fn simulate_with(p: &Params, jobs: &[Job], name: &str, c: &Config) -> Option
         "watch-pending" => run(
             p,
             jobs,
-            &WatchPending { config: c, ..WatchPending::default() },
+            &WatchPending { config: c, idle_timeout_s: p.watch_pending_idle_s },
             setup(Interruption::Terminate, MaxPrice::OnDemand, cron),
         ),
         // buildbot latent workers: one instance per build, substantiated when

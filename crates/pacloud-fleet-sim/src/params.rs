@@ -83,6 +83,9 @@ pub struct Params {
     pub price_sd: f64,
     /// Fixed fleet size for `fixed` (None: 1.5 × the mean busy instances, R × mean build / 3600).
     pub fixed_size: Option<u32>,
+    /// Idle time before watch-pending's companion script stops an instance.
+    /// Default 120 s (`WatchPending::default()`); a sensitivity knob.
+    pub watch_pending_idle_s: u64,
 }
 
 impl Default for Params {
@@ -108,6 +111,7 @@ impl Default for Params {
             atoms: 400,
             price_sd: 0.08,
             fixed_size: None,
+            watch_pending_idle_s: 120,
         }
     }
 }

@@ -33,6 +33,9 @@ struct Args {
     /// Size of the `fixed` fleet, in [1, 1000] (default: 1.5 × mean busy instances).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
     fixed_size: Option<u32>,
+    /// Idle seconds before watch-pending stops an instance, in [0, 86400] (default 120).
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    watch_pending_idle_s: u64,
     /// pacloud, watch-pending, per-job, fixed, on-demand, or all.
     #[arg(long, default_value = "all", value_parser = clap::builder::PossibleValuesParser::new(["all", "pacloud", "watch-pending", "per-job", "fixed", "on-demand"]))]
     policy: String,
@@ -80,6 +83,7 @@ fn run(a: Args) -> anyhow::Result<()> {
         interruption_rate: a.interruption_rate,
         capacity_error_rate: a.capacity_error_rate,
         fixed_size: a.fixed_size,
+        watch_pending_idle_s: a.watch_pending_idle_s,
         ..Params::default()
     };
     let config: Config = match &a.config {
