@@ -170,7 +170,7 @@ async fn tags_set_by_the_worker_tagger_let_the_scaler_scale_down_idle_never_busy
     let leased = run_worker(&c, "x86-64", Some(&idle_for(3600)), true).await;
 
     let stop = CancellationToken::new();
-    let state = |busy, since| WorkerState { busy, since };
+    let state = |busy, since| WorkerState { busy, since, expected_end: None };
     let (idle_tx, idle_rx) = tokio::sync::watch::channel(state(false, NOW - 3600));
     let (busy_tx, busy_rx) = tokio::sync::watch::channel(state(false, NOW - 3600));
     let every = Duration::from_millis(50);
@@ -190,6 +190,9 @@ async fn tags_set_by_the_worker_tagger_let_the_scaler_scale_down_idle_never_busy
         .collect();
     assert!(tags.contains(&("pacloud:activity".into(), format!("busy:{}", NOW - 5))), "{tags:?}");
     assert!(tags.contains(&("pacloud:lease".into(), "1".into())), "{tags:?}");
+    // Its atom has build history: the expected end reaches the tag and the scaler's snapshot.
+    busy_tx.send_replace(WorkerState { busy: true, since: NOW - 5, expected_end: Some(NOW + 40) });
+    wait_for_tags(&c, &busy, Activity::Busy { since: NOW - 5, expected_done_at: Some(NOW + 40) }, true).await;
 
     let report = tick(&c, &settings(&q), NOW).await.unwrap();
     let f = &report.families[0];
@@ -224,10 +227,13 @@ async fn a_tagger_whose_create_tags_fails_keeps_running_and_stops_on_cancel() {
     config.endpoint_url = Some(format!("http://{}", closed.local_addr().unwrap()));
     drop(closed);
     let c = FleetClient::connect(&config).await;
-    let e = c.set_worker_tags("i-0123456789abcdef0", WorkerState { busy: true, since: NOW }).await.unwrap_err();
+    let e = c
+        .set_worker_tags("i-0123456789abcdef0", WorkerState { busy: true, since: NOW, expected_end: None })
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("CreateTags"), "{e}");
     let stop = tokio_util::sync::CancellationToken::new();
-    let (_tx, rx) = tokio::sync::watch::channel(WorkerState { busy: true, since: NOW });
+    let (_tx, rx) = tokio::sync::watch::channel(WorkerState { busy: true, since: NOW, expected_end: None });
     let t = tokio::spawn(run_activity_tagger(
         c.clone(),
         "i-0123456789abcdef0".into(),
