@@ -223,13 +223,31 @@ fn requirements_request(r: &InstanceRequirements) -> Result<InstanceRequirements
 pub struct FleetClient {
     pub ec2: aws_sdk_ec2::Client,
     pub sqs: aws_sdk_sqs::Client,
+    /// Reads the build history the workers keep in the artifact bucket
+    /// ([`FleetClient::get_object`]).
+    pub s3: aws_sdk_s3::Client,
 }
 
 impl FleetClient {
     /// Clients from `config` with [`retry_policy`].
     pub async fn connect(config: &AwsConfig) -> FleetClient {
         let sdk = crate::sdk_config(config, Some(retry_policy())).await;
-        FleetClient { ec2: aws_sdk_ec2::Client::new(&sdk), sqs: aws_sdk_sqs::Client::new(&sdk) }
+        let s3 = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(config.force_path_style).build();
+        FleetClient {
+            ec2: aws_sdk_ec2::Client::new(&sdk),
+            sqs: aws_sdk_sqs::Client::new(&sdk),
+            s3: aws_sdk_s3::Client::from_conf(s3),
+        }
+    }
+
+    /// The object `key` of `bucket` (GetObject), `None` when there is none:
+    /// the scaler reads the workers' build history (`stats/all.json`) with it.
+    pub async fn get_object(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, FleetError> {
+        match self.s3.get_object().bucket(bucket).key(key).send().await {
+            Ok(o) => Ok(Some(o.body.collect().await.map_err(api("GetObject"))?.into_bytes().to_vec())),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+            Err(e) => Err(api("GetObject")(e)),
+        }
     }
 
     /// Visible and in-flight messages of a queue.
