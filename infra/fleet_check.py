@@ -19,7 +19,9 @@ created through the EC2 API from the template's own EC2Fleet properties
 tag filters. From the template only (lint-only resources): the queue
 policy, the fleets' spot options, the Image Builder component, the
 parameter constraints and the Rules assertions (evaluated here the way
-CloudFormation does, since moto enforces neither).
+CloudFormation does, since moto enforces neither), and the build history's
+rights (workers read and write `stats/*`; the scaler only reads
+`stats/all.json`, named by its PACLOUD_BUCKET).
 """
 import ast
 import base64
@@ -236,6 +238,30 @@ for pname in iam.list_role_policies(RoleName=role["RoleName"])["PolicyNames"]:
 check(not iam.list_attached_role_policies(RoleName=role["RoleName"])["AttachedPolicies"], "worker role: no managed policies")
 check(not any(a.startswith(("ec2:", "iam:", "events:")) for a in actions),
       "worker role: no other EC2, no IAM or EventBridge rights")
+
+# ---- the build history in the bucket (template): workers write stats/*, the scaler reads one object
+def statements(policies):
+    for doc in policies:
+        for st in doc.get("PolicyDocument", doc)["Statement"]:
+            acts = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+            res = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+            yield st, acts, [r.get("Fn::Sub", r) if isinstance(r, dict) else r for r in res]
+
+
+scaler = resources["ScalerFunction"]["Properties"]
+check(scaler["Environment"]["Variables"].get("PACLOUD_BUCKET") == {"Ref": "ArtifactBucket"},
+      "scaler: PACLOUD_BUCKET names the artifact bucket (the build history)")
+scaler_s3 = [(st["Effect"], acts, res) for st, acts, res in statements(scaler["Policies"])
+             if any(a.startswith("s3:") for a in acts)]
+check(scaler_s3 == [("Allow", ["s3:GetObject"], ["${ArtifactBucket.Arn}/stats/all.json"])],
+      "scaler: s3:GetObject on exactly <bucket>/stats/all.json, no other S3 right")
+worker_s3 = [(acts, res) for st, acts, res in statements(resources["WorkerRole"]["Properties"]["Policies"])
+             if st["Effect"] == "Allow" and any(a.startswith("s3:") for a in acts)]
+for want in ("s3:GetObject", "s3:PutObject"):
+    for key in ("stats/all.json", "stats/atoms/app-misc/hello.json"):
+        check(any(want in acts and any(fnmatch.fnmatchcase(f"${{ArtifactBucket.Arn}}/{key}", r) for r in res)
+                  for acts, res in worker_s3),
+              f"worker role: {want} covers the build history's {key}")
 
 # ---- fleets: the template's own EC2Fleet properties through the EC2 API --------------------
 lt_by_logical = {f"WorkerLaunchTemplate{k}": outputs[f"WorkerLaunchTemplate{k}Id"] for k in FAMILIES}

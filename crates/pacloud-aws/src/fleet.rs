@@ -223,13 +223,31 @@ fn requirements_request(r: &InstanceRequirements) -> Result<InstanceRequirements
 pub struct FleetClient {
     pub ec2: aws_sdk_ec2::Client,
     pub sqs: aws_sdk_sqs::Client,
+    /// Reads the build history the workers keep in the artifact bucket
+    /// ([`FleetClient::get_object`]).
+    pub s3: aws_sdk_s3::Client,
 }
 
 impl FleetClient {
     /// Clients from `config` with [`retry_policy`].
     pub async fn connect(config: &AwsConfig) -> FleetClient {
         let sdk = crate::sdk_config(config, Some(retry_policy())).await;
-        FleetClient { ec2: aws_sdk_ec2::Client::new(&sdk), sqs: aws_sdk_sqs::Client::new(&sdk) }
+        let s3 = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(config.force_path_style).build();
+        FleetClient {
+            ec2: aws_sdk_ec2::Client::new(&sdk),
+            sqs: aws_sdk_sqs::Client::new(&sdk),
+            s3: aws_sdk_s3::Client::from_conf(s3),
+        }
+    }
+
+    /// The object `key` of `bucket` (GetObject), `None` when there is none:
+    /// the scaler reads the workers' build history (`stats/all.json`) with it.
+    pub async fn get_object(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, FleetError> {
+        match self.s3.get_object().bucket(bucket).key(key).send().await {
+            Ok(o) => Ok(Some(o.body.collect().await.map_err(api("GetObject"))?.into_bytes().to_vec())),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+            Err(e) => Err(api("GetObject")(e)),
+        }
     }
 
     /// Visible and in-flight messages of a queue.
@@ -475,15 +493,23 @@ pub struct WorkerState {
     pub busy: bool,
     /// Busy or idle since (unix seconds).
     pub since: Secs,
+    /// While busy: when its builds are expected to be done (unix seconds;
+    /// each build's start plus its atom's median build time), if known.
+    pub expected_end: Option<Secs>,
 }
 
-/// The tags that report `s`: `pacloud:activity` = `busy:<since>` or
-/// `idle:<since>`, `pacloud:lease` = `1` while busy, else `0` (a tag that
-/// stays while the instance is hibernated, so a hibernated worker with a
-/// build keeps `1`).
+/// The tags that report `s`: `pacloud:activity` = `busy:<since>:<expected
+/// end>`, `busy:<since>` (no expected end) or `idle:<since>`,
+/// `pacloud:lease` = `1` while busy, else `0` (a tag that stays while the
+/// instance is hibernated, so a hibernated worker with a build keeps `1`).
+/// [`parse_activity`] reads the first back.
 pub fn activity_tags(s: WorkerState) -> [(&'static str, String); 2] {
-    let kind = if s.busy { "busy" } else { "idle" };
-    [(TAG_ACTIVITY, format!("{kind}:{}", s.since)), (TAG_LEASE, if s.busy { "1" } else { "0" }.to_owned())]
+    let activity = match (s.busy, s.expected_end) {
+        (true, Some(end)) => format!("busy:{}:{end}", s.since),
+        (true, None) => format!("busy:{}", s.since),
+        (false, _) => format!("idle:{}", s.since),
+    };
+    [(TAG_ACTIVITY, activity), (TAG_LEASE, if s.busy { "1" } else { "0" }.to_owned())]
 }
 
 impl FleetClient {
@@ -624,6 +650,21 @@ mod tests {
         for bad in ["", "idle", "idle:x", "sleeping:1", "busy:1:x", "idle:1:2", "busy:1:2:3"] {
             assert_eq!(parse_activity(bad), Activity::Unknown, "{bad}");
         }
+        // What the worker writes reads back as what it meant.
+        let round_trip = |busy, since, expected_end| {
+            let [(k, activity), (l, lease)] = activity_tags(WorkerState { busy, since, expected_end });
+            assert_eq!((k, l), (TAG_ACTIVITY, TAG_LEASE));
+            (parse_activity(&activity), lease)
+        };
+        assert_eq!(
+            round_trip(true, 100, Some(460)),
+            (Activity::Busy { since: 100, expected_done_at: Some(460) }, "1".to_owned())
+        );
+        assert_eq!(
+            round_trip(true, 100, None),
+            (Activity::Busy { since: 100, expected_done_at: None }, "1".to_owned())
+        );
+        assert_eq!(round_trip(false, 100, Some(460)), (Activity::Idle { since: 100 }, "0".to_owned()), "idle: no end");
         let i = instance_from_parts(
             "i-1",
             "c6i.xlarge",

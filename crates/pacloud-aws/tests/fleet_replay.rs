@@ -35,10 +35,20 @@ fn client(replay: &StaticReplayClient) -> FleetClient {
     let sqs = aws_sdk_sqs::Config::builder()
         .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
         .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+        .credentials_provider(creds.clone())
+        .http_client(StaticReplayClient::new(vec![]))
+        .build();
+    let s3 = aws_sdk_s3::Config::builder()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
         .credentials_provider(creds)
         .http_client(StaticReplayClient::new(vec![]))
         .build();
-    FleetClient { ec2: aws_sdk_ec2::Client::from_conf(ec2), sqs: aws_sdk_sqs::Client::from_conf(sqs) }
+    FleetClient {
+        ec2: aws_sdk_ec2::Client::from_conf(ec2),
+        sqs: aws_sdk_sqs::Client::from_conf(sqs),
+        s3: aws_sdk_s3::Client::from_conf(s3),
+    }
 }
 
 fn body(r: &aws_smithy_runtime_api::http::Request) -> String {

@@ -2,7 +2,8 @@
 //! of the queue position, the live workers and the build times of finished
 //! records, plus [`BuildHistory`], the bounded record of those build times
 //! that [`crate::service::BuildService`] keeps from the finished records it
-//! reads.
+//! reads. [`crate::stats`] persists the same bounded history in the
+//! artifact store for the fleet scaler and the workers.
 //!
 //! The estimate: the builds ahead are served `workers` at a time, each round
 //! taking the median build time of all atoms; then this build takes its
@@ -43,12 +44,12 @@ impl BuildHistory {
 
     /// Median build seconds of `atom`, if it has history.
     pub fn atom_median(&self, atom: &str) -> Option<f64> {
-        self.per_atom.get(atom).and_then(median)
+        self.per_atom.get(atom).and_then(|q| median(q.iter().copied()))
     }
 
     /// Median build seconds over all atoms, if any build finished.
     pub fn all_median(&self) -> Option<f64> {
-        median(&self.all)
+        median(self.all.iter().copied())
     }
 }
 
@@ -59,11 +60,13 @@ fn push_bounded(q: &mut VecDeque<f64>, v: f64, cap: usize) {
     q.push_back(v);
 }
 
-fn median(q: &VecDeque<f64>) -> Option<f64> {
-    if q.is_empty() {
+/// The median of `values` (the mean of the two middle ones for an even
+/// count); None when there are none.
+pub fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    if v.is_empty() {
         return None;
     }
-    let mut v: Vec<f64> = q.iter().copied().collect();
     v.sort_by(f64::total_cmp);
     let n = v.len();
     Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })

@@ -16,6 +16,7 @@ pub mod published_key;
 pub mod record;
 pub mod request;
 pub mod service;
+pub mod stats;
 pub mod target;
 pub mod time;
 pub mod tree;

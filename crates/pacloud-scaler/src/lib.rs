@@ -31,6 +31,10 @@ pub struct Settings {
     /// Per-family queues, when families have their own (PACLOUD_FLEET_QUEUES=`x86-64=url,arm64=url`).
     pub family_queues: BTreeMap<CpuFamily, String>,
     pub policy: PacloudPolicy,
+    /// The artifact bucket (PACLOUD_BUCKET, optional): its `stats/all.json`,
+    /// the workers' build history, gives each family's `median_build_s`.
+    /// Without it the policy runs without history.
+    pub bucket: Option<String>,
 }
 
 /// A setting that is missing or wrong.
@@ -65,7 +69,8 @@ impl Settings {
         };
         let policy = PacloudPolicy::new(config)
             .map_err(|e| SettingsError::Invalid { name: "PACLOUD_FLEET_CONFIG", detail: e.to_string() })?;
-        Ok(Settings { queue_url, family_queues, policy })
+        let bucket = get("PACLOUD_BUCKET").map(|b| b.trim().to_owned()).filter(|b| !b.is_empty());
+        Ok(Settings { queue_url, family_queues, policy, bucket })
     }
 
     fn queue_for(&self, f: CpuFamily) -> &str {
@@ -215,6 +220,21 @@ pub async fn family_snapshot(
     match client.capacity_errors(&fleet.fleet_id, now.saturating_sub(900), &f.instance_types).await {
         Ok(e) => f.capacity_errors = e,
         Err(e) => warnings.push(format!("fleet history unavailable, no capacity errors this tick: {e}")),
+    }
+    // The workers' build history: the median over all atoms, once there are enough builds.
+    if let Some(bucket) = &settings.bucket {
+        use pacloud_domain::stats::{ALL_PATH, BuildTimes};
+        match client.get_object(bucket, ALL_PATH).await {
+            Ok(Some(bytes)) => match BuildTimes::decode(&bytes) {
+                Ok(t) => f.median_build_s = t.fleet_median_s(),
+                Err(e) => warnings
+                    .push(format!("build history s3://{bucket}/{ALL_PATH} unreadable, no median this tick: {e}")),
+            },
+            Ok(None) => {}
+            Err(e) => {
+                warnings.push(format!("build history s3://{bucket}/{ALL_PATH} unavailable, no median this tick: {e}"))
+            }
+        }
     }
     Ok((f, warnings))
 }
@@ -445,5 +465,10 @@ mod tests {
         assert_eq!(s.queue_for(CpuFamily::Arm64), "a");
         assert_eq!(s.queue_for(CpuFamily::X86_64V3), "q");
         assert_eq!(s.policy.config.max_instances, 8);
+        assert_eq!(s.bucket, None, "no bucket: no build history");
+        let s = Settings::from_lookup(env(&[("PACLOUD_QUEUE_URL", "q"), ("PACLOUD_BUCKET", "artifacts")])).unwrap();
+        assert_eq!(s.bucket.as_deref(), Some("artifacts"));
+        let s = Settings::from_lookup(env(&[("PACLOUD_QUEUE_URL", "q"), ("PACLOUD_BUCKET", " ")])).unwrap();
+        assert_eq!(s.bucket, None);
     }
 }

@@ -21,7 +21,12 @@ async fn setup(moto: &Moto) -> FleetClient {
 }
 
 fn settings(queue_url: &str) -> Settings {
-    Settings { queue_url: queue_url.into(), family_queues: Default::default(), policy: PacloudPolicy::default() }
+    Settings {
+        queue_url: queue_url.into(),
+        family_queues: Default::default(),
+        policy: PacloudPolicy::default(),
+        bucket: None,
+    }
 }
 
 fn idle_for(secs: u64) -> String {
@@ -170,7 +175,7 @@ async fn tags_set_by_the_worker_tagger_let_the_scaler_scale_down_idle_never_busy
     let leased = run_worker(&c, "x86-64", Some(&idle_for(3600)), true).await;
 
     let stop = CancellationToken::new();
-    let state = |busy, since| WorkerState { busy, since };
+    let state = |busy, since| WorkerState { busy, since, expected_end: None };
     let (idle_tx, idle_rx) = tokio::sync::watch::channel(state(false, NOW - 3600));
     let (busy_tx, busy_rx) = tokio::sync::watch::channel(state(false, NOW - 3600));
     let every = Duration::from_millis(50);
@@ -190,6 +195,9 @@ async fn tags_set_by_the_worker_tagger_let_the_scaler_scale_down_idle_never_busy
         .collect();
     assert!(tags.contains(&("pacloud:activity".into(), format!("busy:{}", NOW - 5))), "{tags:?}");
     assert!(tags.contains(&("pacloud:lease".into(), "1".into())), "{tags:?}");
+    // Its atom has build history: the expected end reaches the tag and the scaler's snapshot.
+    busy_tx.send_replace(WorkerState { busy: true, since: NOW - 5, expected_end: Some(NOW + 40) });
+    wait_for_tags(&c, &busy, Activity::Busy { since: NOW - 5, expected_done_at: Some(NOW + 40) }, true).await;
 
     let report = tick(&c, &settings(&q), NOW).await.unwrap();
     let f = &report.families[0];
@@ -224,10 +232,13 @@ async fn a_tagger_whose_create_tags_fails_keeps_running_and_stops_on_cancel() {
     config.endpoint_url = Some(format!("http://{}", closed.local_addr().unwrap()));
     drop(closed);
     let c = FleetClient::connect(&config).await;
-    let e = c.set_worker_tags("i-0123456789abcdef0", WorkerState { busy: true, since: NOW }).await.unwrap_err();
+    let e = c
+        .set_worker_tags("i-0123456789abcdef0", WorkerState { busy: true, since: NOW, expected_end: None })
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("CreateTags"), "{e}");
     let stop = tokio_util::sync::CancellationToken::new();
-    let (_tx, rx) = tokio::sync::watch::channel(WorkerState { busy: true, since: NOW });
+    let (_tx, rx) = tokio::sync::watch::channel(WorkerState { busy: true, since: NOW, expected_end: None });
     let t = tokio::spawn(run_activity_tagger(
         c.clone(),
         "i-0123456789abcdef0".into(),
@@ -239,4 +250,61 @@ async fn a_tagger_whose_create_tags_fails_keeps_running_and_stops_on_cancel() {
     assert!(!t.is_finished(), "a failing CreateTags must not end the tagger");
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(10), t).await.expect("stops on cancel").unwrap();
+}
+
+/// The workers' build history in the bucket (`stats/all.json`) gives the
+/// snapshot's `median_build_s` from five builds on; no object, fewer builds
+/// or no bucket setting: none; an unreadable object: none and a warning.
+#[tokio::test]
+async fn the_build_history_in_the_bucket_gives_the_median_build_time() {
+    use pacloud_domain::stats::{ALL_PATH, BuildTimes};
+
+    let moto = Moto::start();
+    let c = setup(&moto).await;
+    let q = queue_with(&c, "jobs", 0, 0).await;
+    create_worker_fleet(&c, "x86-64", 0).await;
+    c.s3.create_bucket().bucket("artifacts").send().await.unwrap();
+    let fleets = c.worker_fleets().await.unwrap();
+    let with_bucket = Settings { bucket: Some("artifacts".into()), ..settings(&q) };
+    let snapshot = |s: Settings| {
+        let (c, fleet) = (c.clone(), fleets[0].clone());
+        async move { pacloud_scaler::family_snapshot(&c, &s, &fleet, NOW).await.unwrap() }
+    };
+    let put = |body: Vec<u8>| {
+        let c = c.clone();
+        async move {
+            c.s3.put_object().bucket("artifacts").key(ALL_PATH).body(body.into()).send().await.unwrap();
+        }
+    };
+    let history = |seconds: &[f64]| BuildTimes { v: 1, seconds: seconds.to_vec() }.encode();
+
+    // No object yet (no build finished): no median, nothing to warn about.
+    let (snap, warnings) = snapshot(with_bucket.clone()).await;
+    assert_eq!(snap.median_build_s, None);
+    assert!(!warnings.iter().any(|w| w.contains("build history")), "{warnings:?}");
+
+    put(history(&[100.0, 400.0, 300.0, 200.0])).await;
+    let (snap, _) = snapshot(with_bucket.clone()).await;
+    assert_eq!(snap.median_build_s, None, "four builds are not enough");
+
+    put(history(&[100.0, 400.0, 300.0, 200.0, 1000.0])).await;
+    let (snap, warnings) = snapshot(with_bucket.clone()).await;
+    assert_eq!(snap.median_build_s, Some(300));
+    assert!(!warnings.iter().any(|w| w.contains("build history")), "{warnings:?}");
+    let (snap_without, _) = snapshot(settings(&q)).await;
+    assert_eq!(snap_without.median_build_s, None, "without PACLOUD_BUCKET the history is not read");
+
+    // Corrupt: a warning, no median, the snapshot still made.
+    put(b"{not json".to_vec()).await;
+    let (snap, warnings) = snapshot(with_bucket.clone()).await;
+    assert_eq!(snap.median_build_s, None);
+    assert!(warnings.iter().any(|w| w.contains("build history") && w.contains(ALL_PATH)), "{warnings:?}");
+
+    // A bucket that does not exist: a warning, not an error.
+    let (snap, warnings) = snapshot(Settings { bucket: Some("no-such-bucket".into()), ..settings(&q) }).await;
+    assert_eq!(snap.median_build_s, None);
+    assert!(warnings.iter().any(|w| w.contains("build history") && w.contains("GetObject")), "{warnings:?}");
+    // And the tick still runs.
+    let report = tick(&c, &with_bucket, NOW).await.unwrap();
+    assert_eq!(report.families.len(), 1);
 }

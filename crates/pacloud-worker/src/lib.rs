@@ -18,6 +18,7 @@ pub mod runner;
 pub mod sandbox;
 pub mod sign;
 pub mod spot;
+pub mod stats;
 pub mod testkit;
 pub mod tree_index;
 pub mod worker;

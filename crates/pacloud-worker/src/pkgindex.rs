@@ -932,7 +932,8 @@ print(json.dumps(out))
         pub(super) fn run() {
             let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
             let workspace = workspace.canonicalize().expect("workspace root");
-            let venv = workspace.join(".venv");
+            // Canonical: bwrap mounts over it (a worktree's `.venv` may be a symlink).
+            let venv = workspace.join(".venv").canonicalize().unwrap_or_else(|_| workspace.join(".venv"));
             assert!(
                 venv.join("bin/emerge").is_file() && venv.join("bin/python").is_file(),
                 "{} has no portage (bin/emerge, bin/python); run scripts/test.sh to install it",

@@ -366,7 +366,7 @@ pub async fn update_index(
 
 /// A pause of up to `min(attempt, 20)` ms, varied per call so that racing
 /// publishers spread out.
-fn jitter(attempt: u32) -> Duration {
+pub(crate) fn jitter(attempt: u32) -> Duration {
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let cap = u64::from(attempt.min(20)) * 1000;
     Duration::from_micros(u64::from(nanos) % cap.max(1))

@@ -15,6 +15,7 @@ use pacloud_domain::request::BuildSpec;
 use pacloud_domain::{
     ArtifactInfo, BuildKey, BuildRecord, Clock, FailureClass, FailureInfo, TargetSet, TransitionError, UseSet,
 };
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -79,13 +80,20 @@ pub enum JobOutcome {
 }
 
 /// What the worker's job loops are doing: how many deliveries are being
-/// processed (each holds, or is about to claim, a build lease), and since
-/// when the worker has been busy (`busy > 0`) or idle. The AWS worker turns
-/// it into the `pacloud:activity` / `pacloud:lease` tags the fleet scaler reads.
+/// processed (each holds, or is about to claim, a build lease), since when
+/// the worker has been busy (`busy > 0`) or idle, and when its builds are
+/// expected to be done. The AWS worker turns it into the `pacloud:activity`
+/// / `pacloud:lease` tags the fleet scaler reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Activity {
     pub busy: usize,
     pub since: pacloud_domain::Millis,
+    /// When every running build is expected to be done: the latest of
+    /// their starts plus their atom's median build time (the build history,
+    /// [`crate::stats`]). `None` while idle or while any build in progress
+    /// has no expectation (no history of its atom, history unreadable, or
+    /// not yet claimed).
+    pub expected_end: Option<pacloud_domain::Millis>,
 }
 
 /// The ports and parts a worker uses.
@@ -108,10 +116,28 @@ pub struct Worker {
     pub signer: Option<Arc<pacloud_sign::Signer>>,
     /// Busy or idle, and since when ([`Worker::activity`] to watch it).
     activity: tokio::sync::watch::Sender<Activity>,
+    /// The expected end of each claimed build in progress, by lease owner
+    /// (`None`: no expectation); [`Activity::expected_end`] is made of them.
+    expected_ends: std::sync::Mutex<HashMap<String, Option<pacloud_domain::Millis>>>,
     seq: AtomicU64,
 }
 
 use pacloud_domain::ports::ApplyError as Apply;
+
+/// A claimed build's entry in [`Worker::expected_ends`], removed on drop.
+struct ExpectedEnd<'a> {
+    worker: &'a Worker,
+    owner: String,
+}
+
+impl Drop for ExpectedEnd<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut ends) = self.worker.expected_ends.lock() {
+            ends.remove(&self.owner);
+        }
+        self.worker.mark_busy(0);
+    }
+}
 
 /// Why an attempt ended without a package outcome.
 #[derive(Debug, thiserror::Error)]
@@ -147,9 +173,10 @@ impl Worker {
         config: WorkerConfig,
         name: String,
     ) -> Self {
-        let activity = tokio::sync::watch::Sender::new(Activity { busy: 0, since: clock.now() });
+        let activity = tokio::sync::watch::Sender::new(Activity { busy: 0, since: clock.now(), expected_end: None });
         Worker {
             activity,
+            expected_ends: std::sync::Mutex::new(HashMap::new()),
             store,
             queue,
             artifacts,
@@ -165,24 +192,71 @@ impl Worker {
         }
     }
 
-    /// Watches what the job loops do (busy count, since when).
+    /// Watches what the job loops do (busy count, since when, expected end).
     pub fn activity(&self) -> tokio::sync::watch::Receiver<Activity> {
         self.activity.subscribe()
     }
 
-    /// One more (`+1`) or one fewer (`-1`) delivery in progress; `since`
-    /// moves only when the worker turns from idle to busy or back.
+    /// One more (`+1`) or one fewer (`-1`) delivery in progress (`0`: only
+    /// the expected ends changed); `since` moves only when the worker turns
+    /// from idle to busy or back.
     fn mark_busy(&self, delta: isize) {
         let now = self.clock.now();
         self.activity.send_if_modified(|a| {
             let busy = a.busy.saturating_add_signed(delta);
+            let mut next = *a;
             if (busy == 0) != (a.busy == 0) {
-                a.since = now;
+                next.since = now;
             }
-            let changed = busy != a.busy;
-            a.busy = busy;
+            next.busy = busy;
+            // Read under the watch's lock, so concurrent updates cannot publish a stale set.
+            next.expected_end = match self.expected_ends.lock() {
+                Ok(ends) if busy > 0 && ends.len() == busy => {
+                    ends.values().copied().collect::<Option<Vec<_>>>().and_then(|v| v.into_iter().max())
+                }
+                _ => None,
+            };
+            let changed = next != *a;
+            *a = next;
             changed
         });
+    }
+
+    /// Registers the build of `owner` (claimed now) with its expected end:
+    /// now + the median build time of `atom` from the build history (one
+    /// GET, at most [`crate::stats::READ_TIMEOUT`]; no history or any error:
+    /// no expectation). The guard unregisters it.
+    async fn expect_end(&self, owner: &str, atom: &pacloud_domain::Atom) -> ExpectedEnd<'_> {
+        let start = self.clock.now();
+        let median = match tokio::time::timeout(
+            crate::stats::READ_TIMEOUT,
+            crate::stats::atom_median(&*self.artifacts, atom),
+        )
+        .await
+        {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                tracing::warn!(%atom, error = &e as &dyn std::error::Error, "cannot read the build history: no expected end");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(%atom, "the build history did not answer in time: no expected end");
+                None
+            }
+        };
+        let end = median.and_then(|m| Duration::try_from_secs_f64(m).ok()).map(|d| start.plus(d));
+        if let Ok(mut ends) = self.expected_ends.lock() {
+            ends.insert(owner.to_owned(), end);
+        }
+        self.mark_busy(0);
+        ExpectedEnd { worker: self, owner: owner.to_owned() }
+    }
+
+    /// Appends a successful build to the build history; failures are logged.
+    async fn record_history(&self, key: &BuildKey, atom: &pacloud_domain::Atom, seconds: f64) {
+        for e in crate::stats::record_build(&*self.artifacts, atom, seconds).await {
+            tracing::warn!(%key, %atom, seconds, error = &e as &dyn std::error::Error, "cannot record the build in the build history");
+        }
     }
 
     /// Signs every new package with `signer` before publishing it.
@@ -313,6 +387,7 @@ impl Worker {
             }
         }
         tracing::info!(%key, %owner, atom = %job.spec.portage_atom(), attempt = d.receive_count, "building");
+        let _expected = self.expect_end(&owner, &job.spec.atom).await;
 
         // Heartbeat: extend the lease and the message's visibility.
         let lost = abort.child_token();
@@ -370,6 +445,7 @@ impl Worker {
                     Ok(_) => {
                         self.record_dependencies(&job.spec, deps).await;
                         let _ = self.queue.ack(&d.receipt).await;
+                        self.record_history(&key, &job.spec.atom, artifact.build_seconds).await;
                         JobOutcome::Ready
                     }
                     Err(Apply::Refused(_)) | Err(Apply::Missing) => {

@@ -144,7 +144,8 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> anyhow::Re
 
 /// The fleet scaler's view of this worker: the instance id from IMDS, then
 /// the `pacloud:activity` / `pacloud:lease` tags kept in step with the job
-/// loops (`pacloud_aws::fleet::run_activity_tagger`: at most one CreateTags
+/// loops, with the expected end of the builds when their atoms have build
+/// history (`pacloud_aws::fleet::run_activity_tagger`: at most one CreateTags
 /// per 5 s, failures logged and retried, never fatal). Not on EC2 (IMDS
 /// unreachable): no tags, logged once; the scaler then never terminates
 /// this machine as idle.
@@ -170,6 +171,7 @@ fn start_activity_tags(
         let secs = |a: &pacloud_worker::worker::Activity| pacloud_aws::fleet::WorkerState {
             busy: a.busy > 0,
             since: u64::try_from(a.since.0 / 1000).unwrap_or(0),
+            expected_end: a.expected_end.and_then(|e| u64::try_from(e.0 / 1000).ok()),
         };
         let (tx, rx) = tokio::sync::watch::channel(secs(&activity.borrow()));
         // Idle past the policy's idle timeout: nudge the scaler to terminate

@@ -329,3 +329,63 @@ async fn worker_activity_turns_busy_for_a_build_and_idle_after_it() {
     assert_eq!(max_busy, 1, "one delivery at a time per job");
     assert!(end.since >= start.since, "{end:?} vs {start:?}");
 }
+
+/// The build history (`pacloud_worker::stats`): every successful build
+/// appends its seconds to its atom's object and to `stats/all.json` in the
+/// artifact store, and a build of an atom with history publishes its
+/// expected end (start + the atom's median) in the worker's activity, which
+/// the AWS worker writes into its `pacloud:activity` tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_leave_history_and_an_atom_with_history_reports_its_expected_end() {
+    let app = spawn_builder().await;
+    let artifacts = app.dir.path().join("data/artifacts");
+    let history = |rel: &str| -> Vec<f64> {
+        let bytes = std::fs::read(artifacts.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        pacloud_domain::stats::BuildTimes::decode(&bytes).unwrap().seconds
+    };
+    // Every busy state the worker publishes until it is idle again.
+    let watch = |mut rx: tokio::sync::watch::Receiver<pacloud_worker::worker::Activity>| {
+        rx.borrow_and_update();
+        tokio::spawn(async move {
+            let mut busy = Vec::new();
+            while rx.changed().await.is_ok() {
+                let a = *rx.borrow_and_update();
+                if a.busy > 0 {
+                    busy.push(a);
+                } else if !busy.is_empty() {
+                    return busy;
+                }
+            }
+            panic!("the worker's activity stopped changing");
+        })
+    };
+    let activity = || app.workers.as_ref().expect("builder workers").activity.clone();
+
+    let seen = watch(activity());
+    let (_, first) = app.build(&req("app-misc/hello", "2.12-r1", &["foo"])).await;
+    assert_eq!(first["status"], "ready", "{first}");
+    let seen = tokio::time::timeout(Duration::from_secs(30), seen).await.expect("idle again").unwrap();
+    assert!(seen.iter().all(|a| a.expected_end.is_none()), "no history yet, no expected end: {seen:?}");
+    let after_one = history("stats/atoms/app-misc/hello.json");
+    assert_eq!(after_one.len(), 1, "{after_one:?}");
+    assert!(after_one[0] > 0.0);
+    assert!((after_one[0] - first["build_seconds"].as_f64().unwrap()).abs() < 0.01, "{first}");
+    assert_eq!(history("stats/all.json"), after_one);
+
+    // The same atom again (other USE, another key): its expected end is the start plus the median.
+    let seen = watch(activity());
+    let (_, second) = app.build(&req("app-misc/hello", "2.12-r1", &["-foo"])).await;
+    assert_eq!(second["status"], "ready", "{second}");
+    let seen = tokio::time::timeout(Duration::from_secs(30), seen).await.expect("idle again").unwrap();
+    let with_end = seen.iter().find(|a| a.expected_end.is_some()).unwrap_or_else(|| panic!("{seen:?}"));
+    let ahead_ms = with_end.expected_end.unwrap().0 - with_end.since.0;
+    let median_ms = (after_one[0] * 1000.0) as i64;
+    assert!(
+        ahead_ms >= median_ms - 1 && ahead_ms <= median_ms + 10_000,
+        "expected end {ahead_ms} ms after busy, median {median_ms} ms: {with_end:?}"
+    );
+    let after_two = history("stats/atoms/app-misc/hello.json");
+    assert_eq!(after_two.len(), 2, "{after_two:?}");
+    assert_eq!(after_two[0], after_one[0]);
+    assert_eq!(history("stats/all.json"), after_two);
+}
