@@ -165,7 +165,7 @@ mod tests {
 
     #[test]
     fn only_idle_states_open_a_period() {
-        assert_eq!(idle_period(WorkerState { busy: false, since: 7 }), Some(7));
-        assert_eq!(idle_period(WorkerState { busy: true, since: 7 }), None);
+        assert_eq!(idle_period(WorkerState { busy: false, since: 7, expected_end: None }), Some(7));
+        assert_eq!(idle_period(WorkerState { busy: true, since: 7, expected_end: None }), None);
     }
 }

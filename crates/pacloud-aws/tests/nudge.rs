@@ -66,7 +66,7 @@ async fn an_idle_worker_nudges_once_per_idle_period_that_outlasts_the_timeout() 
     let moto = Moto::start();
     let (sqs, events) = events_queue(&moto, "fleet-events-idle").await;
     let nudger = Nudger::new(sqs.clone(), events.clone());
-    let (tx, rx) = tokio::sync::watch::channel(WorkerState { busy: true, since: 100 });
+    let (tx, rx) = tokio::sync::watch::channel(WorkerState { busy: true, since: 100, expected_end: None });
     let stop = tokio_util::sync::CancellationToken::new();
     let idle_after = Duration::from_millis(400);
     let task = tokio::spawn(run_idle_nudger(nudger, "i-0abc".into(), rx, idle_after, stop.clone()));
@@ -75,21 +75,21 @@ async fn an_idle_worker_nudges_once_per_idle_period_that_outlasts_the_timeout() 
     tokio::time::sleep(idle_after * 2).await;
     assert!(drain(&sqs, &events).await.is_empty());
     // Idle, and a job arrives before the timeout: nothing.
-    tx.send(WorkerState { busy: false, since: 110 }).unwrap();
+    tx.send(WorkerState { busy: false, since: 110, expected_end: None }).unwrap();
     tokio::time::sleep(idle_after / 4).await;
-    tx.send(WorkerState { busy: true, since: 111 }).unwrap();
+    tx.send(WorkerState { busy: true, since: 111, expected_end: None }).unwrap();
     tokio::time::sleep(idle_after * 2).await;
     assert!(drain(&sqs, &events).await.is_empty());
     // Idle past the timeout: one nudge naming the instance, and only one.
-    tx.send(WorkerState { busy: false, since: 120 }).unwrap();
+    tx.send(WorkerState { busy: false, since: 120, expected_end: None }).unwrap();
     tokio::time::sleep(idle_after * 3).await;
     let got = drain(&sqs, &events).await;
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["detail-type"], "Worker Idle");
     assert_eq!(got[0]["detail"]["instance-id"], "i-0abc");
     // A new idle period after a build: one more.
-    tx.send(WorkerState { busy: true, since: 130 }).unwrap();
-    tx.send(WorkerState { busy: false, since: 140 }).unwrap();
+    tx.send(WorkerState { busy: true, since: 130, expected_end: None }).unwrap();
+    tx.send(WorkerState { busy: false, since: 140, expected_end: None }).unwrap();
     tokio::time::sleep(idle_after * 3).await;
     assert_eq!(drain(&sqs, &events).await.len(), 1);
 
