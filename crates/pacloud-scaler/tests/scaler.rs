@@ -75,7 +75,8 @@ async fn tick_terminates_only_the_long_idle_instance() {
     // Three workers, one surplus: the policy wants 2 = the fleet's target, so no ModifyFleet is needed.
     create_worker_fleet(&c, "x86-64", 2).await;
     let long = run_worker(&c, "x86-64", Some(&idle_for(3600)), false).await;
-    let short = run_worker(&c, "x86-64", Some(&idle_for(30)), false).await;
+    // Idle for less than the idle timeout (10 s).
+    let short = run_worker(&c, "x86-64", Some(&idle_for(5)), false).await;
     let busy = run_worker(&c, "x86-64", Some(&format!("busy:{}", NOW - 3600)), true).await;
 
     let report = tick(&c, &settings(&q), NOW).await.unwrap();
@@ -96,8 +97,8 @@ async fn tick_terminates_only_the_long_idle_instance() {
     assert_eq!(state_of(&c, &short).await, "running");
     assert_eq!(state_of(&c, &busy).await, "running");
 
-    // Idempotent: the next tick has nothing left to do.
-    let again = tick(&c, &settings(&q), NOW + 60).await.unwrap();
+    // Idempotent: a tick right after (a nudge) has nothing left to do.
+    let again = tick(&c, &settings(&q), NOW + 2).await.unwrap();
     assert!(again.families[0].terminated.is_empty());
 }
 
