@@ -288,25 +288,29 @@ async fn leaf_bench(repeat: usize) -> anyhow::Result<()> {
 }
 
 async fn chain_bench() -> anyhow::Result<()> {
-    // 3: the chain, leaf first, through one service.
+    // 3: the chain, leaf first. Each link is requested from one long-lived
+    // service (published dependencies reused) and right after from a fresh
+    // service (the seed's approach: nothing reused, everything from source),
+    // so both sides meet the same machine load (run one half after the
+    // other, a shared machine moved the ratio by ±30 %). Times are request ->
+    // ready; a fresh service's start-up is not counted.
     let chain = ["chain-e", "chain-d", "chain-c", "chain-b", "chain-a"];
     let svc = service().await?;
-    let t = Instant::now();
+    let (mut ours, mut seed, mut seed_compiles) = (Duration::ZERO, Duration::ZERO, 0);
+    let mut links = Vec::new();
     for p in chain {
-        build(&svc, &format!("app-misc/{p}"), "1.0", &[]).await?;
-    }
-    let ours = t.elapsed();
-    let our_compiles = compiles(&svc);
-    // The seed's approach: every request in a fresh service, nothing reused.
-    let t = Instant::now();
-    let mut seed_compiles = 0;
-    for p in chain {
+        let atom = format!("app-misc/{p}");
+        let (a, _, _) = build(&svc, &atom, "1.0", &[]).await?;
         let fresh = service().await?;
-        build(&fresh, &format!("app-misc/{p}"), "1.0", &[]).await?;
+        let (b, _, _) = build(&fresh, &atom, "1.0", &[]).await?;
         seed_compiles += compiles(&fresh);
+        ours += a;
+        seed += b;
+        links.push(format!("{p} {:.1}/{:.1}", a.as_secs_f64(), b.as_secs_f64()));
     }
-    let seed = t.elapsed();
-    println!("chain of 5 (chain-e, then d, c, b, a):");
+    let our_compiles = compiles(&svc);
+    println!("chain of 5 (chain-e, then d, c, b, a; each link by both sides in turn):");
+    println!("  per link, service/seed (s): {}", links.join(", "));
     println!("  service (published dependencies reused): {our_compiles} compiles, {:.1} s", ours.as_secs_f64());
     println!(
         "  seed's approach (fresh sandbox, all dependencies from source): {seed_compiles} compiles, {:.1} s",
