@@ -31,7 +31,12 @@ struct AwsApp {
 async fn spawn_aws(prefix: &str, max_receives: u32) -> AwsApp {
     pacloud::client::init_tls();
     let moto = Moto::start();
-    let cfg = moto.provision(prefix, max_receives).await;
+    let mut cfg = moto.provision(prefix, max_receives).await;
+    // The fleet scaler's events queue, as the template wires it: the API
+    // and the workers nudge the scaler there.
+    let sqs = pacloud_aws::clients(&cfg).await.sqs;
+    cfg.scaler_events_url =
+        sqs.create_queue().queue_name(format!("{prefix}-fleet-events")).send().await.unwrap().queue_url;
     let ports = Arc::new(pacloud_aws::connect(&cfg).await);
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -104,6 +109,7 @@ impl AwsApp {
             .env("PACLOUD_AWS_FORCE_PATH_STYLE", "1")
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("PACLOUD_AWS_SCALER_EVENTS_URL", c.scaler_events_url.clone().unwrap_or_default())
             .env("PACLOUD_IMDS_ENDPOINT", imds)
             .env("PACLOUD_SPOT_POLL_MS", "100")
             // moto's KMS cannot sign digests (docs/aws.md): these workers publish unsigned.
@@ -123,9 +129,19 @@ fn rand_suffix() -> u64 {
 /// A FAKE of the EC2 instance metadata service (IMDSv2): a token endpoint
 /// and a spot instance-action the test switches at run time.
 async fn fake_imds() -> (String, Arc<Mutex<Option<String>>>) {
+    fake_imds_of(None).await
+}
+
+/// [`fake_imds`] that also answers `instance-id` (the worker then reports
+/// its activity in tags and nudges the scaler when idle).
+async fn fake_imds_of(instance_id: Option<&'static str>) -> (String, Arc<Mutex<Option<String>>>) {
     let action: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let a = action.clone();
-    let router = axum::Router::new().route("/latest/api/token", put(|| async { "fake-imds-token" })).route(
+    let mut router = axum::Router::new().route("/latest/api/token", put(|| async { "fake-imds-token" }));
+    if let Some(id) = instance_id {
+        router = router.route("/latest/meta-data/instance-id", get(move || async move { id }));
+    }
+    let router = router.route(
         "/latest/meta-data/spot/instance-action",
         get(move |headers: axum::http::HeaderMap| {
             let a = a.clone();
@@ -155,7 +171,7 @@ fn hello() -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn end_to_end_over_aws_protocols() {
     let app = spawn_aws("e2e", 5).await;
-    let (imds, _) = fake_imds().await;
+    let (imds, _) = fake_imds_of(Some("i-0fake0e2e0worker")).await;
     let (status, first) = app.post(&hello()).await;
     assert_eq!(status, 202, "{first}");
     let key = first["key"].as_str().unwrap().to_owned();
@@ -194,6 +210,25 @@ async fn end_to_end_over_aws_protocols() {
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&index).contains("CPV: app-misc/hello-2.12-r1"));
+    // The fleet scaler was nudged: by the API for the job, and by the worker
+    // once it had been idle past the idle timeout (10 s) after the build.
+    let events = app.cfg.scaler_events_url.clone().unwrap();
+    let sqs = pacloud_aws::clients(&app.cfg).await.sqs;
+    let mut kinds = Vec::new();
+    let start = Instant::now();
+    while !kinds.iter().any(|(k, _): &(String, String)| k == "Worker Idle") {
+        assert!(start.elapsed() < Duration::from_secs(40), "no idle nudge from the worker: {kinds:?}");
+        let r = sqs.receive_message().queue_url(&events).max_number_of_messages(10).wait_time_seconds(2).send().await;
+        for m in r.unwrap().messages.unwrap_or_default() {
+            let v: Value = serde_json::from_str(m.body().unwrap_or_default()).unwrap();
+            kinds.push((
+                v["detail-type"].as_str().unwrap_or_default().to_owned(),
+                v["detail"]["instance-id"].as_str().unwrap_or_default().to_owned(),
+            ));
+        }
+    }
+    assert_eq!(kinds.iter().filter(|(k, _)| k == "Build Enqueued").count(), 1, "{kinds:?}");
+    assert!(kinds.contains(&("Worker Idle".to_owned(), "i-0fake0e2e0worker".to_owned())), "{kinds:?}");
     w.kill().unwrap();
     w.wait().unwrap();
 }
