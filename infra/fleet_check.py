@@ -175,8 +175,12 @@ check(e is not None and e["VpcEndpointType"] == "Interface" and e.get("PrivateDn
 
 # ---- EventBridge -> FleetEventsQueue ------------------------------------------------------
 queue_url = outputs["FleetEventsQueueUrl"]
-attrs = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["MessageRetentionPeriod"])["Attributes"]
+attrs = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["MessageRetentionPeriod", "VisibilityTimeout"])["Attributes"]
 check(attrs["MessageRetentionPeriod"] == "300", "FleetEventsQueue keeps events for 300 s")
+scaler_timeout = resources["ScalerFunction"]["Properties"]["Timeout"]
+check(int(attrs["VisibilityTimeout"]) >= int(scaler_timeout),
+      f"FleetEventsQueue's visibility timeout ({attrs['VisibilityTimeout']} s) is at least the scaler's timeout "
+      f"({scaler_timeout} s): Lambda refuses the event source otherwise")
 kinds = {
     "EC2 Spot Instance Interruption Warning": {"instance-id": "i-0123456789abcdef0", "instance-action": "hibernate"},
     "EC2 Instance Rebalance Recommendation": {"instance-id": "i-0123456789abcdef0"},
