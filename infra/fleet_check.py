@@ -257,8 +257,12 @@ check(scaler["Environment"]["Variables"].get("PACLOUD_BUCKET") == {"Ref": "Artif
       "scaler: PACLOUD_BUCKET names the artifact bucket (the build history)")
 scaler_s3 = [(st["Effect"], acts, res) for st, acts, res in statements(scaler["Policies"])
              if any(a.startswith("s3:") for a in acts)]
-check(scaler_s3 == [("Allow", ["s3:GetObject"], ["${ArtifactBucket.Arn}/stats/all.json"])],
-      "scaler: s3:GetObject on exactly <bucket>/stats/all.json, no other S3 right")
+check(scaler_s3 == [("Allow", ["s3:GetObject"], ["${ArtifactBucket.Arn}/stats/all.json"]),
+                   ("Allow", ["s3:ListBucket"], [{"Fn::GetAtt": ["ArtifactBucket", "Arn"]}])],
+      "scaler: s3:GetObject on exactly <bucket>/stats/all.json and s3:ListBucket, no other S3 right")
+(list_stmt,) = [st for st, acts, _ in statements(scaler["Policies"]) if acts == ["s3:ListBucket"]]
+check(list_stmt.get("Condition") == {"StringEquals": {"s3:prefix": "stats/all.json"}},
+      "scaler: s3:ListBucket only for the prefix stats/all.json (a missing history is a 404, not a 403)")
 worker_s3 = [(acts, res) for st, acts, res in statements(resources["WorkerRole"]["Properties"]["Policies"])
              if st["Effect"] == "Allow" and any(a.startswith("s3:") for a in acts)]
 for want in ("s3:GetObject", "s3:PutObject"):
