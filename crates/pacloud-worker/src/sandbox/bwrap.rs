@@ -223,8 +223,32 @@ impl Sandbox for BwrapSandbox {
             // Killed by a signal that did not come from us: the machine, not the package.
             return Err(SandboxError::Unavailable(format!("the sandbox was killed ({status})")));
         }
+        if !timed_out
+            && exit_code == Some(1)
+            && let Some(why) = setup_failure(&log_path)
+        {
+            // bubblewrap itself failed (a mount, a namespace, the exec of the
+            // build command): the machine's failure, retried with backoff,
+            // never recorded as the package's.
+            return Err(SandboxError::Unavailable(format!("bubblewrap could not start the build: {why}")));
+        }
         Ok(SandboxOutcome { exit_code, timed_out, duration: started.elapsed(), log: log_path })
     }
+}
+
+/// The error bubblewrap printed if it failed before the build command ran:
+/// then the whole log is bubblewrap's one `bwrap: …` line (exit status 1).
+/// emerge always prints more than one line, starting with its own output,
+/// so a build that ran is never taken for this; a command that printed
+/// exactly one line beginning `bwrap: ` and exited 1 would be.
+fn setup_failure(log: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(4096);
+    std::fs::File::open(log).ok()?.take(4096).read_to_end(&mut head).ok()?;
+    let text = String::from_utf8_lossy(&head);
+    let mut lines = text.lines().map(str::trim_end).filter(|l| !l.is_empty());
+    let first = lines.next()?;
+    (first.starts_with("bwrap: ") && lines.next().is_none()).then(|| first.to_owned())
 }
 
 #[cfg(test)]
@@ -254,6 +278,47 @@ mod tests {
             image: None,
             run_as: Some((65534, 65534)),
             build_root: None,
+        }
+    }
+
+    /// A plan whose every mount source exists, running `argv` as root.
+    fn runnable(dir: &Path, argv: &[&str]) -> BuildPlan {
+        let mut p = plan(dir);
+        p.run_as = None;
+        p.repos = vec![("r".into(), dir.join("repo"))];
+        p.argv = argv.iter().map(|a| a.to_string()).collect();
+        std::fs::create_dir_all(dir.join("repo")).unwrap();
+        std::fs::create_dir_all(p.work_dir.join("hostconf")).unwrap();
+        std::fs::write(p.work_dir.join("hostconf/make.conf"), "").unwrap();
+        for d in p.writable_dirs() {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        p
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_that_cannot_start_is_the_machines_failure_and_a_failing_command_is_the_packages() {
+        let bwrap = BwrapSandbox::new("bwrap".into());
+        let cancel = CancellationToken::new;
+        // The positive control: the sandbox starts and the command fails: an outcome.
+        let dir = tempfile::tempdir().unwrap();
+        let ok = runnable(dir.path(), &["/bin/sh", "-c", "echo bwrap: not really; echo more output; exit 1"]);
+        let out = bwrap.run(&ok, cancel()).await.expect("the sandbox started");
+        assert_eq!(out.exit_code, Some(1));
+        // A mount source that is gone: bubblewrap fails before the command.
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = runnable(dir.path(), &["/bin/true"]);
+        p.repos = vec![("r".into(), dir.path().join("no-such-repo"))];
+        match bwrap.run(&p, cancel()).await {
+            Err(SandboxError::Unavailable(why)) => assert!(why.contains("no-such-repo"), "{why}"),
+            other => panic!("expected the sandbox to be unavailable: {other:?}"),
+        }
+        // A build command that does not exist: bubblewrap's exec fails.
+        let dir = tempfile::tempdir().unwrap();
+        let p = runnable(dir.path(), &["/nonexistent/emerge"]);
+        match bwrap.run(&p, cancel()).await {
+            Err(SandboxError::Unavailable(why)) => assert!(why.contains("/nonexistent/emerge"), "{why}"),
+            other => panic!("expected the sandbox to be unavailable: {other:?}"),
         }
     }
 
