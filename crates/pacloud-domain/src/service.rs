@@ -136,7 +136,14 @@ pub struct BuildService {
     history: std::sync::Mutex<crate::eta::BuildHistory>,
     /// When `eta_s` last read them: live workers and visible queue depth.
     eta_inputs: std::sync::Mutex<Option<(crate::Millis, u64, u64)>>,
+    /// Medians read from the workers' build history (`stats/…`), by object
+    /// path, with when they were read: what `eta_s` uses while this service
+    /// has read no finished record itself (a fresh process or Lambda).
+    stats_medians: std::sync::Mutex<HashMap<String, (crate::Millis, Option<f64>)>>,
 }
+
+/// How long `eta_s` reuses a median read from the workers' build history.
+pub const STATS_MEDIAN_TTL: Duration = Duration::from_secs(60);
 
 /// How long `eta_s` reuses the live-worker count and the queue depth.
 pub const ETA_INPUTS_TTL: Duration = Duration::from_secs(5);
@@ -164,13 +171,18 @@ impl BuildService {
             trees: RwLock::new(HashMap::new()),
             history: std::sync::Mutex::new(crate::eta::BuildHistory::default()),
             eta_inputs: std::sync::Mutex::new(None),
+            stats_medians: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
     /// The estimated seconds until the queued build of `record` is done
     /// ([`crate::eta::estimate_eta_s`]): its position is the queue's visible
     /// depth (it was sent last), the live workers `workers` (counted here when
-    /// None), the medians from the finished records this service has read.
+    /// None), the medians from the finished records this service has read,
+    /// or, while it has read none (a fresh process or Lambda instance), from
+    /// the workers' build history in the artifact store (`stats/all.json`
+    /// and the atom's object, [`crate::stats`]; each reused for
+    /// [`STATS_MEDIAN_TTL`]).
     /// `Ok(None)` when it cannot be estimated (not queued, no history: then
     /// without any I/O; no live worker). The worker count and queue depth
     /// are reused for [`ETA_INPUTS_TTL`], so a burst of 202s does not list
@@ -185,8 +197,22 @@ impl BuildService {
             .lock()
             .ok()
             .and_then(|h| Some((h.all_median()?, h.atom_median(&record.spec.atom.to_string()))));
-        let Some((all, own)) = medians else { return Ok(None) };
         let now = self.clock.now();
+        let medians = match medians {
+            Some(m) => Some(m),
+            // No finished record read yet: the workers' persisted history.
+            None => match self.stats_median(&crate::stats::all_path(), now).await {
+                Some(all) => {
+                    let own = match crate::stats::atom_path(&record.spec.atom) {
+                        Ok(p) => self.stats_median(&p, now).await,
+                        Err(_) => None,
+                    };
+                    Some((all, own))
+                }
+                None => None,
+            },
+        };
+        let Some((all, own)) = medians else { return Ok(None) };
         let cached = self.eta_inputs.lock().ok().and_then(|c| *c);
         let (alive, visible) = match cached {
             Some((at, alive, visible)) if now.0.saturating_sub(at.0) < ETA_INPUTS_TTL.as_millis() as i64 => {
@@ -205,6 +231,30 @@ impl BuildService {
             }
         };
         Ok(crate::eta::estimate_eta_s(visible.saturating_sub(1), alive, Some(all), own))
+    }
+
+    /// The median of one build-history object (`stats/…`), reused for
+    /// [`STATS_MEDIAN_TTL`]; None when it is missing, empty, unreadable or
+    /// undecodable (then there is no estimate from it, never an error).
+    async fn stats_median(&self, path: &ArtifactPath, now: crate::Millis) -> Option<f64> {
+        let key = path.to_string();
+        let cached = self.stats_medians.lock().ok().and_then(|c| c.get(&key).copied());
+        if let Some((at, m)) = cached
+            && now.0.saturating_sub(at.0) < STATS_MEDIAN_TTL.as_millis() as i64
+        {
+            return m;
+        }
+        let median = match self.artifacts.get(path).await {
+            Ok(bytes) => crate::stats::BuildTimes::decode_or_empty(Some(&bytes)).0.median(),
+            Err(_) => None,
+        };
+        if let Ok(mut c) = self.stats_medians.lock() {
+            if c.len() >= crate::eta::MAX_ATOMS {
+                c.clear();
+            }
+            c.insert(key, (now, median));
+        }
+        median
     }
 
     pub fn targets(&self) -> &TargetSet {

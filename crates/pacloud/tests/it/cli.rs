@@ -299,6 +299,40 @@ async fn a_queued_build_carries_eta_s_once_the_service_can_estimate_it() {
     assert!(again["eta_s"].as_u64().is_some_and(|e| e >= 1), "{again}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_service_estimates_from_the_workers_build_history() {
+    use pacloud_domain::ports::{ArtifactPath, ArtifactStore};
+    use pacloud_domain::stats::{self, BuildTimes};
+    let app = spawn_app().await; // no workers, no finished record read
+    let now = pacloud_domain::Clock::now(&*app.clock).0;
+    let beat = ArtifactPath::parse("workers/w1-1").unwrap();
+    app.app.artifacts.put_bytes(&beat, now.to_string().into_bytes(), "text/plain").await.unwrap();
+    // No history anywhere yet: no estimate (and no error).
+    let (status, first) = app.post_build(&hello(&["foo"])).await;
+    assert_eq!(status, 202, "{first}");
+    assert!(first.get("eta_s").is_none(), "{first}");
+    app.drain_queue().await;
+    // What workers leave behind: 300 s over all atoms, 40 s for this one.
+    let times = |xs: &[f64]| {
+        let mut t = BuildTimes::default();
+        for x in xs {
+            t.push(*x, 16);
+        }
+        t.encode()
+    };
+    app.app.artifacts.put_bytes(&stats::all_path(), times(&[300.0, 300.0, 40.0]), "application/json").await.unwrap();
+    let atom = stats::atom_path(&"app-misc/hello".parse().unwrap()).unwrap();
+    app.app.artifacts.put_bytes(&atom, times(&[40.0]), "application/json").await.unwrap();
+    // Once the 60 s the service reuses a history read for have passed:
+    // alone in the queue, the atom's median.
+    app.clock.advance(std::time::Duration::from_secs(61));
+    let now = pacloud_domain::Clock::now(&*app.clock).0;
+    app.app.artifacts.put_bytes(&beat, now.to_string().into_bytes(), "text/plain").await.unwrap();
+    let (status, b) = app.post_build(&hello(&["bar"])).await;
+    assert_eq!(status, 202, "{b}");
+    assert_eq!(b["eta_s"].as_u64(), Some(40), "{b}");
+}
+
 /// The README's start command on a fresh machine: no configuration file, a
 /// fresh data directory, no portage on PATH (the test venv is not visible):
 /// `serve` writes the bundled demo repository, creates its pinned portage
