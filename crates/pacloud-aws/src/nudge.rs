@@ -75,11 +75,6 @@ impl Nudger {
         Nudger { client, url }
     }
 
-    /// The queue it sends to.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
     /// One nudge.
     pub async fn send(&self, kind: NudgeKind, instance_id: Option<&str>) -> Result<(), NudgeError> {
         self.client

@@ -84,6 +84,25 @@ impl Moto {
     }
 }
 
+/// Receives (and deletes) every message on the queue `url` now, short polls
+/// until one comes back empty: their bodies as JSON (e.g. the nudges on the
+/// fleet scaler's events queue).
+pub async fn drain_json(sqs: &aws_sdk_sqs::Client, url: &str) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    loop {
+        let r = sqs.receive_message().queue_url(url).max_number_of_messages(10).send().await.expect("receive");
+        let msgs = r.messages.unwrap_or_default();
+        if msgs.is_empty() {
+            return out;
+        }
+        for m in msgs {
+            out.push(serde_json::from_str(m.body().unwrap_or_default()).expect("a JSON body"));
+            let handle = m.receipt_handle().unwrap_or_default();
+            sqs.delete_message().queue_url(url).receipt_handle(handle).send().await.expect("delete");
+        }
+    }
+}
+
 /// Worker fleets and instances in moto, for the scaler's tests (moto's
 /// CreateFleet launches its own instances untagged; tagged workers are
 /// started with RunInstances so that each test decides their activity).

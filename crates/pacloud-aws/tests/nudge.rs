@@ -7,34 +7,13 @@ use std::time::Duration;
 
 use pacloud_aws::fleet::WorkerState;
 use pacloud_aws::nudge::{Nudger, run_idle_nudger};
-use pacloud_aws::testkit::Moto;
+use pacloud_aws::testkit::{Moto, drain_json as drain};
 use pacloud_domain::ports::JobQueue;
 
 async fn events_queue(moto: &Moto, name: &str) -> (aws_sdk_sqs::Client, String) {
     let sqs = pacloud_aws::clients(&moto.base_config()).await.sqs;
     let url = sqs.create_queue().queue_name(name).send().await.expect("create queue").queue_url.expect("url");
     (sqs, url)
-}
-
-/// Every body on `url` now (short polls until one comes back empty).
-async fn drain(sqs: &aws_sdk_sqs::Client, url: &str) -> Vec<serde_json::Value> {
-    let mut out = Vec::new();
-    loop {
-        let r = sqs.receive_message().queue_url(url).max_number_of_messages(10).send().await.expect("receive");
-        let msgs = r.messages.unwrap_or_default();
-        if msgs.is_empty() {
-            return out;
-        }
-        for m in msgs {
-            out.push(serde_json::from_str(m.body().unwrap_or_default()).expect("a JSON body"));
-            sqs.delete_message()
-                .queue_url(url)
-                .receipt_handle(m.receipt_handle().unwrap_or_default())
-                .send()
-                .await
-                .ok();
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

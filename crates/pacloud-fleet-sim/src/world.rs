@@ -26,6 +26,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 use pacloud_domain::eta::{self, BuildHistory};
+use pacloud_domain::stats::BuildTimes;
 use pacloud_fleet::policy::price_caps;
 use pacloud_fleet::{
     Action, Activity, CapacityError, CapacityType, CpuFamily, FamilySnapshot, FleetTarget, Instance, InstanceState,
@@ -237,9 +238,9 @@ struct World<'a> {
     unavailable: BTreeMap<usize, u64>,
     errors: Vec<CapacityError>,
     fleet: FleetTarget,
-    /// The newest finished build times over all atoms (at most
-    /// `eta::ALL_ATOMS`), as the workers' `stats/all.json` keeps them.
-    durations_done: VecDeque<u64>,
+    /// The newest finished build times over all atoms, kept and read as the
+    /// workers' `stats/all.json` is (the scaler's `fleet_median_s`).
+    durations_done: BuildTimes,
     /// Per atom, the newest finished build times (at most `eta::PER_ATOM`),
     /// as the workers' `stats/atoms/<atom>.json` keeps them: a worker
     /// starting a build tags its expected end with that median.
@@ -274,7 +275,7 @@ pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, setup: Setup) -> Outco
         unavailable: BTreeMap::new(),
         errors: Vec::new(),
         fleet: FleetTarget::default(),
-        durations_done: VecDeque::new(),
+        durations_done: BuildTimes::default(),
         builds: BuildHistory::default(),
         o: Outcome {
             policy: policy.name().to_owned(),
@@ -342,10 +343,7 @@ pub fn run(p: &Params, jobs: &[Job], policy: &dyn Policy, setup: Setup) -> Outco
                 w.js[j].done = true;
                 w.js[j].owner = None;
                 w.o.builds += 1;
-                if w.durations_done.len() >= eta::ALL_ATOMS {
-                    w.durations_done.pop_front();
-                }
-                w.durations_done.push_back(w.jobs[j].duration);
+                w.durations_done.push(w.jobs[j].duration as f64, eta::ALL_ATOMS);
                 w.builds.record(&w.jobs[j].atom.to_string(), w.jobs[j].duration as f64);
                 w.went_idle(i);
                 last_done = t;
@@ -574,15 +572,6 @@ impl World<'_> {
         }
     }
 
-    fn median_done(&self) -> Option<u64> {
-        if self.durations_done.len() < 5 {
-            return None;
-        }
-        let mut v: Vec<u64> = self.durations_done.iter().copied().collect();
-        let mid = v.len() / 2;
-        Some(*v.select_nth_unstable(mid).1)
-    }
-
     fn snapshot(&self) -> Snapshot {
         let now = self.now;
         let instances = self
@@ -633,7 +622,7 @@ impl World<'_> {
                 .map(|t| OnDemandPrice { instance_type: t.name.into(), usd_per_hour: t.on_demand })
                 .collect(),
             capacity_errors: self.errors.iter().filter(|e| e.at + 900 >= now).cloned().collect(),
-            median_build_s: self.median_done(),
+            median_build_s: self.durations_done.fleet_median_s(),
             spot_max_prices: TYPES
                 .iter()
                 .zip(&self.fleet_max_prices)

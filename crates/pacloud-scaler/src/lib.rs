@@ -200,11 +200,39 @@ pub struct FamilyReport {
     pub errors: Vec<String>,
 }
 
-/// Reads the snapshot of one family's fleet.
+/// The workers' build history as one tick reads it (once, for every family).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BuildHistoryRead {
+    /// The median over all atoms, once there are enough builds.
+    pub median_build_s: Option<u64>,
+    /// Why there is no median although a bucket is set (the report's warning).
+    pub warning: Option<String>,
+}
+
+/// Reads `stats/all.json` of the bucket in `settings` (nothing without one).
+pub async fn read_build_history(client: &FleetClient, settings: &Settings) -> BuildHistoryRead {
+    use pacloud_domain::stats::{ALL_PATH, BuildTimes};
+    let Some(bucket) = &settings.bucket else { return BuildHistoryRead::default() };
+    let failed = |what: &str, e: &dyn std::fmt::Display| BuildHistoryRead {
+        median_build_s: None,
+        warning: Some(format!("build history s3://{bucket}/{ALL_PATH} {what}, no median this tick: {e}")),
+    };
+    match client.get_object(bucket, ALL_PATH).await {
+        Ok(Some(bytes)) => match BuildTimes::decode(&bytes) {
+            Ok(t) => BuildHistoryRead { median_build_s: t.fleet_median_s(), warning: None },
+            Err(e) => failed("unreadable", &e),
+        },
+        Ok(None) => BuildHistoryRead::default(),
+        Err(e) => failed("unavailable", &e),
+    }
+}
+
+/// Reads the snapshot of one family's fleet (`history` from [`read_build_history`]).
 pub async fn family_snapshot(
     client: &FleetClient,
     settings: &Settings,
     fleet: &WorkerFleet,
+    history: &BuildHistoryRead,
     now: Secs,
 ) -> Result<(FamilySnapshot, Vec<String>), FleetError> {
     let mut warnings = Vec::new();
@@ -221,21 +249,8 @@ pub async fn family_snapshot(
         Ok(e) => f.capacity_errors = e,
         Err(e) => warnings.push(format!("fleet history unavailable, no capacity errors this tick: {e}")),
     }
-    // The workers' build history: the median over all atoms, once there are enough builds.
-    if let Some(bucket) = &settings.bucket {
-        use pacloud_domain::stats::{ALL_PATH, BuildTimes};
-        match client.get_object(bucket, ALL_PATH).await {
-            Ok(Some(bytes)) => match BuildTimes::decode(&bytes) {
-                Ok(t) => f.median_build_s = t.fleet_median_s(),
-                Err(e) => warnings
-                    .push(format!("build history s3://{bucket}/{ALL_PATH} unreadable, no median this tick: {e}")),
-            },
-            Ok(None) => {}
-            Err(e) => {
-                warnings.push(format!("build history s3://{bucket}/{ALL_PATH} unavailable, no median this tick: {e}"))
-            }
-        }
-    }
+    f.median_build_s = history.median_build_s;
+    warnings.extend(history.warning.clone());
     Ok((f, warnings))
 }
 
@@ -244,13 +259,14 @@ pub async fn tick(client: &FleetClient, settings: &Settings, now: Secs) -> Resul
     let fleets = client.worker_fleets().await?;
     let mut report = TickReport::default();
     let mut seen = BTreeMap::new();
+    let history = read_build_history(client, settings).await;
     for fleet in &fleets {
         if let Some(first) = seen.insert(fleet.family, fleet.fleet_id.clone()) {
             tracing::warn!(family = %fleet.family, first, second = fleet.fleet_id, "two worker fleets for one family: the second is left alone");
             seen.insert(fleet.family, first);
             continue;
         }
-        report.families.push(scale_family(client, settings, fleet, now).await);
+        report.families.push(scale_family(client, settings, fleet, &history, now).await);
     }
     for family in CpuFamily::ALL {
         if !seen.contains_key(&family) && settings.family_queues.contains_key(&family) {
@@ -268,13 +284,19 @@ pub async fn tick(client: &FleetClient, settings: &Settings, now: Secs) -> Resul
     Ok(report)
 }
 
-async fn scale_family(client: &FleetClient, settings: &Settings, fleet: &WorkerFleet, now: Secs) -> FamilyReport {
+async fn scale_family(
+    client: &FleetClient,
+    settings: &Settings,
+    fleet: &WorkerFleet,
+    history: &BuildHistoryRead,
+    now: Secs,
+) -> FamilyReport {
     let mut r = FamilyReport {
         family: fleet.family.to_string(),
         fleet_id: Some(fleet.fleet_id.clone()),
         ..FamilyReport::default()
     };
-    let (snap, warnings) = match family_snapshot(client, settings, fleet, now).await {
+    let (snap, warnings) = match family_snapshot(client, settings, fleet, history, now).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(family = %fleet.family, fleet = fleet.fleet_id, error = %e, "snapshot failed: no action this tick");

@@ -50,7 +50,9 @@ async fn snapshot_reads_queue_fleet_and_tagged_instances() {
     assert_eq!(fleets[0].family, CpuFamily::X86_64);
     assert_eq!(fleets[0].target, FleetTarget { total: 2, on_demand: 0 });
 
-    let (snap, warnings) = pacloud_scaler::family_snapshot(&c, &settings(&q), &fleets[0], NOW).await.unwrap();
+    let s = settings(&q);
+    let history = pacloud_scaler::read_build_history(&c, &s).await;
+    let (snap, warnings) = pacloud_scaler::family_snapshot(&c, &s, &fleets[0], &history, NOW).await.unwrap();
     assert_eq!((snap.queue.visible, snap.queue.in_flight), (2, 1));
     // moto's own fleet instances are untagged: only the three x86-64 workers.
     let mut ids: Vec<&str> = snap.instances.iter().map(|i| i.id.as_str()).collect();
@@ -269,7 +271,10 @@ async fn the_build_history_in_the_bucket_gives_the_median_build_time() {
     let with_bucket = Settings { bucket: Some("artifacts".into()), ..settings(&q) };
     let snapshot = |s: Settings| {
         let (c, fleet) = (c.clone(), fleets[0].clone());
-        async move { pacloud_scaler::family_snapshot(&c, &s, &fleet, NOW).await.unwrap() }
+        async move {
+            let history = pacloud_scaler::read_build_history(&c, &s).await;
+            pacloud_scaler::family_snapshot(&c, &s, &fleet, &history, NOW).await.unwrap()
+        }
     };
     let put = |body: Vec<u8>| {
         let c = c.clone();

@@ -174,23 +174,18 @@ fn start_activity_tags(
             expected_end: a.expected_end.and_then(|e| u64::try_from(e.0 / 1000).ok()),
         };
         let (tx, rx) = tokio::sync::watch::channel(secs(&activity.borrow()));
+        let client = pacloud_aws::fleet::FleetClient::connect(&config).await;
         // Idle past the policy's idle timeout: nudge the scaler to terminate
         // this instance now rather than at its next scheduled tick.
-        let nudger = match &config.scaler_events_url {
-            Some(url) => {
-                let sqs = pacloud_aws::clients(&config).await.sqs;
-                let n = pacloud_aws::nudge::Nudger::new(sqs, url.clone());
-                Some(tokio::spawn(pacloud_aws::nudge::run_idle_nudger(
-                    n,
-                    id.clone(),
-                    tx.subscribe(),
-                    pacloud_aws::nudge::IDLE_AFTER,
-                    stop.clone(),
-                )))
-            }
-            None => None,
-        };
-        let client = pacloud_aws::fleet::FleetClient::connect(&config).await;
+        let nudger = config.scaler_events_url.clone().map(|url| {
+            tokio::spawn(pacloud_aws::nudge::run_idle_nudger(
+                pacloud_aws::nudge::Nudger::new(client.sqs.clone(), url),
+                id.clone(),
+                tx.subscribe(),
+                pacloud_aws::nudge::IDLE_AFTER,
+                stop.clone(),
+            ))
+        });
         let tagger =
             tokio::spawn(pacloud_aws::fleet::run_activity_tagger(client, id, rx, Duration::from_secs(5), stop.clone()));
         let mut activity = activity;

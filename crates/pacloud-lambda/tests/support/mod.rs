@@ -212,24 +212,7 @@ impl Deployment {
     /// queue: the nudges the function sent.
     pub async fn drain_nudges(&self) -> Vec<Value> {
         let sqs = pacloud_aws::clients(&self.cfg).await.sqs;
-        let url = self.cfg.scaler_events_url.clone().expect("an events queue");
-        let mut out = Vec::new();
-        loop {
-            let r = sqs.receive_message().queue_url(&url).max_number_of_messages(10).send().await.unwrap();
-            let msgs = r.messages.unwrap_or_default();
-            if msgs.is_empty() {
-                return out;
-            }
-            for m in msgs {
-                out.push(serde_json::from_str(m.body().unwrap_or_default()).unwrap());
-                sqs.delete_message()
-                    .queue_url(&url)
-                    .receipt_handle(m.receipt_handle().unwrap_or_default())
-                    .send()
-                    .await
-                    .unwrap();
-            }
-        }
+        pacloud_aws::testkit::drain_json(&sqs, self.cfg.scaler_events_url.as_deref().expect("an events queue")).await
     }
 
     /// Receives (and deletes) every message on the job queue.

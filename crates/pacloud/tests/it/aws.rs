@@ -218,14 +218,13 @@ async fn end_to_end_over_aws_protocols() {
     let start = Instant::now();
     while !kinds.iter().any(|(k, _): &(String, String)| k == "Worker Idle") {
         assert!(start.elapsed() < Duration::from_secs(40), "no idle nudge from the worker: {kinds:?}");
-        let r = sqs.receive_message().queue_url(&events).max_number_of_messages(10).wait_time_seconds(2).send().await;
-        for m in r.unwrap().messages.unwrap_or_default() {
-            let v: Value = serde_json::from_str(m.body().unwrap_or_default()).unwrap();
+        for v in pacloud_aws::testkit::drain_json(&sqs, &events).await {
             kinds.push((
                 v["detail-type"].as_str().unwrap_or_default().to_owned(),
                 v["detail"]["instance-id"].as_str().unwrap_or_default().to_owned(),
             ));
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(kinds.iter().filter(|(k, _)| k == "Build Enqueued").count(), 1, "{kinds:?}");
     assert!(kinds.contains(&("Worker Idle".to_owned(), "i-0fake0e2e0worker".to_owned())), "{kinds:?}");
