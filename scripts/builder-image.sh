@@ -27,6 +27,8 @@ cd "$(dirname "$0")/.."
 
 log() { printf '== builder-image: %s\n' "$*" >&2; }
 die() { printf 'builder-image.sh: %s\n' "$*" >&2; exit 2; }
+# Never a silent exit: name the command that failed.
+trap 'printf "builder-image.sh: line %s: a command failed (status %s)\n" "$LINENO" "$?" >&2' ERR
 
 force=0
 case "${1:-}" in
@@ -62,7 +64,7 @@ tag="pacloud-builder-standin:${hash:0:12}"
 
 # Both labels: images built FROM the stand-in (the production Dockerfile's
 # check) inherit the recipe label but set org.pacloud.builder to their own.
-existing=$(docker image ls -q --no-trunc --filter "label=$label=$hash" --filter "label=org.pacloud.builder=standin" | head -n1)
+existing=$(docker image ls -q --no-trunc --filter "label=$label=$hash" --filter "label=org.pacloud.builder=standin" | sed -n 1p)
 if [ -n "$existing" ] && [ "$force" = 0 ]; then
   log "up to date ($tag)"
   echo "$existing"
@@ -82,18 +84,21 @@ mirror=$(
   for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
     [ -r "$f" ] && cat "$f" && echo
   done | awk -v suite="$suite" '
+    # Reads all of its input (no early exit: with pipefail, a writer killed
+    # by SIGPIPE would fail the whole assignment, silently, under set -e).
+    function found(u) { if (pick == "") pick = u }
     /^[[:space:]]*#/ { next }
     /^deb[[:space:]]/ {
       n = split($0, w, /[[:space:]]+/); i = 2
       if (w[i] ~ /^\[/) { while (i <= n && w[i] !~ /\]$/) i++; i++ }
-      if (w[i + 1] == suite) { print w[i]; exit }
+      if (w[i + 1] == suite) found(w[i])
       next
     }
-    /^[[:space:]]*$/ { if (types ~ /(^| )deb( |$)/ && (" " suites " ") ~ (" " suite " ")) { print uri; exit }; types = uris = suites = ""; next }
+    /^[[:space:]]*$/ { if (types ~ /(^| )deb( |$)/ && (" " suites " ") ~ (" " suite " ")) found(uri); types = uris = suites = ""; next }
     /^Types:/ { sub(/^Types:[[:space:]]*/, ""); types = $0 }
     /^URIs:/ { sub(/^URIs:[[:space:]]*/, ""); split($0, u, /[[:space:]]+/); uri = u[1] }
     /^Suites:/ { sub(/^Suites:[[:space:]]*/, ""); suites = $0 }
-    END { if (types ~ /(^| )deb( |$)/ && (" " suites " ") ~ (" " suite " ")) print uri }' | head -n1
+    END { if (types ~ /(^| )deb( |$)/ && (" " suites " ") ~ (" " suite " ")) found(uri); if (pick != "") print pick }'
 )
 [ -n "$mirror" ] || die "no Debian source for suite $suite in /etc/apt/sources.list*"
 
