@@ -9,6 +9,7 @@
 
 pub mod buildroot;
 pub mod closure;
+pub mod deproot;
 pub mod fetch;
 pub mod pkgcache;
 pub mod pkgindex;

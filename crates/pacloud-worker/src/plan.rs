@@ -36,6 +36,9 @@ pub struct BuildEnv {
     pub package_cache: PackageCache,
     /// Source mirrors tried first by the fetch step (`GENTOO_MIRRORS`).
     pub mirrors: Vec<String>,
+    /// Kept ROOTs of finished builds, laid under later builds' ROOTs
+    /// ([`crate::deproot`]); `None` turns reuse off.
+    pub dep_roots: Option<crate::deproot::DepRoots>,
 }
 
 /// Why a plan could not be made (an infrastructure problem of this worker).
@@ -347,6 +350,7 @@ mod tests {
             ),
             package_cache: PackageCache::disabled(),
             mirrors: vec!["http://127.0.0.1:1".into()],
+            dep_roots: None,
         };
         let targets = TargetSet::builtin();
         let spec = BuildRequest {
@@ -416,6 +420,7 @@ mod tests {
             distfiles: None,
             package_cache: PackageCache::disabled(),
             mirrors: vec![],
+            dep_roots: None,
         };
         let targets = TargetSet::builtin();
         let spec = BuildRequest { atom: "app-arch/lzop".into(), version: "1.04-r1".into(), ..Default::default() }
@@ -461,6 +466,7 @@ mod tests {
             distfiles: None,
             package_cache: PackageCache::disabled(),
             mirrors: vec![],
+            dep_roots: None,
         };
         let targets = TargetSet::builtin();
         let spec = BuildRequest { atom: "app-misc/hello".into(), version: "2.12-r1".into(), ..Default::default() }

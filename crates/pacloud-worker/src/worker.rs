@@ -22,6 +22,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::closure;
+use crate::deproot;
 use crate::fetch;
 use crate::plan::{self, BuildEnv};
 use crate::publish;
@@ -434,11 +435,8 @@ impl Worker {
         let lease_lost = lost.is_cancelled() && !abort.is_cancelled();
         lost.cancel();
         let _ = heartbeat.await;
-        if std::env::var_os("PACLOUD_KEEP_BUILD_DIRS").is_none() {
-            let _ = tokio::fs::remove_dir_all(self.env.work_root.join(&owner)).await;
-        }
 
-        match result {
+        let outcome = match result {
             Ok(BuildResult::Built { artifact, deps }) => {
                 let done = self.apply(&key, |r| r.complete(&owner, artifact.clone(), self.clock.now())).await;
                 match done {
@@ -491,7 +489,25 @@ impl Worker {
                 tracing::warn!(%key, error = &e as &dyn std::error::Error, "infrastructure failure");
                 self.infra(&d, &key, &owner, &e.to_string()).await
             }
+        };
+        // After the outcome is recorded (off the request's path): a clean
+        // ROOT is kept for later builds ([`crate::deproot`]).
+        let work_dir = self.env.work_root.join(&owner);
+        if matches!(outcome, JobOutcome::Ready)
+            && let Some(roots) = self.env.dep_roots.clone()
+        {
+            let (root, target_hash) = (work_dir.join("root"), job.spec.target_hash.to_string());
+            match tokio::task::spawn_blocking(move || roots.keep(&target_hash, &root)).await {
+                Ok(Ok(Some(id))) => tracing::debug!(%key, root = %id, "ROOT kept for later builds"),
+                Ok(Ok(None)) => {}
+                Ok(Err(why)) => tracing::info!(%key, reason = %why, "ROOT not kept for later builds"),
+                Err(e) => tracing::warn!(%key, error = %e, "keeping the ROOT panicked"),
+            }
         }
+        if std::env::var_os("PACLOUD_KEEP_BUILD_DIRS").is_none() {
+            let _ = tokio::fs::remove_dir_all(&work_dir).await;
+        }
+        outcome
     }
 
     async fn drop_message(&self, receipt: &Receipt, why: &'static str) -> JobOutcome {
@@ -528,7 +544,35 @@ impl Worker {
         owner: &str,
         cancel: &CancellationToken,
     ) -> Result<BuildResult, Infra> {
-        let plan = plan::prepare(&self.env, job, target, owner)?;
+        let reuse = self.env.dep_roots.is_some();
+        match self.build_once(job, target, owner, cancel, reuse, None).await? {
+            Attempt::Done(result) => Ok(result),
+            Attempt::Fresh(why) => {
+                // The reused ROOT may have changed the build: again, in an
+                // empty ROOT, with nothing of the first attempt.
+                tracing::info!(key = %job.key, %owner, reason = %why, "building again in an empty ROOT");
+                let _ = tokio::fs::remove_dir_all(self.env.work_root.join(owner)).await;
+                match self.build_once(job, target, owner, cancel, false, Some(why)).await? {
+                    Attempt::Done(result) => Ok(result),
+                    Attempt::Fresh(why) => Err(Infra::Fetch(format!("no build in an empty ROOT: {why}"))),
+                }
+            }
+        }
+    }
+
+    /// One build attempt; with `reuse`, in a copy of a kept ROOT
+    /// ([`crate::deproot`]) when one fits, and then [`Attempt::Fresh`] when
+    /// that ROOT failed the build or left packages the graph does not need.
+    async fn build_once(
+        &self,
+        job: &Job,
+        target: &pacloud_domain::Target,
+        owner: &str,
+        cancel: &CancellationToken,
+        reuse: bool,
+        first_attempt: Option<String>,
+    ) -> Result<Attempt, Infra> {
+        let mut plan = plan::prepare(&self.env, job, target, owner)?;
         let target_name = target.name.as_str();
         // Seeding: the target's index (one GET), of which the build sees only
         // the entries (and sparse placeholders) of the names its graph can reach.
@@ -556,6 +600,29 @@ impl Worker {
         if let Some(cache) = &self.env.distfiles {
             cache.link_into(&distdir)?;
         }
+        let mut prelude = String::new();
+        if let Some(why) = &first_attempt {
+            prelude.push_str(&format!(">>> pacloud: built again in an empty ROOT: {why}\n"));
+        }
+        // Dependencies a kept ROOT has installed already are not merged again.
+        let root_dir = plan.work_dir.join("root");
+        let target_hash = job.spec.target_hash.to_string();
+        let reused = match &self.env.dep_roots {
+            Some(roots) if reuse => {
+                self.reuse_root(roots, &target_hash, &requested, &reach, &seeded.index, &root_dir).await
+            }
+            _ => None,
+        };
+        if let Some(picked) = &reused {
+            let at = plan.argv.len().saturating_sub(1);
+            plan.argv.splice(at..at, deproot::REUSE_OPTIONS.map(String::from));
+            let names: Vec<&str> = picked.meta.packages.iter().map(|p| p.cpv.as_str()).collect();
+            prelude.push_str(&format!(
+                ">>> pacloud: ROOT starts as a copy of a kept ROOT with {} package(s) installed: {}\n",
+                names.len(),
+                names.join(" ")
+            ));
+        }
         // Nothing to download: no fetch step; every binary of a reached name
         // is materialised instead of the fetch step's exact list (bounded).
         let fast = if reach.needs_fetch {
@@ -575,7 +642,7 @@ impl Worker {
             (binaries.len() <= FAST_PATH_MAX_BINARIES).then_some(binaries)
         };
         let mut log_text = format!(
-            ">>> pacloud: the build sees {} of the {} entries of the target's index ({} reachable names)\n",
+            "{prelude}>>> pacloud: the build sees {} of the {} entries of the target's index ({} reachable names)\n",
             seeded.visible,
             seeded.index.packages.len(),
             reach.names.len()
@@ -598,7 +665,10 @@ impl Worker {
                     log_text.extend(log);
                     binaries
                 }
-                Err(FetchStep::Failed(result)) => return Ok(result),
+                Err(FetchStep::Failed(_)) if reused.is_some() => {
+                    return Ok(Attempt::Fresh("the fetch step failed in a reused ROOT".into()));
+                }
+                Err(FetchStep::Failed(result)) => return Ok(Attempt::Done(result)),
                 Err(FetchStep::Infra(e)) => return Err(e),
             },
         };
@@ -613,6 +683,24 @@ impl Worker {
         )
         .await?;
         let outcome = self.sandbox.run(&plan, cancel.clone()).await?;
+        if let (Some(picked), Some(roots)) = (&reused, &self.env.dep_roots) {
+            if !outcome.timed_out && !outcome.succeeded() {
+                let code = outcome.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "a signal".into());
+                return Ok(Attempt::Fresh(format!("emerge exited with status {code} in a reused ROOT")));
+            }
+            if outcome.succeeded() {
+                let installed = deproot::installed(&root_dir)
+                    .map_err(|source| Infra::Sandbox(SandboxError::Io { path: root_dir.clone(), source }))?;
+                let extra = deproot::extras(&installed, &requested);
+                if !extra.is_empty() {
+                    roots.forget(&picked.id);
+                    return Ok(Attempt::Fresh(format!(
+                        "the reused ROOT held package(s) the graph of {requested} does not need: {}",
+                        extra.join(", ")
+                    )));
+                }
+            }
+        }
         log_text.extend_from_slice(b"\n>>> pacloud: build step\n");
         log_text.extend(tokio::fs::read(&outcome.log).await.unwrap_or_default());
         let log_path = ArtifactPath::parse(&format!("logs/{}/{owner}.log", job.key))
@@ -622,12 +710,12 @@ impl Worker {
         let log_path = Some(log_path.to_string());
         if outcome.timed_out {
             let reason = format!("the build exceeded its wall-clock limit of {:?}", self.env.limits.wall_clock);
-            return Ok(BuildResult::Failed { class: FailureClass::Timeout, reason, log_path, log_tail });
+            return Ok(Attempt::Done(BuildResult::Failed { class: FailureClass::Timeout, reason, log_path, log_tail }));
         }
         if !outcome.succeeded() {
             let code = outcome.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "a signal".into());
             let reason = format!("emerge {} exited with status {code}", job.spec.portage_atom());
-            return Ok(BuildResult::Failed { class: FailureClass::Build, reason, log_path, log_tail });
+            return Ok(Attempt::Done(BuildResult::Failed { class: FailureClass::Build, reason, log_path, log_tail }));
         }
         // Publish only while still holding the lease (a resume after
         // hibernation may find that another worker took the key over).
@@ -637,7 +725,7 @@ impl Worker {
                 && r.lease.as_ref().is_some_and(|l| l.owner == owner)
         );
         if !holds {
-            return Ok(BuildResult::LeaseLost);
+            return Ok(Attempt::Done(BuildResult::LeaseLost));
         }
         if let Some(signer) = &self.signer {
             crate::sign::sign_new_packages(signer.clone(), &plan.pkgdir(), &seeded.paths).await?;
@@ -654,7 +742,7 @@ impl Worker {
         }
         let Some(main) = published.iter().find(|p| p.cpv == cpv) else {
             let reason = format!("emerge succeeded but published no package for ={cpv}");
-            return Ok(BuildResult::Failed { class: FailureClass::Build, reason, log_path, log_tail });
+            return Ok(Attempt::Done(BuildResult::Failed { class: FailureClass::Build, reason, log_path, log_tail }));
         };
         // The record may point at the artifact only once it is really stored.
         match self.artifacts.head(&main.path).await? {
@@ -674,7 +762,32 @@ impl Worker {
             compute: self.config.compute.clone(),
         };
         let deps = published.into_iter().filter(|p| p.cpv != cpv).collect();
-        Ok(BuildResult::Built { artifact, deps })
+        Ok(Attempt::Done(BuildResult::Built { artifact, deps }))
+    }
+
+    /// Picks a kept ROOT for this build and copies it into the build's ROOT.
+    async fn reuse_root(
+        &self,
+        roots: &deproot::DepRoots,
+        target_hash: &str,
+        requested: &str,
+        reach: &closure::Reach,
+        index: &crate::pkgindex::PackageIndex,
+        root_dir: &std::path::Path,
+    ) -> Option<deproot::Picked> {
+        let picked = roots.pick(target_hash, requested, &reach.names, index)?;
+        match roots.restore(&picked, root_dir).await {
+            Ok(()) => Some(picked),
+            Err(e) => {
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "cannot copy a kept ROOT; building in an empty one"
+                );
+                let _ = tokio::fs::remove_dir_all(root_dir).await;
+                let _ = tokio::fs::create_dir_all(root_dir).await;
+                None
+            }
+        }
     }
 
     /// The fetch step: network on, sources downloaded into the build's
@@ -818,6 +931,13 @@ impl Worker {
             }
         }
     }
+}
+
+/// How one build attempt ended.
+enum Attempt {
+    Done(BuildResult),
+    /// Build again in an empty ROOT, for this reason.
+    Fresh(String),
 }
 
 /// How the fetch step ended a build early.

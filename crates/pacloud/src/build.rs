@@ -217,6 +217,12 @@ pub async fn detect(settings: &Settings) -> Detected {
     }
     // Off by default locally: the store is a directory on this disk already.
     let package_cache = PackageCache::new(settings.data_dir.join("package-cache"), b.package_cache_bytes.unwrap_or(0));
+    let dep_roots = (b.dependency_roots > 0).then(|| {
+        pacloud_worker::deproot::DepRoots::new(
+            work_root.join(pacloud_worker::deproot::DEP_ROOTS_DIR),
+            b.dependency_roots,
+        )
+    });
     let env = BuildEnv {
         work_root,
         portage,
@@ -228,6 +234,7 @@ pub async fn detect(settings: &Settings) -> Detected {
         distfiles: Some(distfiles),
         mirrors: b.mirrors.clone(),
         package_cache,
+        dep_roots,
     };
     Detected::Ready(Backend { sandbox, env, description })
 }

@@ -128,6 +128,8 @@ pub struct BuildFileSettings {
     /// Docker backend: the network of containers that have network (the
     /// fetch step; builds with `network = true`): "bridge" or "host".
     pub docker_network: Option<String>,
+    /// Kept ROOTs of finished builds reused by later builds (0 turns it off).
+    pub dependency_roots: Option<usize>,
 }
 
 /// Which sandbox builds run in.
@@ -176,6 +178,9 @@ pub struct BuildSettings {
     /// (default bridge; host reaches a mirror on the host's loopback and is
     /// refused on AWS workers, where the IMDS rule would not apply).
     pub docker_network: NetworkMode,
+    /// How many finished builds' ROOTs a worker keeps for later builds to
+    /// start from (0: every build merges its dependencies into an empty ROOT).
+    pub dependency_roots: usize,
 }
 
 impl Default for BuildSettings {
@@ -200,6 +205,7 @@ impl Default for BuildSettings {
             distfiles_max_bytes: 20 << 30,
             package_cache_bytes: None,
             docker_network: NetworkMode::Bridge,
+            dependency_roots: 8,
         }
     }
 }
@@ -411,6 +417,9 @@ impl Settings {
         if let Some(v) = fb.distfiles_max_mb {
             b.distfiles_max_bytes = v << 20;
         }
+        if let Some(v) = fb.dependency_roots {
+            b.dependency_roots = v;
+        }
         if let Some(v) = fb.package_cache_mb {
             b.package_cache_bytes = Some(v << 20);
         }
@@ -485,6 +494,10 @@ impl Settings {
         }
         if let Some(v) = env("PACLOUD_WORKERS") {
             self.build.workers = v.parse().map_err(|_| bad("PACLOUD_WORKERS", &v, "a whole number"))?;
+        }
+        if let Some(v) = env("PACLOUD_DEPENDENCY_ROOTS") {
+            self.build.dependency_roots =
+                v.parse().map_err(|_| bad("PACLOUD_DEPENDENCY_ROOTS", &v, "a whole number (0 turns it off)"))?;
         }
         if let Some(v) = env("PACLOUD_BUILD_BACKEND") {
             self.build.backend =

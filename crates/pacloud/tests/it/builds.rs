@@ -109,7 +109,8 @@ async fn builds_are_isolated_from_each_other_and_the_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_dependencies_are_reused_not_rebuilt() {
-    let app = spawn_builder().await;
+    // Dependencies merged from their binaries (no kept ROOT to start from).
+    let app = spawn_builder_with(|s| s.build.dependency_roots = 0).await;
     let (dep_key, dep) = app.build(&req("dev-libs/libfoo", "1.0", &[])).await;
     assert_eq!(dep["status"], "ready");
     // Three packages no graph here can reach: the next build's index leaves them out.
@@ -388,4 +389,123 @@ async fn builds_leave_history_and_an_atom_with_history_reports_its_expected_end(
     assert_eq!(after_two.len(), 2, "{after_two:?}");
     assert_eq!(after_two[0], after_one[0]);
     assert_eq!(history("stats/all.json"), after_two);
+}
+
+/// The kept ROOTs of an app's worker: (installed cpvs, BUILD_TIMEs) per root.
+fn kept_roots(app: &TestApp) -> Vec<Vec<(String, String)>> {
+    let dir = app.dir.path().join("data/builds/.deproots");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path().join("meta.json")) else { continue };
+        let meta: Value = serde_json::from_str(&text).unwrap();
+        let pkgs = meta["packages"].as_array().unwrap();
+        out.push(
+            pkgs.iter()
+                .map(|p| (p["cpv"].as_str().unwrap().to_owned(), p["build_time"].as_str().unwrap_or("").to_owned()))
+                .collect(),
+        );
+    }
+    out.sort();
+    out
+}
+
+/// The files of a ready build's image and its recorded dependencies.
+async fn image_and_deps(app: &TestApp, ready: &Value, dir: &std::path::Path) -> (Vec<String>, String) {
+    let pkg = download(app, ready, dir).await;
+    let name = pkg.file_name().unwrap().to_string_lossy().trim_end_matches(".gpkg.tar").to_owned();
+    let mut image = zstd_tar_list(&tar_member(&pkg, &format!("{name}/image.tar.zst")), dir);
+    image.sort();
+    let metadata = tar_member(&pkg, &format!("{name}/metadata.tar.zst"));
+    let deps = ["DEPEND", "RDEPEND"].map(|f| zstd_tar_member(&metadata, &format!("metadata/{f}"), dir)).join(" | ");
+    (image, deps)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_root_spares_merging_the_dependencies_and_gives_the_same_package() {
+    // Why a ROOT was not kept goes to the test's output.
+    let _ = tracing_subscriber::fmt().with_max_level(tracing::Level::INFO).with_test_writer().try_init();
+    let app = spawn_builder().await;
+    let tmp = tempfile::tempdir().unwrap();
+    app.build(&req("app-misc/chain-e", "1.0", &[])).await;
+    app.build(&req("app-misc/chain-d", "1.0", &[])).await;
+    let (key, c) = app.build(&req("app-misc/chain-c", "1.0", &[])).await;
+    assert_eq!(c["status"], "ready", "{c}");
+    let log = app.logs(&key).concat();
+    assert!(
+        log.contains("ROOT starts as a copy of a kept ROOT with 2 package(s) installed: app-misc/chain-d-1.0 app-misc/chain-e-1.0"),
+        "{log}"
+    );
+    assert!(!log.contains(">>> Emerging binary"), "no dependency merged again:\n{log}");
+    assert_eq!(log.matches(">>> Emerging (").count(), 1, "only chain-c itself:\n{log}");
+    let kept = kept_roots(&app);
+    assert!(kept.iter().any(|r| r.len() == 3), "chain-c's ROOT is kept in turn: {kept:?}");
+
+    // The same package as a build that merged its dependencies itself.
+    let fresh = spawn_builder_with(|s| s.build.dependency_roots = 0).await;
+    fresh.build(&req("app-misc/chain-d", "1.0", &[])).await;
+    let (fkey, fc) = fresh.build(&req("app-misc/chain-c", "1.0", &[])).await;
+    let flog = fresh.logs(&fkey).concat();
+    assert!(flog.contains(">>> Emerging binary") && !flog.contains("kept ROOT"), "{flog}");
+    assert!(kept_roots(&fresh).is_empty(), "dependency_roots = 0 keeps nothing");
+    let ours = image_and_deps(&app, &c, tmp.path()).await;
+    let theirs = image_and_deps(&fresh, &fc, tmp.path()).await;
+    assert_eq!(ours, theirs);
+    assert!(ours.0.iter().any(|f| f == "image/usr/share/chain-c/data.txt"), "{ours:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_root_is_brought_to_what_an_empty_root_would_install_or_not_used() {
+    let app = spawn_builder().await;
+    let tmp = tempfile::tempdir().unwrap();
+    // libfoo with USE=foo: its ROOT holds the foo variant.
+    app.build(&req("dev-libs/libfoo", "1.0", &["foo"])).await;
+    let (key, built) = app.build(&req("app-misc/uses-libfoo", "1.0", &[])).await;
+    assert_eq!(built["status"], "ready", "{built}");
+    let log = app.logs(&key).concat();
+    assert!(
+        log.contains("ROOT starts as a copy of a kept ROOT with 1 package(s) installed: dev-libs/libfoo-1.0"),
+        "{log}"
+    );
+    // --newuse: the default-USE libfoo replaces the foo variant, as an
+    // empty ROOT would have it (built here: no default-USE binary yet).
+    assert_eq!(log.matches(">>> Emerging (").count(), 2, "libfoo (default USE) and uses-libfoo:\n{log}");
+    let (status, dep) = app.post_build(&req("dev-libs/libfoo", "1.0", &[])).await;
+    assert_eq!((status, dep["status"].as_str()), (200, Some("ready")), "{dep}");
+    let pkg = download(&app, &dep, tmp.path()).await;
+    let name = pkg.file_name().unwrap().to_string_lossy().trim_end_matches(".gpkg.tar").to_owned();
+    let image = zstd_tar_list(&tar_member(&pkg, &format!("{name}/image.tar.zst")), tmp.path());
+    assert!(!image.iter().any(|f| f.ends_with("libfoo-foo.txt")), "the default variant: {image:?}");
+    let kept = kept_roots(&app);
+    let with_user: Vec<_> = kept.iter().filter(|r| r.iter().any(|(cpv, _)| cpv.contains("uses-libfoo"))).collect();
+    assert_eq!(with_user.len(), 1, "{kept:?}");
+
+    // A textual scan reaches chain-e (USE=bar), the graph does not: the ROOT
+    // with chain-e is tried, found to hold an extra package, and the build
+    // runs again in an empty ROOT (optdep's build would otherwise find it).
+    app.build(&req("app-misc/chain-e", "1.0", &[])).await;
+    let (key, opt) = app.build(&req("app-misc/optdep", "1.0", &[])).await;
+    assert_eq!(opt["status"], "ready", "{opt}");
+    let log = app.logs(&key).concat();
+    assert!(
+        log.contains(
+            "built again in an empty ROOT: the reused ROOT held package(s) the graph of app-misc/optdep does not need: app-misc/chain-e-1.0"
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("ROOT starts as a copy"), "the published build ran in an empty ROOT:\n{log}");
+    let pkg = download(&app, &opt, tmp.path()).await;
+    let name = pkg.file_name().unwrap().to_string_lossy().trim_end_matches(".gpkg.tar").to_owned();
+    let image = tar_member(&pkg, &format!("{name}/image.tar.zst"));
+    let found = zstd_tar_member(&image, "image/usr/share/optdep/found.txt", tmp.path());
+    assert_eq!(found.trim(), "chain-e absent");
+    assert!(
+        !kept_roots(&app).iter().any(|r| r.len() == 1 && r[0].0 == "app-misc/chain-e-1.0"),
+        "the misleading ROOT is forgotten"
+    );
+
+    // A pkg_postinst that writes into ROOT: that ROOT is not kept.
+    let (_, pw) = app.build(&req("app-misc/postinst-writes", "1.0", &[])).await;
+    assert_eq!(pw["status"], "ready", "{pw}");
+    let kept = kept_roots(&app);
+    assert!(!kept.iter().flatten().any(|(cpv, _)| cpv.contains("postinst-writes")), "{kept:?}");
 }

@@ -129,7 +129,8 @@ fn dial_list(port: u16, loopback: bool) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_builds_a_chain_reusing_cached_dependencies() {
     let _engine = engine().await;
-    let app = spawn_docker_builder_with(|_| {}).await;
+    // Dependencies merged from their binaries (no kept ROOT to start from).
+    let app = spawn_docker_builder_with(|s| s.build.dependency_roots = 0).await;
     let (dep_key, dep) = app.build(&req("dev-libs/libfoo", "1.0", &[])).await;
     assert_eq!(dep["status"], "ready", "{dep}");
     let (key, built) = app.build(&req("app-misc/uses-libfoo", "1.0", &[])).await;

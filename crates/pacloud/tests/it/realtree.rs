@@ -172,9 +172,15 @@ async fn real_packages_build_publish_and_install_and_their_programs_run() {
     assert_ne!(hello_plain.0, hello_nls.0, "two USE variants, two keys");
     let (s, attr) = app.post_build(&req("sys-apps/attr", "2.5.1-r2", &[])).await;
     assert_eq!((s, attr["status"].as_str()), (200, Some("ready")), "attr published with acl: {attr}");
-    let (_, sed) = wait_long(&app, &req("sys-apps/sed", "4.9-r1", &[]), limit).await;
+    let (sed_key, sed) = wait_long(&app, &req("sys-apps/sed", "4.9-r1", &[]), limit).await;
     ready(&sed);
     let built = started.elapsed();
+    // sed (USE=acl) starts from acl's kept ROOT: acl and attr are not merged again.
+    let sed_log = app.logs(&sed_key).concat();
+    let reused = sed_log.lines().find(|l| l.contains("ROOT starts as a copy of a kept ROOT")).unwrap_or_default();
+    assert!(reused.contains("sys-apps/acl-2.3.1-r2") && reused.contains("sys-apps/attr-2.5.1-r2"), "{sed_log}");
+    assert!(!sed_log.contains(">>> Emerging binary"), "{sed_log}");
+    assert_eq!(sed_log.matches(">>> Emerging (").count(), 1, "only sed:\n{sed_log}");
 
     // A rebuild of everything is a cache hit.
     for (atom, v, u) in [
