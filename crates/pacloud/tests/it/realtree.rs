@@ -179,8 +179,8 @@ async fn real_packages_build_publish_and_install_and_their_programs_run() {
     let sed_log = app.logs(&sed_key).concat();
     let reused = sed_log.lines().find(|l| l.contains("ROOT starts as a copy of a kept ROOT")).unwrap_or_default();
     assert!(reused.contains("sys-apps/acl-2.3.1-r2") && reused.contains("sys-apps/attr-2.5.1-r2"), "{sed_log}");
-    assert!(!sed_log.contains(">>> Emerging binary"), "{sed_log}");
-    assert_eq!(sed_log.matches(">>> Emerging (").count(), 1, "only sed:\n{sed_log}");
+    let merged = |cpv: &str| sed_log.lines().any(|l| l.starts_with(">>> Emerging") && l.contains(cpv));
+    assert!(!merged("sys-apps/acl-") && !merged("sys-apps/attr-") && merged("sys-apps/sed-4.9-r1"), "{sed_log}");
 
     // A rebuild of everything is a cache hit.
     for (atom, v, u) in [
