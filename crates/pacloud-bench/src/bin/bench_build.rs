@@ -6,9 +6,11 @@
 //! 2. enqueue -> emerge-start latency: from the POST to the sandbox process
 //!    being spawned;
 //! 3. the 5-package chain (chain-e <- ... <- chain-a) requested leaf first
-//!    from the service (published dependencies reused), versus the seed's
-//!    approach (each request in a fresh service and sandbox, every dependency
-//!    compiled from source again): compiles and wall time, as ratios.
+//!    from the service (published dependencies reused, builds starting from
+//!    a kept ROOT), from a service that keeps no ROOTs (every binary
+//!    dependency merged), and by the seed's approach (each request in a
+//!    fresh service and sandbox, every dependency compiled from source
+//!    again): compiles and wall time, as ratios.
 //!
 //! 4. one leaf build with 0 and with N (default 2,000) x 1 MB packages
 //!    already in the target's store, and the ratio (seeding is O(graph));
@@ -82,10 +84,15 @@ struct Service {
 }
 
 async fn service() -> anyhow::Result<Service> {
+    service_with(|_| {}).await
+}
+
+async fn service_with(f: impl FnOnce(&mut Settings)) -> anyhow::Result<Service> {
     let dir = tempfile::tempdir()?;
     #[cfg(unix)]
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    let s = settings(dir.path())?;
+    let mut s = settings(dir.path())?;
+    f(&mut s);
     let app = build_app(&s, "http://127.0.0.1:0")?;
     let mut backend = match pacloud::build::detect(&s).await {
         pacloud::build::Detected::Ready(b) => b,
@@ -289,37 +296,65 @@ async fn leaf_bench(repeat: usize) -> anyhow::Result<()> {
 
 async fn chain_bench() -> anyhow::Result<()> {
     // 3: the chain, leaf first. Each link is requested from one long-lived
-    // service (published dependencies reused) and right after from a fresh
-    // service (the seed's approach: nothing reused, everything from source),
-    // so both sides meet the same machine load (run one half after the
-    // other, a shared machine moved the ratio by ±30 %). Times are request ->
-    // ready; a fresh service's start-up is not counted.
+    // service (published dependencies reused, builds starting from a kept
+    // ROOT), from one long-lived service that keeps no ROOTs (every binary
+    // dependency merged: the approach before dependency roots) and right
+    // after from a fresh service (the seed's approach: nothing reused,
+    // everything from source), so all sides meet the same machine load (run
+    // one after the other, a shared machine moved the ratio by ±30 %).
+    // Times are request -> ready; a fresh service's start-up is not counted.
     let chain = ["chain-e", "chain-d", "chain-c", "chain-b", "chain-a"];
     let svc = service().await?;
-    let (mut ours, mut seed, mut seed_compiles) = (Duration::ZERO, Duration::ZERO, 0);
+    let merging = service_with(|s| s.build.dependency_roots = 0).await?;
+    let (mut ours, mut merged, mut seed, mut seed_compiles) = (Duration::ZERO, Duration::ZERO, Duration::ZERO, 0);
     let mut links = Vec::new();
     for p in chain {
         let atom = format!("app-misc/{p}");
         let (a, _, _) = build(&svc, &atom, "1.0", &[]).await?;
+        let (m, _, _) = build(&merging, &atom, "1.0", &[]).await?;
         let fresh = service().await?;
         let (b, _, _) = build(&fresh, &atom, "1.0", &[]).await?;
         seed_compiles += compiles(&fresh);
         ours += a;
+        merged += m;
         seed += b;
-        links.push(format!("{p} {:.1}/{:.1}", a.as_secs_f64(), b.as_secs_f64()));
+        links.push(format!("{p} {:.1}/{:.1}/{:.1}", a.as_secs_f64(), m.as_secs_f64(), b.as_secs_f64()));
     }
     let our_compiles = compiles(&svc);
-    println!("chain of 5 (chain-e, then d, c, b, a; each link by both sides in turn):");
-    println!("  per link, service/seed (s): {}", links.join(", "));
-    println!("  service (published dependencies reused): {our_compiles} compiles, {:.1} s", ours.as_secs_f64());
+    let reused = reused_roots(&svc);
+    println!("chain of 5 (chain-e, then d, c, b, a; each link by every side in turn):");
+    println!("  per link, service/without kept ROOTs/seed (s): {}", links.join(", "));
+    println!(
+        "  service (published dependencies reused, {reused} of 5 builds from a kept ROOT): {our_compiles} compiles, {:.1} s",
+        ours.as_secs_f64()
+    );
+    println!(
+        "  service without kept ROOTs (dependency_roots = 0: binaries merged): {} compiles, {:.1} s",
+        compiles(&merging),
+        merged.as_secs_f64()
+    );
     println!(
         "  seed's approach (fresh sandbox, all dependencies from source): {seed_compiles} compiles, {:.1} s",
         seed.as_secs_f64()
     );
     println!(
-        "  ratio: {:.2}x fewer compiles, {:.2}x less wall time",
+        "  ratio: {:.2}x fewer compiles, {:.2}x less wall time ({:.2}x without kept ROOTs)",
         seed_compiles as f64 / our_compiles.max(1) as f64,
-        seed.as_secs_f64() / ours.as_secs_f64()
+        seed.as_secs_f64() / ours.as_secs_f64(),
+        seed.as_secs_f64() / merged.as_secs_f64()
     );
     Ok(())
+}
+
+/// How many of a service's builds started from a kept ROOT (their logs say so).
+fn reused_roots(svc: &Service) -> usize {
+    let logs = svc._dir.path().join("data/artifacts/logs");
+    let mut n = 0;
+    for key in std::fs::read_dir(logs).into_iter().flatten().flatten() {
+        for log in std::fs::read_dir(key.path()).into_iter().flatten().flatten() {
+            let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+            n += usize::from(text.contains("ROOT starts as a copy of a kept ROOT"));
+        }
+    }
+    n
 }
