@@ -14,7 +14,8 @@
 //!    fresh service and sandbox, so every dependency is compiled again):
 //!    compiles and wall time, as ratios.
 //!
-//! Usage: bench-real [--only set|chain] (scripts/bench-real.sh)
+//! Usage: bench-real [--only set|chain] (scripts/bench-real.sh); with
+//! PACLOUD_DEPENDENCY_ROOTS=0 the services keep no ROOTs.
 
 use anyhow::{Context, bail};
 use async_trait::async_trait;
@@ -110,6 +111,11 @@ fn settings(dir: &Path, mirror: &str) -> anyhow::Result<Settings> {
     s.build.workers = 1;
     s.build.portage_venv = Some(ws.join(".venv"));
     s.build.poll_wait = Duration::from_secs(20);
+    // PACLOUD_DEPENDENCY_ROOTS=0: the services keep no ROOTs (every binary
+    // dependency merged), to compare with the default.
+    if let Ok(v) = std::env::var("PACLOUD_DEPENDENCY_ROOTS") {
+        s.build.dependency_roots = v.parse().context("PACLOUD_DEPENDENCY_ROOTS: a whole number")?;
+    }
     Ok(s)
 }
 
