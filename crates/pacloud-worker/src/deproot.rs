@@ -235,9 +235,16 @@ fn mtime_secs(m: &std::fs::Metadata) -> i64 {
     std::os::unix::fs::MetadataExt::mtime(m)
 }
 
+/// A clean ROOT's installed packages and the bytes of its files.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub packages: Vec<Installed>,
+    pub bytes: u64,
+}
+
 /// Check 1: everything under `root` is recorded by an installed package or
-/// is portage's own bookkeeping. Returns the installed packages.
-pub fn verify(root: &Path) -> Result<Vec<Installed>, Unclean> {
+/// is portage's own bookkeeping.
+pub fn verify(root: &Path) -> Result<Verified, Unclean> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| Unclean::Io { path, source }
@@ -263,6 +270,7 @@ pub fn verify(root: &Path) -> Result<Vec<Installed>, Unclean> {
         }
     }
     let mut seen = BTreeSet::new();
+    let mut bytes = 0u64;
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = root.join(&rel);
@@ -281,6 +289,9 @@ pub fn verify(root: &Path) -> Result<Vec<Installed>, Unclean> {
                 }
                 stack.push(rel);
                 continue;
+            }
+            if meta.is_file() {
+                bytes += meta.len();
             }
             if PORTAGE_FILES.contains(&key.as_str()) || is_portage_lock(&key) {
                 continue;
@@ -312,7 +323,7 @@ pub fn verify(root: &Path) -> Result<Vec<Installed>, Unclean> {
             return Err(Unclean::Missing(format!("/{path}")));
         }
     }
-    Ok(packages)
+    Ok(Verified { packages, bytes })
 }
 
 /// Portage's lock files (`.<name>.portage_lockfile`) next to what it locks.
@@ -329,6 +340,9 @@ pub struct Meta {
     /// The target's hash: a ROOT is only ever reused for the same target.
     pub target: String,
     pub packages: Vec<Installed>,
+    /// Bytes of its files (the size budget counts them).
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// A kept ROOT chosen for a build.
@@ -347,11 +361,12 @@ pub enum RestoreError {
 }
 
 /// The worker's kept ROOTs: `<dir>/<id>/{meta.json,root/}`, at most
-/// `max_entries`, least recently used pruned first.
+/// `max_entries` and `max_bytes` in all, least recently used pruned first.
 #[derive(Debug, Clone)]
 pub struct DepRoots {
     pub dir: PathBuf,
     pub max_entries: usize,
+    pub max_bytes: u64,
 }
 
 fn set_id(target: &str, packages: &[Installed]) -> String {
@@ -368,8 +383,8 @@ fn set_id(target: &str, packages: &[Installed]) -> String {
 }
 
 impl DepRoots {
-    pub fn new(dir: PathBuf, max_entries: usize) -> DepRoots {
-        DepRoots { dir, max_entries }
+    pub fn new(dir: PathBuf, max_entries: usize, max_bytes: u64) -> DepRoots {
+        DepRoots { dir, max_entries, max_bytes }
     }
 
     fn entries(&self) -> Vec<(String, Meta, SystemTime)> {
@@ -447,7 +462,7 @@ impl DepRoots {
     /// the build's work directory is discarded anyway). Returns the kept
     /// id, or why not.
     pub fn keep(&self, target: &str, root: &Path) -> Result<Option<String>, Unclean> {
-        let packages = verify(root)?;
+        let Verified { packages, bytes } = verify(root)?;
         if packages.is_empty() {
             return Ok(None);
         }
@@ -463,7 +478,7 @@ impl DepRoots {
         let staging = self.dir.join(format!(".{id}.{}", std::process::id()));
         std::fs::create_dir_all(&staging).map_err(io(&staging))?;
         std::fs::rename(root, staging.join("root")).map_err(io(root))?;
-        let meta = Meta { target: target.to_owned(), packages };
+        let meta = Meta { target: target.to_owned(), packages, bytes };
         let json = serde_json::to_vec_pretty(&meta).unwrap_or_default();
         std::fs::write(staging.join("meta.json"), json).map_err(io(&staging))?;
         if std::fs::rename(&staging, &final_dir).is_err() {
@@ -475,15 +490,19 @@ impl DepRoots {
         Ok(Some(id))
     }
 
-    /// Keeps at most `max_entries` ROOTs, the most recently used.
+    /// Keeps the most recently used ROOTs within `max_entries` and
+    /// `max_bytes` (a ROOT larger than the budget is not kept at all).
     pub fn prune(&self) {
         let mut entries = self.entries();
-        if entries.len() <= self.max_entries {
-            return;
-        }
         entries.sort_by_key(|e| std::cmp::Reverse(e.2));
-        for (id, _, _) in entries.into_iter().skip(self.max_entries) {
-            self.forget(&id);
+        let (mut count, mut total) = (0usize, 0u64);
+        for (id, meta, _) in entries {
+            if count < self.max_entries && total.saturating_add(meta.bytes) <= self.max_bytes {
+                count += 1;
+                total += meta.bytes;
+            } else {
+                self.forget(&id);
+            }
         }
     }
 }
@@ -526,7 +545,8 @@ mod tests {
         std::fs::create_dir_all(root.join("var/cache/edb")).unwrap();
         std::fs::write(root.join("var/cache/edb/counter"), "2").unwrap();
         std::fs::write(root.join("var/db/pkg/.pkg.portage_lockfile"), "").unwrap();
-        let packages = verify(root).expect("clean");
+        let Verified { packages, bytes } = verify(root).expect("clean");
+        assert_eq!(bytes, 2 + 11, "the two installed files and profile.env (var/db/pkg, var/cache/edb not walked)");
         assert_eq!(packages.iter().map(|p| p.cpv.as_str()).collect::<Vec<_>>(), ["app-misc/d-1.0", "app-misc/e-1.0"]);
         assert_eq!(packages[0].name, "app-misc/d");
         assert_eq!(packages[0].build_time.as_deref(), Some("1700000000"));
@@ -575,7 +595,7 @@ mod tests {
     #[test]
     fn pick_prefers_the_largest_usable_root_of_the_same_target() {
         let dir = tempfile::tempdir().unwrap();
-        let roots = DepRoots::new(dir.path().join("kept"), 2);
+        let roots = DepRoots::new(dir.path().join("kept"), 2, 1 << 20);
         let build = |cpvs: &[(&str, &str)]| {
             let root = dir.path().join(format!("root-{}", cpvs.len()));
             for (cpv, deps) in cpvs {
@@ -616,5 +636,11 @@ mod tests {
         let left: BTreeSet<String> = roots.entries().into_iter().map(|(id, _, _)| id).collect();
         assert_eq!(left.len(), 2);
         assert!(left.contains(&e) && !left.contains(de.as_ref().unwrap()), "{left:?}");
+        // A byte budget smaller than a ROOT keeps none of that size.
+        let tight = DepRoots::new(dir.path().join("tight"), 8, 3);
+        let big = dir.path().join("big");
+        install(&big, "app-misc/big-1", "", &[("/usr/share/big/f", "four")]);
+        assert!(tight.keep("t1", &big).unwrap().is_some());
+        assert!(tight.entries().is_empty(), "4 bytes over a 3-byte budget");
     }
 }

@@ -221,6 +221,7 @@ pub async fn detect(settings: &Settings) -> Detected {
         pacloud_worker::deproot::DepRoots::new(
             work_root.join(pacloud_worker::deproot::DEP_ROOTS_DIR),
             b.dependency_roots,
+            b.dependency_roots_max_bytes,
         )
     });
     let env = BuildEnv {

@@ -130,6 +130,8 @@ pub struct BuildFileSettings {
     pub docker_network: Option<String>,
     /// Kept ROOTs of finished builds reused by later builds (0 turns it off).
     pub dependency_roots: Option<usize>,
+    /// Their total size at most (MiB).
+    pub dependency_roots_max_mb: Option<u64>,
 }
 
 /// Which sandbox builds run in.
@@ -181,6 +183,8 @@ pub struct BuildSettings {
     /// How many finished builds' ROOTs a worker keeps for later builds to
     /// start from (0: every build merges its dependencies into an empty ROOT).
     pub dependency_roots: usize,
+    /// Their total size at most (the least recently used go first).
+    pub dependency_roots_max_bytes: u64,
 }
 
 impl Default for BuildSettings {
@@ -206,6 +210,7 @@ impl Default for BuildSettings {
             package_cache_bytes: None,
             docker_network: NetworkMode::Bridge,
             dependency_roots: 8,
+            dependency_roots_max_bytes: 10 << 30,
         }
     }
 }
@@ -420,6 +425,9 @@ impl Settings {
         if let Some(v) = fb.dependency_roots {
             b.dependency_roots = v;
         }
+        if let Some(v) = fb.dependency_roots_max_mb {
+            b.dependency_roots_max_bytes = v << 20;
+        }
         if let Some(v) = fb.package_cache_mb {
             b.package_cache_bytes = Some(v << 20);
         }
@@ -614,6 +622,21 @@ builder = "host"
         let e = Settings::load(Some(&file), |_| None).unwrap_err();
         assert!(matches!(&e, SettingsError::Build { key: "docker_network", .. }), "{e}");
         assert!(e.to_string().contains("bridge or host"), "{e}");
+    }
+
+    #[test]
+    fn dependency_roots_from_file_and_environment() {
+        let d = Settings::load(None, |_| None).unwrap().build;
+        assert_eq!((d.dependency_roots, d.dependency_roots_max_bytes), (8, 10 << 30));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pacloud.toml");
+        std::fs::write(&file, "[build]\ndependency_roots = 2\ndependency_roots_max_mb = 100\n").unwrap();
+        let b = Settings::load(Some(&file), |_| None).unwrap().build;
+        assert_eq!((b.dependency_roots, b.dependency_roots_max_bytes), (2, 100 << 20));
+        let off = Settings::load(Some(&file), |k| (k == "PACLOUD_DEPENDENCY_ROOTS").then(|| "0".into())).unwrap();
+        assert_eq!(off.build.dependency_roots, 0);
+        let e = Settings::load(None, |k| (k == "PACLOUD_DEPENDENCY_ROOTS").then(|| "many".into())).unwrap_err();
+        assert!(e.to_string().contains("PACLOUD_DEPENDENCY_ROOTS") && e.to_string().contains("many"), "{e}");
     }
 
     #[test]
