@@ -139,16 +139,17 @@ async fn build(
     Ok((total, start.duration_since(t0), ran))
 }
 
-fn compiles(svc: &Service) -> usize {
+/// The text of every build log a service stored.
+fn build_logs(svc: &Service) -> Vec<String> {
     let logs = svc._dir.path().join("data/artifacts/logs");
-    let mut n = 0;
-    for key in std::fs::read_dir(logs).into_iter().flatten().flatten() {
-        for log in std::fs::read_dir(key.path()).into_iter().flatten().flatten() {
-            let text = std::fs::read_to_string(log.path()).unwrap_or_default();
-            n += text.lines().filter(|l| l.starts_with(">>> Emerging (")).count();
-        }
-    }
-    n
+    let keys = std::fs::read_dir(logs).into_iter().flatten().flatten();
+    keys.flat_map(|key| std::fs::read_dir(key.path()).into_iter().flatten().flatten())
+        .map(|log| std::fs::read_to_string(log.path()).unwrap_or_default())
+        .collect()
+}
+
+fn compiles(svc: &Service) -> usize {
+    build_logs(svc).iter().map(|t| t.lines().filter(|l| l.starts_with(">>> Emerging (")).count()).sum()
 }
 
 fn stats(xs: &mut [f64]) -> (f64, f64, f64) {
@@ -348,13 +349,5 @@ async fn chain_bench() -> anyhow::Result<()> {
 
 /// How many of a service's builds started from a kept ROOT (their logs say so).
 fn reused_roots(svc: &Service) -> usize {
-    let logs = svc._dir.path().join("data/artifacts/logs");
-    let mut n = 0;
-    for key in std::fs::read_dir(logs).into_iter().flatten().flatten() {
-        for log in std::fs::read_dir(key.path()).into_iter().flatten().flatten() {
-            let text = std::fs::read_to_string(log.path()).unwrap_or_default();
-            n += usize::from(text.contains("ROOT starts as a copy of a kept ROOT"));
-        }
-    }
-    n
+    build_logs(svc).iter().filter(|t| t.contains("ROOT starts as a copy of a kept ROOT")).count()
 }

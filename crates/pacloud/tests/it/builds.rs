@@ -409,13 +409,18 @@ fn kept_roots(app: &TestApp) -> Vec<Vec<(String, String)>> {
     out
 }
 
-/// The files of a ready build's image and its recorded dependencies.
-async fn image_and_deps(app: &TestApp, ready: &Value, dir: &std::path::Path) -> (Vec<String>, String) {
+/// A ready build's image and metadata archives (zstd tar bytes).
+async fn gpkg_parts(app: &TestApp, ready: &Value, dir: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
     let pkg = download(app, ready, dir).await;
     let name = pkg.file_name().unwrap().to_string_lossy().trim_end_matches(".gpkg.tar").to_owned();
-    let mut image = zstd_tar_list(&tar_member(&pkg, &format!("{name}/image.tar.zst")), dir);
+    (tar_member(&pkg, &format!("{name}/image.tar.zst")), tar_member(&pkg, &format!("{name}/metadata.tar.zst")))
+}
+
+/// The files of a ready build's image and its recorded dependencies.
+async fn image_and_deps(app: &TestApp, ready: &Value, dir: &std::path::Path) -> (Vec<String>, String) {
+    let (image, metadata) = gpkg_parts(app, ready, dir).await;
+    let mut image = zstd_tar_list(&image, dir);
     image.sort();
-    let metadata = tar_member(&pkg, &format!("{name}/metadata.tar.zst"));
     let deps = ["DEPEND", "RDEPEND"].map(|f| zstd_tar_member(&metadata, &format!("metadata/{f}"), dir)).join(" | ");
     (image, deps)
 }
@@ -471,9 +476,7 @@ async fn a_kept_root_is_brought_to_what_an_empty_root_would_install_or_not_used(
     assert_eq!(log.matches(">>> Emerging (").count(), 2, "libfoo (default USE) and uses-libfoo:\n{log}");
     let (status, dep) = app.post_build(&req("dev-libs/libfoo", "1.0", &[])).await;
     assert_eq!((status, dep["status"].as_str()), (200, Some("ready")), "{dep}");
-    let pkg = download(&app, &dep, tmp.path()).await;
-    let name = pkg.file_name().unwrap().to_string_lossy().trim_end_matches(".gpkg.tar").to_owned();
-    let image = zstd_tar_list(&tar_member(&pkg, &format!("{name}/image.tar.zst")), tmp.path());
+    let image = zstd_tar_list(&gpkg_parts(&app, &dep, tmp.path()).await.0, tmp.path());
     assert!(!image.iter().any(|f| f.ends_with("libfoo-foo.txt")), "the default variant: {image:?}");
     let kept = kept_roots(&app);
     let with_user: Vec<_> = kept.iter().filter(|r| r.iter().any(|(cpv, _)| cpv.contains("uses-libfoo"))).collect();
@@ -493,9 +496,7 @@ async fn a_kept_root_is_brought_to_what_an_empty_root_would_install_or_not_used(
         "{log}"
     );
     assert!(!log.contains("ROOT starts as a copy"), "the published build ran in an empty ROOT:\n{log}");
-    let pkg = download(&app, &opt, tmp.path()).await;
-    let name = pkg.file_name().unwrap().to_string_lossy().trim_end_matches(".gpkg.tar").to_owned();
-    let image = tar_member(&pkg, &format!("{name}/image.tar.zst"));
+    let (image, _) = gpkg_parts(&app, &opt, tmp.path()).await;
     let found = zstd_tar_member(&image, "image/usr/share/optdep/found.txt", tmp.path());
     assert_eq!(found.trim(), "chain-e absent");
     assert!(
