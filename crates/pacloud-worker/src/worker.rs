@@ -625,6 +625,12 @@ impl Worker {
         }
         // Nothing to download: no fetch step; every binary of a reached name
         // is materialised instead of the fetch step's exact list (bounded).
+        // Instances the kept ROOT has installed already stay placeholders:
+        // portage does not install an instance that is installed.
+        let installed: std::collections::BTreeSet<(&str, Option<&str>)> = reused
+            .iter()
+            .flat_map(|p| p.meta.packages.iter().map(|i| (i.cpv.as_str(), i.build_time.as_deref())))
+            .collect();
         let fast = if reach.needs_fetch {
             None
         } else {
@@ -636,7 +642,10 @@ impl Worker {
                     let cpv = e.cpv()?;
                     let (atom, _) = parse_versioned_atom(cpv).ok()?;
                     let name = atom.to_string();
-                    (name != requested && reach.names.contains(&name)).then(|| (cpv.to_owned(), e.build_id()))
+                    let wanted = name != requested
+                        && reach.names.contains(&name)
+                        && !installed.contains(&(cpv, e.get("BUILD_TIME")));
+                    wanted.then(|| (cpv.to_owned(), e.build_id()))
                 })
                 .collect();
             (binaries.len() <= FAST_PATH_MAX_BINARIES).then_some(binaries)

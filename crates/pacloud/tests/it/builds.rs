@@ -441,6 +441,7 @@ async fn a_kept_root_spares_merging_the_dependencies_and_gives_the_same_package(
         "{log}"
     );
     assert!(!log.contains(">>> Emerging binary"), "no dependency merged again:\n{log}");
+    assert!(log.contains("0 binary package(s) of reachable names materialised"), "installed ones not copied:\n{log}");
     assert_eq!(log.matches(">>> Emerging (").count(), 1, "only chain-c itself:\n{log}");
     let kept = kept_roots(&app);
     assert!(kept.iter().any(|r| r.len() == 3), "chain-c's ROOT is kept in turn: {kept:?}");
