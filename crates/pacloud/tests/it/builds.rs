@@ -391,24 +391,6 @@ async fn builds_leave_history_and_an_atom_with_history_reports_its_expected_end(
     assert_eq!(history("stats/all.json"), after_two);
 }
 
-/// The kept ROOTs of an app's worker: (installed cpvs, BUILD_TIMEs) per root.
-fn kept_roots(app: &TestApp) -> Vec<Vec<(String, String)>> {
-    let dir = app.dir.path().join("data/builds/.deproots");
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let Ok(text) = std::fs::read_to_string(e.path().join("meta.json")) else { continue };
-        let meta: Value = serde_json::from_str(&text).unwrap();
-        let pkgs = meta["packages"].as_array().unwrap();
-        out.push(
-            pkgs.iter()
-                .map(|p| (p["cpv"].as_str().unwrap().to_owned(), p["build_time"].as_str().unwrap_or("").to_owned()))
-                .collect(),
-        );
-    }
-    out.sort();
-    out
-}
-
 /// A ready build's image and metadata archives (zstd tar bytes).
 async fn gpkg_parts(app: &TestApp, ready: &Value, dir: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
     let pkg = download(app, ready, dir).await;
@@ -432,7 +414,9 @@ async fn a_kept_root_spares_merging_the_dependencies_and_gives_the_same_package(
     let app = spawn_builder().await;
     let tmp = tempfile::tempdir().unwrap();
     app.build(&req("app-misc/chain-e", "1.0", &[])).await;
+    app.wait_kept_root("app-misc/chain-e-1.0").await;
     app.build(&req("app-misc/chain-d", "1.0", &[])).await;
+    app.wait_kept_root("app-misc/chain-d-1.0").await;
     let (key, c) = app.build(&req("app-misc/chain-c", "1.0", &[])).await;
     assert_eq!(c["status"], "ready", "{c}");
     let log = app.logs(&key).concat();
@@ -443,7 +427,8 @@ async fn a_kept_root_spares_merging_the_dependencies_and_gives_the_same_package(
     assert!(!log.contains(">>> Emerging binary"), "no dependency merged again:\n{log}");
     assert!(log.contains("0 binary package(s) of reachable names materialised"), "installed ones not copied:\n{log}");
     assert_eq!(log.matches(">>> Emerging (").count(), 1, "only chain-c itself:\n{log}");
-    let kept = kept_roots(&app);
+    app.wait_kept_root("app-misc/chain-c-1.0").await;
+    let kept = app.kept_roots();
     assert!(kept.iter().any(|r| r.len() == 3), "chain-c's ROOT is kept in turn: {kept:?}");
 
     // The same package as a build that merged its dependencies itself.
@@ -452,7 +437,7 @@ async fn a_kept_root_spares_merging_the_dependencies_and_gives_the_same_package(
     let (fkey, fc) = fresh.build(&req("app-misc/chain-c", "1.0", &[])).await;
     let flog = fresh.logs(&fkey).concat();
     assert!(flog.contains(">>> Emerging binary") && !flog.contains("kept ROOT"), "{flog}");
-    assert!(kept_roots(&fresh).is_empty(), "dependency_roots = 0 keeps nothing");
+    assert!(fresh.kept_roots().is_empty(), "dependency_roots = 0 keeps nothing");
     let ours = image_and_deps(&app, &c, tmp.path()).await;
     let theirs = image_and_deps(&fresh, &fc, tmp.path()).await;
     assert_eq!(ours, theirs);
@@ -465,6 +450,7 @@ async fn a_kept_root_is_brought_to_what_an_empty_root_would_install_or_not_used(
     let tmp = tempfile::tempdir().unwrap();
     // libfoo with USE=foo: its ROOT holds the foo variant.
     app.build(&req("dev-libs/libfoo", "1.0", &["foo"])).await;
+    app.wait_kept_root("dev-libs/libfoo-1.0").await;
     let (key, built) = app.build(&req("app-misc/uses-libfoo", "1.0", &[])).await;
     assert_eq!(built["status"], "ready", "{built}");
     let log = app.logs(&key).concat();
@@ -479,7 +465,8 @@ async fn a_kept_root_is_brought_to_what_an_empty_root_would_install_or_not_used(
     assert_eq!((status, dep["status"].as_str()), (200, Some("ready")), "{dep}");
     let image = zstd_tar_list(&gpkg_parts(&app, &dep, tmp.path()).await.0, tmp.path());
     assert!(!image.iter().any(|f| f.ends_with("libfoo-foo.txt")), "the default variant: {image:?}");
-    let kept = kept_roots(&app);
+    app.wait_kept_root("app-misc/uses-libfoo-1.0").await;
+    let kept = app.kept_roots();
     let with_user: Vec<_> = kept.iter().filter(|r| r.iter().any(|(cpv, _)| cpv.contains("uses-libfoo"))).collect();
     assert_eq!(with_user.len(), 1, "{kept:?}");
 
@@ -487,6 +474,7 @@ async fn a_kept_root_is_brought_to_what_an_empty_root_would_install_or_not_used(
     // with chain-e is tried, found to hold an extra package, and the build
     // runs again in an empty ROOT (optdep's build would otherwise find it).
     app.build(&req("app-misc/chain-e", "1.0", &[])).await;
+    app.wait_kept_root("app-misc/chain-e-1.0").await;
     let (key, opt) = app.build(&req("app-misc/optdep", "1.0", &[])).await;
     assert_eq!(opt["status"], "ready", "{opt}");
     let log = app.logs(&key).concat();
@@ -501,13 +489,14 @@ async fn a_kept_root_is_brought_to_what_an_empty_root_would_install_or_not_used(
     let found = zstd_tar_member(&image, "image/usr/share/optdep/found.txt", tmp.path());
     assert_eq!(found.trim(), "chain-e absent");
     assert!(
-        !kept_roots(&app).iter().any(|r| r.len() == 1 && r[0].0 == "app-misc/chain-e-1.0"),
+        !app.kept_roots().iter().any(|r| r.len() == 1 && r[0].0 == "app-misc/chain-e-1.0"),
         "the misleading ROOT is forgotten"
     );
 
     // A pkg_postinst that writes into ROOT: that ROOT is not kept.
     let (_, pw) = app.build(&req("app-misc/postinst-writes", "1.0", &[])).await;
     assert_eq!(pw["status"], "ready", "{pw}");
-    let kept = kept_roots(&app);
+    app.wait_idle().await;
+    let kept = app.kept_roots();
     assert!(!kept.iter().flatten().any(|(cpv, _)| cpv.contains("postinst-writes")), "{kept:?}");
 }

@@ -283,6 +283,47 @@ impl TestApp {
         (key, done)
     }
 
+    /// The ROOTs this app's workers kept for later builds: the installed
+    /// (cpv, BUILD_TIME) of each (`pacloud_worker::deproot`).
+    pub fn kept_roots(&self) -> Vec<Vec<(String, String)>> {
+        let dir = self.dir.path().join("data/builds/.deproots");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let Ok(text) = std::fs::read_to_string(e.path().join("meta.json")) else { continue };
+            let meta: Value = serde_json::from_str(&text).unwrap();
+            let pkgs = meta["packages"].as_array().unwrap();
+            out.push(
+                pkgs.iter()
+                    .map(|p| (p["cpv"].as_str().unwrap().to_owned(), p["build_time"].as_str().unwrap_or("").to_owned()))
+                    .collect(),
+            );
+        }
+        out.sort();
+        out
+    }
+
+    /// Waits until a kept ROOT has `cpv` installed: a worker keeps a ROOT
+    /// after recording the build ready, so a request made at once could
+    /// otherwise be picked up by another slot before it is kept.
+    pub async fn wait_kept_root(&self, cpv: &str) {
+        let start = std::time::Instant::now();
+        while !self.kept_roots().iter().flatten().any(|(c, _)| c == cpv) {
+            assert!(start.elapsed() < Duration::from_secs(30), "no kept ROOT with {cpv}: {:?}", self.kept_roots());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until no worker slot is busy (a job's processing, keeping its
+    /// ROOT included, is over).
+    pub async fn wait_idle(&self) {
+        let workers = self.workers.as_ref().expect("builder workers");
+        let start = std::time::Instant::now();
+        while workers.activity.borrow().busy > 0 {
+            assert!(start.elapsed() < Duration::from_secs(30), "workers still busy");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The build logs stored for a key.
     pub fn logs(&self, key: &str) -> Vec<String> {
         let dir = self.dir.path().join("data/artifacts/logs").join(key);

@@ -169,6 +169,7 @@ async fn docker_builds_real_gentoo_packages_that_a_portage_client_installs_and_r
     let nls_done = ready(&app, &hello_nls, "app-misc/hello[nls]").await;
     let plain_done = ready(&app, &hello_plain, "app-misc/hello[-nls]").await;
     ready(&app, &acl, "sys-apps/acl").await;
+    app.wait_kept_root("sys-apps/acl-2.3.1-r2").await;
     // sed (USE=acl by default) reuses the published acl and attr.
     let sed = submit(&app, &req("sys-apps/sed", "4.9-r1", &[])).await;
     ready(&app, &sed, "sys-apps/sed").await;

@@ -169,6 +169,7 @@ async fn real_packages_build_publish_and_install_and_their_programs_run() {
     let (hello_plain, acl) = tokio::join!(hello_plain, acl);
     ready(&hello_plain.1);
     ready(&acl.1);
+    app.wait_kept_root("sys-apps/acl-2.3.1-r2").await;
     assert_ne!(hello_plain.0, hello_nls.0, "two USE variants, two keys");
     let (s, attr) = app.post_build(&req("sys-apps/attr", "2.5.1-r2", &[])).await;
     assert_eq!((s, attr["status"].as_str()), (200, Some("ready")), "attr published with acl: {attr}");
