@@ -38,7 +38,6 @@
 //! is published only after [`extras`] found nothing its graph did not need.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -106,6 +105,10 @@ pub struct Installed {
     /// Recorded dependencies (USE-reduced), all `*DEPEND` fields joined.
     #[serde(skip)]
     pub deps: String,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Unclean + '_ {
+    move |source| Unclean::Io { path: path.to_owned(), source }
 }
 
 fn read_opt(p: &Path) -> Option<String> {
@@ -181,7 +184,7 @@ pub fn extras(packages: &[Installed], requested: &str) -> Vec<String> {
 enum Record {
     Dir,
     Obj { md5: String, mtime: i64 },
-    Sym { target: String, mtime: i64 },
+    Sym { target: String },
     Other,
 }
 
@@ -203,11 +206,10 @@ fn parse_contents(text: &str, out: &mut BTreeMap<String, Record>) {
                 out.insert(path.trim_start_matches('/').to_owned(), Record::Obj { md5: md5.to_owned(), mtime });
             }
             "sym" => {
-                // sym <path> -> <target> <mtime>
+                // sym <path> -> <target> <mtime> (the target is what is checked)
                 let Some((path, rest)) = rest.split_once(" -> ") else { continue };
-                let Some((target, mtime)) = rest.rsplit_once(' ') else { continue };
-                let Ok(mtime) = mtime.parse() else { continue };
-                out.insert(path.trim_start_matches('/').to_owned(), Record::Sym { target: target.to_owned(), mtime });
+                let Some((target, _mtime)) = rest.rsplit_once(' ') else { continue };
+                out.insert(path.trim_start_matches('/').to_owned(), Record::Sym { target: target.to_owned() });
             }
             _ => {
                 out.insert(rest.trim_start_matches('/').to_owned(), Record::Other);
@@ -217,18 +219,9 @@ fn parse_contents(text: &str, out: &mut BTreeMap<String, Record>) {
 }
 
 fn md5_file(p: &Path) -> std::io::Result<String> {
-    use md5::Digest;
-    let mut f = std::fs::File::open(p)?;
-    let mut h = md5::Md5::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+    let mut h = <md5::Md5 as md5::Digest>::new();
+    std::io::copy(&mut std::fs::File::open(p)?, &mut h)?;
+    Ok(hex::encode(md5::Digest::finalize(h)))
 }
 
 fn mtime_secs(m: &std::fs::Metadata) -> i64 {
@@ -245,10 +238,6 @@ pub struct Verified {
 /// Check 1: everything under `root` is recorded by an installed package or
 /// is portage's own bookkeeping.
 pub fn verify(root: &Path) -> Result<Verified, Unclean> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| Unclean::Io { path, source }
-    };
     let packages = installed(root).map_err(io(root))?;
     let mut records = BTreeMap::new();
     for p in &packages {
@@ -305,7 +294,7 @@ pub fn verify(root: &Path) -> Result<Verified, Unclean> {
                         return Err(Unclean::Modified { path: format!("/{key}"), what: "MD5" });
                     }
                 }
-                Some(Record::Sym { target, .. }) if meta.file_type().is_symlink() => {
+                Some(Record::Sym { target }) if meta.file_type().is_symlink() => {
                     let t = std::fs::read_link(&path).map_err(io(&path))?;
                     if t.to_string_lossy() != *target {
                         return Err(Unclean::Modified { path: format!("/{key}"), what: "symlink target" });
@@ -351,6 +340,23 @@ pub struct Picked {
     pub id: String,
     pub root: PathBuf,
     pub meta: Meta,
+}
+
+impl Picked {
+    /// Copies the kept ROOT into a build's (empty) ROOT; reflinks where the
+    /// filesystem can.
+    pub async fn restore(&self, dest: &Path) -> Result<(), RestoreError> {
+        let argv = [
+            "cp".to_owned(),
+            "-a".to_owned(),
+            "--reflink=auto".to_owned(),
+            "--".to_owned(),
+            format!("{}/.", self.root.display()),
+            format!("{}/", dest.display()),
+        ];
+        crate::runner::run_checked(&argv).await?;
+        Ok(())
+    }
 }
 
 /// Why a kept ROOT could not be laid under a build's ROOT.
@@ -438,21 +444,6 @@ impl DepRoots {
         Some(Picked { id, root: dir.join("root"), meta })
     }
 
-    /// Copies a kept ROOT into a build's (empty) ROOT; reflinks where the
-    /// filesystem can.
-    pub async fn restore(&self, picked: &Picked, dest: &Path) -> Result<(), RestoreError> {
-        let argv = [
-            "cp".to_owned(),
-            "-a".to_owned(),
-            "--reflink=auto".to_owned(),
-            "--".to_owned(),
-            format!("{}/.", picked.root.display()),
-            format!("{}/", dest.display()),
-        ];
-        crate::runner::run_checked(&argv).await?;
-        Ok(())
-    }
-
     /// Forgets a kept ROOT (it misled a build).
     pub fn forget(&self, id: &str) {
         let _ = std::fs::remove_dir_all(self.dir.join(id));
@@ -471,10 +462,6 @@ impl DepRoots {
         if final_dir.is_dir() {
             return Ok(None);
         }
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| Unclean::Io { path, source }
-        };
         let staging = self.dir.join(format!(".{id}.{}", std::process::id()));
         std::fs::create_dir_all(&staging).map_err(io(&staging))?;
         std::fs::rename(root, staging.join("root")).map_err(io(root))?;

@@ -544,23 +544,27 @@ impl Worker {
         owner: &str,
         cancel: &CancellationToken,
     ) -> Result<BuildResult, Infra> {
-        let reuse = self.env.dep_roots.is_some();
-        match self.build_once(job, target, owner, cancel, reuse, None).await? {
-            Attempt::Done(result) => Ok(result),
-            Attempt::Fresh(why) => {
-                // The reused ROOT may have changed the build: again, in an
-                // empty ROOT, with nothing of the first attempt.
-                tracing::info!(key = %job.key, %owner, reason = %why, "building again in an empty ROOT");
-                let _ = tokio::fs::remove_dir_all(self.env.work_root.join(owner)).await;
-                match self.build_once(job, target, owner, cancel, false, Some(why)).await? {
-                    Attempt::Done(result) => Ok(result),
-                    Attempt::Fresh(why) => Err(Infra::Fetch(format!("no build in an empty ROOT: {why}"))),
+        let mut first_attempt = None;
+        if let Some(roots) = &self.env.dep_roots {
+            match self.build_once(job, target, owner, cancel, Some(roots), None).await? {
+                Attempt::Done(result) => return Ok(result),
+                Attempt::Fresh(why) => {
+                    // The reused ROOT may have changed the build: again, in
+                    // an empty ROOT, with nothing of the first attempt.
+                    tracing::info!(key = %job.key, %owner, reason = %why, "building again in an empty ROOT");
+                    let _ = tokio::fs::remove_dir_all(self.env.work_root.join(owner)).await;
+                    first_attempt = Some(why);
                 }
             }
         }
+        match self.build_once(job, target, owner, cancel, None, first_attempt).await? {
+            Attempt::Done(result) => Ok(result),
+            // Only an attempt in a kept ROOT asks for another.
+            Attempt::Fresh(why) => Err(Infra::Fetch(why)),
+        }
     }
 
-    /// One build attempt; with `reuse`, in a copy of a kept ROOT
+    /// One build attempt; with `roots`, in a copy of a kept ROOT
     /// ([`crate::deproot`]) when one fits, and then [`Attempt::Fresh`] when
     /// that ROOT failed the build or left packages the graph does not need.
     async fn build_once(
@@ -569,7 +573,7 @@ impl Worker {
         target: &pacloud_domain::Target,
         owner: &str,
         cancel: &CancellationToken,
-        reuse: bool,
+        roots: Option<&deproot::DepRoots>,
         first_attempt: Option<String>,
     ) -> Result<Attempt, Infra> {
         let mut plan = plan::prepare(&self.env, job, target, owner)?;
@@ -607,11 +611,9 @@ impl Worker {
         // Dependencies a kept ROOT has installed already are not merged again.
         let root_dir = plan.work_dir.join("root");
         let target_hash = job.spec.target_hash.to_string();
-        let reused = match &self.env.dep_roots {
-            Some(roots) if reuse => {
-                self.reuse_root(roots, &target_hash, &requested, &reach, &seeded.index, &root_dir).await
-            }
-            _ => None,
+        let reused = match roots {
+            Some(roots) => reuse_root(roots, &target_hash, &requested, &reach, &seeded.index, &root_dir).await,
+            None => None,
         };
         if let Some(picked) = &reused {
             let at = plan.argv.len().saturating_sub(1);
@@ -692,9 +694,9 @@ impl Worker {
         )
         .await?;
         let outcome = self.sandbox.run(&plan, cancel.clone()).await?;
-        if let (Some(picked), Some(roots)) = (&reused, &self.env.dep_roots) {
+        if let (Some(picked), Some(roots)) = (&reused, roots) {
             if !outcome.timed_out && !outcome.succeeded() {
-                let code = outcome.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "a signal".into());
+                let code = outcome.status();
                 return Ok(Attempt::Fresh(format!("emerge exited with status {code} in a reused ROOT")));
             }
             if outcome.succeeded() {
@@ -722,7 +724,7 @@ impl Worker {
             return Ok(Attempt::Done(BuildResult::Failed { class: FailureClass::Timeout, reason, log_path, log_tail }));
         }
         if !outcome.succeeded() {
-            let code = outcome.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "a signal".into());
+            let code = outcome.status();
             let reason = format!("emerge {} exited with status {code}", job.spec.portage_atom());
             return Ok(Attempt::Done(BuildResult::Failed { class: FailureClass::Build, reason, log_path, log_tail }));
         }
@@ -774,31 +776,6 @@ impl Worker {
         Ok(Attempt::Done(BuildResult::Built { artifact, deps }))
     }
 
-    /// Picks a kept ROOT for this build and copies it into the build's ROOT.
-    async fn reuse_root(
-        &self,
-        roots: &deproot::DepRoots,
-        target_hash: &str,
-        requested: &str,
-        reach: &closure::Reach,
-        index: &crate::pkgindex::PackageIndex,
-        root_dir: &std::path::Path,
-    ) -> Option<deproot::Picked> {
-        let picked = roots.pick(target_hash, requested, &reach.names, index)?;
-        match roots.restore(&picked, root_dir).await {
-            Ok(()) => Some(picked),
-            Err(e) => {
-                tracing::warn!(
-                    error = &e as &dyn std::error::Error,
-                    "cannot copy a kept ROOT; building in an empty one"
-                );
-                let _ = tokio::fs::remove_dir_all(root_dir).await;
-                let _ = tokio::fs::create_dir_all(root_dir).await;
-                None
-            }
-        }
-    }
-
     /// The fetch step: network on, sources downloaded into the build's
     /// DISTDIR and admitted to the shared cache only when they match the
     /// graph's Manifests, nothing built. Returns its log and the binaries
@@ -832,7 +809,7 @@ impl Worker {
             None => Ok(Vec::new()),
         };
         if !fetched.succeeded() {
-            let code = fetched.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "a signal".into());
+            let code = fetched.status();
             if let Some(why) = fetch::fetch_failure_reason(&fetch_log, &graph) {
                 return Err(FetchStep::Infra(Infra::Fetch(format!(
                     "fetching sources failed (emerge --fetchonly exited {code}): {why}"
@@ -938,6 +915,27 @@ impl Worker {
             if let Err(e) = self.store.create(&record).await {
                 tracing::warn!(error = &e as &dyn std::error::Error, cpv = %dep.cpv, "cannot record dependency");
             }
+        }
+    }
+}
+
+/// Picks a kept ROOT for a build and copies it into the build's ROOT.
+async fn reuse_root(
+    roots: &deproot::DepRoots,
+    target_hash: &str,
+    requested: &str,
+    reach: &closure::Reach,
+    index: &crate::pkgindex::PackageIndex,
+    root_dir: &std::path::Path,
+) -> Option<deproot::Picked> {
+    let picked = roots.pick(target_hash, requested, &reach.names, index)?;
+    match picked.restore(root_dir).await {
+        Ok(()) => Some(picked),
+        Err(e) => {
+            tracing::warn!(error = &e as &dyn std::error::Error, "cannot copy a kept ROOT; building in an empty one");
+            let _ = tokio::fs::remove_dir_all(root_dir).await;
+            let _ = tokio::fs::create_dir_all(root_dir).await;
+            None
         }
     }
 }

@@ -98,6 +98,11 @@ impl SandboxOutcome {
     pub fn succeeded(&self) -> bool {
         !self.timed_out && self.exit_code == Some(0)
     }
+
+    /// How the command exited, for messages: its exit code or "a signal".
+    pub fn status(&self) -> String {
+        self.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "a signal".into())
+    }
 }
 
 /// A failure of the sandbox itself (never of the package): retried as an
